@@ -1,0 +1,3 @@
+"""unveil: train medical vision-language models to find, localise and explain abnormalities."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""MAU-style JSONL: the native record format of unveil (and of the synthetic generator).
+
+One JSON object per line::
+
+    {"id": "p00012_s1-loc",                 # required, string
+     "images": ["images/p00012_s1.png"],    # or "image": "..."; relative to the data root
+     "query": "Is there an abnormality ...", # user turn; <image> placeholders optional
+     "answer": "Abnormality detected. Region [12, 30, 25, 44]: nodule.",
+     "boxes": [[0.12, 0.30, 0.25, 0.44]],   # optional; ground-truth regions
+     "box_units": "normalized",             # or "pixel" (of the original image)
+     "box_image": [0],                      # optional; image index of each box
+     "findings": ["nodule"],                # one label per box
+     "task": "localize",                    # localize | vqa_closed | vqa_open | mcq | report ...
+     "short_answer": "yes",                 # optional, for closed questions
+     "modality": "ct", "source": "synthetic", "patient_id": "p00012"}   # anything else -> meta
+
+Boxes written inside ``answer`` use the 0-100 integer grid; the collator rewrites them into
+the backbone's own box format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.errors import RecordError
+from unveil.data.images import image_size, resolve
+from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
+
+_KNOWN = {"id", "image", "images", "query", "answer", "boxes", "box_units", "box_image", "findings", "task", "short_answer"}
+
+
+def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True) -> Sample:
+    f = str(path)
+    rid = require(rec, "id", (str, int), path, n)
+    if "images" in rec:
+        rels = require(rec, "images", list, path, n)
+    elif "image" in rec:
+        rels = [require(rec, "image", str, path, n)]
+    else:
+        rels = []
+    field = "images" if "images" in rec else "image"
+    images = [str(resolve(root, r, f, n, field)) for r in rels]
+    sizes = [image_size(p, f, n, field) if check_images else None for p in images]
+    query = require(rec, "query", str, path, n)
+    answer = require(rec, "answer", str, path, n)
+    if images and IMAGE_PLACEHOLDER not in query:
+        query = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + query
+    units = rec.get("box_units", "normalized")
+    if units not in ("normalized", "pixel"):
+        raise RecordError(f, n, "box_units", f"must be 'normalized' or 'pixel', got {units!r}")
+    raw_boxes = rec.get("boxes") or []
+    if not isinstance(raw_boxes, list):
+        raise RecordError(f, n, "boxes", f"expected a list of [x1, y1, x2, y2], got {raw_boxes!r:.80}")
+    box_image = rec.get("box_image") or [0] * len(raw_boxes)
+    if not isinstance(box_image, list) or len(box_image) != len(raw_boxes):
+        raise RecordError(f, n, "box_image", f"expected {len(raw_boxes)} image indices, got {box_image!r:.80}")
+    boxes = []
+    for i, b in enumerate(raw_boxes):
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise RecordError(f, n, f"boxes[{i}]", f"expected four numbers [x1, y1, x2, y2], got {b!r:.80}")
+        if not isinstance(box_image[i], int) or not 0 <= box_image[i] < max(1, len(images)):
+            raise RecordError(f, n, f"box_image[{i}]", f"no image {box_image[i]!r} in this record")
+        if units == "pixel":
+            size = sizes[box_image[i]] if sizes and sizes[box_image[i]] else None
+            if size is None:
+                raise RecordError(f, n, f"boxes[{i}]", "pixel boxes need a readable image to normalise against")
+            w, h = size
+            if not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
+                raise RecordError(f, n, f"boxes[{i}]", f"box {b} is outside the {w}x{h} image or empty")
+            b = [b[0] / w, b[1] / h, b[2] / w, b[3] / h]
+        elif not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
+            raise RecordError(f, n, f"boxes[{i}]", f"normalised box {b} is outside [0, 1] or empty")
+        boxes.append([float(v) for v in b])
+    findings = rec.get("findings") or []
+    if not isinstance(findings, list) or len(findings) != len(boxes) or not all(isinstance(x, str) for x in findings):
+        raise RecordError(f, n, "findings", f"expected {len(boxes)} label string(s), one per box, got {findings!r:.80}")
+    meta = {k: v for k, v in rec.items() if k not in _KNOWN}
+    meta.setdefault("source", "mau_jsonl")
+    if any(sizes):
+        meta["image_sizes"] = [list(s) for s in sizes if s]
+    return Sample(
+        id=str(rid), images=images,
+        messages=[{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
+        boxes=boxes, box_images=list(box_image), findings=findings,
+        task=str(rec.get("task", "localize" if boxes else "vqa_open")),
+        answer=rec.get("short_answer"), meta=meta,
+    )
+
+
+def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True) -> list[Sample]:
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    return collect(path, iter_json_records(path), lambda r, n: convert(r, n, path, root, check_images), on_bad_record)

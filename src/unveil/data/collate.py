@@ -1,0 +1,126 @@
+"""Collators: Samples -> model batches, built on each backbone's own processor.
+
+Loss masks are found by rendering the conversation prefix before each trained turn and
+counting its tokens, which works for any chat template whose turns are separated by special
+tokens (all the backbones we support).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from unveil.data.boxes import IntGridFormat
+from unveil.data.images import load_image
+from unveil.data.schema import Sample
+
+IGNORE = -100
+_CANON = IntGridFormat(100)  # box text in record files is on the 0-100 grid
+
+
+def rewrite_boxes(text: str, box_format, image_size=None) -> str:
+    """Rewrite canonical ``[x1, y1, x2, y2]`` (0-100) box text into a backbone's BoxFormat."""
+    if box_format.name == _CANON.name:
+        return text
+    spans = _CANON.parse_spans(text)
+    if not spans:
+        return text
+    out, last = [], 0
+    for p in spans:
+        out.append(text[last:p.start])
+        out.append(box_format.format_box(p.box, image_size))
+        last = p.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def backbone_messages(backbone, s: Sample) -> list[dict]:
+    """The sample's messages with answer boxes in the backbone's own format."""
+    if backbone.box_format.name == _CANON.name:
+        return s.messages
+    size = None
+    if backbone.box_format.needs_image_size:
+        size = backbone.extra.get("model_image_size")
+    return [
+        {**m, "content": rewrite_boxes(m["content"], backbone.box_format, size)} if m["role"] == "assistant" else m
+        for m in s.messages
+    ]
+
+
+class ImageCache:
+    """Decoded images by path; small synthetic sets fit in memory and skip PNG decoding."""
+
+    def __init__(self, max_items: int = 20000):
+        self.max_items, self._d = max_items, {}
+
+    def __call__(self, path: str):
+        im = self._d.get(path)
+        if im is None:
+            im = load_image(path)
+            if len(self._d) < self.max_items:
+                self._d[path] = im
+        return im
+
+
+class SFTCollator:
+    """Cross-entropy batches: labels on assistant tokens only (and virtual-user questions).
+
+    ``train_on_virtual_user``: STLLaVA-Med's stage 1 also trains on the question tokens of
+    turns marked ``virtual_user``, so the model learns to ask about an image.
+    """
+
+    def __init__(self, backbone, train_on_virtual_user: bool = False, max_length: int | None = None, image_cache: ImageCache | None = None):
+        self.bb = backbone
+        self.train_on_virtual_user = train_on_virtual_user
+        self.max_length = max_length
+        self.images = image_cache or ImageCache()
+
+    def _encode(self, texts: list[str], images: list[list[Any]], padding_side: str = "right"):
+        flat = [im for ims in images for im in ims]
+        tok = self.bb.tokenizer
+        tok.padding_side = padding_side
+        kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+        if flat:
+            kw["images"] = self.bb.extra.get("nest_images") and images or flat
+        return self.bb.processor(**kw)
+
+    def _lengths(self, texts: list[str], images: list[list[Any]]) -> list[int]:
+        return self._encode(texts, images)["attention_mask"].sum(1).tolist()
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        msgs = [backbone_messages(self.bb, s) for s in samples]
+        images = [[self.images(p) for p in s.images] for s in samples]
+        full = [self.bb.render(m) for m in msgs]
+        batch = self._encode(full, images)
+        labels = torch.full_like(batch["input_ids"], IGNORE)
+        trained = {"assistant"} | ({"virtual_user"} if self.train_on_virtual_user else set())
+        # One processor call per turn position: the prefix before the turn and the text through it.
+        n_turns = max(len(m) for m in msgs)
+        for j in range(n_turns):
+            rows = [i for i, m in enumerate(msgs) if j < len(m) and m[j]["role"] in trained]
+            if not rows:
+                continue
+            gen = [msgs[i][j]["role"] == "assistant" for i in rows]
+            pre = self._lengths([self.bb.render(msgs[i][:j], add_generation_prompt=g) for i, g in zip(rows, gen)], [images[i] for i in rows])
+            upto = (
+                batch["attention_mask"][rows].sum(1).tolist() if j == n_turns - 1 and all(len(msgs[i]) == j + 1 for i in rows)
+                else self._lengths([self.bb.render(msgs[i][: j + 1]) for i in rows], [images[i] for i in rows])
+            )
+            for i, a, b in zip(rows, pre, upto):
+                labels[i, a:b] = batch["input_ids"][i, a:b]
+        labels[batch["attention_mask"] == 0] = IGNORE
+        batch["labels"] = labels
+        return dict(batch)
+
+
+class PromptCollator(SFTCollator):
+    """Left-padded prompts for generation (evaluation and rollouts), with the Samples kept."""
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        images = [[self.images(p) for p in s.images] for s in samples]
+        prompts = [self.bb.render(backbone_messages(self.bb, s)[: len(s.prompt_messages)], add_generation_prompt=True) for s in samples]
+        batch = dict(self._encode(prompts, images, padding_side="left"))
+        batch["samples"] = samples
+        return batch

@@ -1,0 +1,125 @@
+"""LightningDataModule: records on disk -> Samples -> batches.
+
+With ``data.synthetic`` set it first generates the synthetic set (cached by fingerprint), then
+reads it back through the same adapter a real data set uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from unveil.data import adapters
+from unveil.data.adapters.base import collect
+from unveil.data.schema import Sample
+
+log = logging.getLogger(__name__)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+class UnveilDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        format: str = "mau_jsonl",
+        splits: dict | None = None,
+        synthetic: dict | None = None,
+        on_bad_record: str = "raise",
+        check_images: bool = True,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        task_weights: dict | None = None,
+        train_tasks: list | None = None,
+        max_samples: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.format, self.on_bad_record, self.check_images = format, on_bad_record, check_images
+        self.splits = dict(splits or {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"})
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.task_weights = dict(task_weights or {})
+        self.train_tasks = list(train_tasks) if train_tasks else None
+        self.max_samples = dict(max_samples or {})
+        self.seed = seed
+        self.data: dict[str, list[Sample]] = {}
+        self.skipped: dict[str, int] = {}
+        self.collate_fn: Callable | None = None  # set by the stage: batches depend on the backbone
+        self.eval_collate_fn: Callable | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from unveil.data.synthetic import SyntheticConfig, generate
+
+            cfg = dict(self.synthetic)
+            cfg["studies_per_patient"] = tuple(cfg.get("studies_per_patient", (1, 3)))
+            generate(SyntheticConfig(**cfg), self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data:
+            return
+        self.prepare_data()
+        for split, rel in self.splits.items():
+            if rel is None:
+                continue
+            path = self.root / rel
+            samples = adapters.read(self.format, path, root=self.root, on_bad_record=self.on_bad_record, check_images=self.check_images)
+            self.skipped[split] = collect.last_skipped
+            if split == "train" and self.train_tasks:
+                samples = [s for s in samples if s.task in self.train_tasks]
+            n = self.max_samples.get(split)
+            if n:
+                samples = samples[: int(n)]
+            if not samples:
+                raise ValueError(f"{path}: no usable samples in split '{split}'")
+            self.data[split] = samples
+        log.info("data: %s", {k: len(v) for k, v in self.data.items()})
+
+    def corpus(self) -> list[str]:
+        """Text the tiny model's tokenizer is trained on: every message of the training split."""
+        return [m["content"] for s in self.data["train"] for m in s.messages]
+
+    def findings(self) -> list[str]:
+        """Finding vocabulary of the training split (labels the parser looks for)."""
+        return sorted({f for s in self.data["train"] for f in s.findings})
+
+    def _loader(self, split: str, train: bool, collate: Callable | None):
+        if collate is None:
+            raise RuntimeError("datamodule.collate_fn is unset: the stage module sets it from its backbone")
+        ds = ListDataset(self.data[split])
+        sampler, shuffle = None, train
+        if train and self.task_weights:
+            w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
+            sampler = WeightedRandomSampler(w, num_samples=len(ds), replacement=True, generator=torch.Generator().manual_seed(self.seed))
+            shuffle = False
+        return DataLoader(
+            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=shuffle, sampler=sampler,
+            collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.collate_fn)
+
+    def val_dataloader(self):
+        return self._loader("val", False, self.collate_fn) if "val" in self.data else []
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.eval_collate_fn or self.collate_fn)

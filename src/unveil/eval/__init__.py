@@ -1,0 +1,1 @@
+"""Evaluation: prediction parsing, torchmetrics-based metrics, and the evaluation task."""

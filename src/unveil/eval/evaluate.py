@@ -1,0 +1,101 @@
+"""Generate on a split, parse with the backbone's BoxFormat, score, and save predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from unveil.data.collate import PromptCollator
+from unveil.data.schema import Sample
+from unveil.eval.metrics import GroupedMetrics
+from unveil.eval.parse import closed_correct, parse_answer
+from unveil.models.generation import generate
+
+log = logging.getLogger(__name__)
+
+_LETTER = re.compile(r"(?:^|\b(?:answer|option)\s*(?:is)?\s*:?\s*)\(?([A-H])\)?(?=[\s:.)]|$)", re.I)
+_ANY_OPTION = re.compile(r"(?:^|\s|\()([A-H])(?=\s*[:.)])")
+
+
+def mcq_letter(text: str) -> str | None:
+    """The single option letter an answer commits to; None when it names none or several."""
+    text = (text or "").strip()
+    letters = set(_ANY_OPTION.findall(" " + text))
+    m = _LETTER.search(text)
+    if m:
+        letters.add(m.group(1).upper())
+    letters = {l.upper() for l in letters}
+    return letters.pop() if len(letters) == 1 else None
+
+
+def findings_vocab(samples: list[Sample]) -> list[str]:
+    return sorted({f for s in samples for f in s.findings})
+
+
+def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None, prefix: str = "test",
+             batch_size: int = 32, max_new_tokens: int = 48, vocab: list[str] | None = None,
+             group_by: tuple[str, ...] = ("modality", "ability"), progress: bool = True) -> dict[str, float]:
+    """Greedy generation on ``samples``; writes ``predictions.jsonl`` into out_dir."""
+    vocab = vocab or findings_vocab(samples)
+    collate = PromptCollator(backbone)
+    metrics = GroupedMetrics()
+    records = []
+    device = next(backbone.model.parameters()).device
+    bar = tqdm(range(0, len(samples), batch_size), desc=f"eval {prefix}", disable=not progress)
+    for i in bar:
+        chunk = samples[i: i + batch_size]
+        batch = collate(chunk)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        texts = generate(backbone, batch, max_new_tokens=max_new_tokens)["texts"]
+        for s, text in zip(chunk, texts):
+            rec = {"id": s.id, "task": s.task, "modality": s.modality, "prediction": text, "reference": s.target}
+            groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
+            targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
+            if s.task == "localize":
+                pred = parse_answer(text, backbone.box_format, vocab)
+                for m in targets:
+                    scores = m.update_study(pred, s.boxes, s.findings)
+                rec.update(scores, pred_boxes=[list(b) for b in pred.boxes], pred_labels=pred.labels,
+                           gt_boxes=s.boxes, gt_findings=s.findings)
+            elif s.task == "mcq":
+                ok = mcq_letter(text) is not None and mcq_letter(text) == mcq_letter(s.answer or "")
+                for m in targets:
+                    m.update_mcq(ok)
+                rec["correct"] = ok
+            elif s.answer is not None:
+                ok = closed_correct(text, s.answer)
+                for m in targets:
+                    m.update_closed(ok)
+                rec["correct"] = ok
+            records.append(rec)
+    result = metrics.compute(prefix)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ("predictions.jsonl" if prefix == "test" else f"predictions_{prefix}.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return result
+
+
+def format_table(metrics: dict[str, float], prefix: str = "test") -> str:
+    """A readable table: rows = overall and each group value, columns = metrics."""
+    cols = ["presence_acc", "iou", "acc50", "finding_acc", "fpr_normal", "closed_acc", "mcq_acc"]
+    rows: dict[str, dict[str, float]] = {}
+    for k, v in metrics.items():
+        if not k.startswith(prefix + "/"):
+            continue
+        parts = k.split("/")[1:]
+        row = "overall" if len(parts) == 1 else "/".join(parts[:-1])
+        rows.setdefault(row, {})[parts[-1]] = v
+    used = [c for c in cols if any(c in r and r[c] == r[c] for r in rows.values())]
+    width = max(len(r) for r in rows) if rows else 8
+    lines = [f"{'':<{width}}  " + "  ".join(f"{c:>12}" for c in used)]
+    for name, r in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{r.get(c, float('nan')):>12.3f}" for c in used))
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Read a model answer: boxes (via the backbone's BoxFormat), finding labels, presence.
+
+Never raises on any string.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_NEGATIVE = re.compile(r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable|within normal limits)", re.I)
+_POSITIVE = re.compile(r"\b(abnormality detected|abnormal|lesion|present)\b", re.I)
+
+
+@dataclass
+class Prediction:
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)  # finding named with each box
+    abnormal: bool = False
+    findings: list[str] = field(default_factory=list)  # every known finding named in the text
+
+
+def _first_finding(text: str, vocab: list[str]) -> str | None:
+    best, pos = None, len(text) + 1
+    low = text.lower()
+    for f in vocab:
+        i = low.find(f.lower())
+        if 0 <= i < pos:
+            best, pos = f, i
+    return best
+
+
+def parse_answer(text: str, box_format, vocab: list[str], image_size=None) -> Prediction:
+    if not isinstance(text, str):
+        text = ""
+    spans = box_format.parse_spans(text, image_size)
+    labels = []
+    for k, sp in enumerate(spans):
+        # A box's label is the first finding named after it and before the next box, else before it.
+        end = spans[k + 1].start if k + 1 < len(spans) else len(text)
+        lab = _first_finding(text[sp.end:end], vocab)
+        if lab is None:
+            start = spans[k - 1].end if k > 0 else 0
+            lab = _first_finding(text[start:sp.start], vocab)
+        labels.append(lab)
+    low = text.lower()
+    named = [f for f in vocab if f.lower() in low]
+    if spans:
+        abnormal = True
+    elif _NEGATIVE.search(text):
+        abnormal = False
+    else:
+        abnormal = bool(named) or bool(_POSITIVE.search(text))
+    return Prediction([sp.box for sp in spans], labels, abnormal, named)
+
+
+def normalise_short(text: str) -> str:
+    """Closed-question answers: lower case, strip punctuation and articles."""
+    t = re.sub(r"[^\w\s]", " ", str(text).lower())
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    return " ".join(t.split())
+
+
+def closed_correct(pred: str, ref: str) -> bool:
+    """Exact match after normalisation, or the reference as the first word(s) of the answer."""
+    p, r = normalise_short(pred), normalise_short(ref)
+    if not r:
+        return False
+    return p == r or p.startswith(r + " ")

@@ -1,0 +1,147 @@
+"""The backbone factory: one entry point for the tiny model built in code and HF checkpoints.
+
+``model.kind=tiny_llava`` builds a LLaVA from a config with a tokenizer trained on the data's
+text (cached); ``model.kind=hf`` loads ``model.name_or_path`` (hub id or local dir).
+``model.init_from`` starts from an earlier run (its ``backbone/`` dir), a saved HF dir, or a
+Lightning ``.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unveil.data.boxes import BoxFormat, get_box_format
+from unveil.models import chat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    processor: Any
+    box_format: BoxFormat
+    name: str
+    structured_chat: bool = False  # HF templates want content lists; the tiny one plain strings
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def image_token_ids(self) -> list[int]:
+        """Ids generation must never emit (image placeholders and their wrappers)."""
+        tok = self.tokenizer
+        ids = set()
+        for t in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>", "<global-img>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+                ids.add(i)
+        cfg_id = getattr(self.base_model.config, "image_token_id", None) or getattr(self.base_model.config, "image_token_index", None)
+        if cfg_id is not None:
+            ids.add(int(cfg_id))
+        return sorted(ids)
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The underlying HF model, under any PEFT wrapper."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        return chat.render(self, messages, add_generation_prompt)
+
+    def save(self, path: str | Path) -> None:
+        """save_pretrained model (LoRA merged) + processor: loadable as ``model=hf`` later."""
+        path = Path(path)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            import copy
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        (path / "unveil_backbone.txt").write_text(f"box_format={self.box_format.name}\nstructured_chat={self.structured_chat}\n")
+
+
+def _hf_load(path: str, cfg, dtype):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    trust = bool(cfg.get("trust_remote_code", False))
+    kw = dict(trust_remote_code=trust, local_files_only=bool(cfg.get("local_files_only", False)))
+    processor = AutoProcessor.from_pretrained(path, **kw, **(cfg.get("processor_kwargs") or {}))
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kw
+    )
+    return model, processor
+
+
+def _dtype(name: str | None):
+    return {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
+    """Build the backbone described by the ``model`` and ``peft`` config groups."""
+    kind = cfg.kind
+    init_from = cfg.get("init_from")
+    if init_from:
+        p = Path(str(init_from))
+        if (p / "backbone" / "config.json").exists():
+            p = p / "backbone"
+        if (p / "config.json").exists():
+            model, processor = _hf_load(str(p), cfg, _dtype(cfg.get("dtype")))
+            meta = dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split()) if (p / "unveil_backbone.txt").exists() else {}
+            bb = Backbone(model, processor, get_box_format(meta.get("box_format", cfg.box_format)), name=str(p),
+                          structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", kind != "tiny_llava"))) == "True")
+            log.info("backbone initialised from %s", p)
+            return _finish(bb, cfg, peft)
+        if p.suffix != ".ckpt":
+            raise FileNotFoundError(f"model.init_from={init_from}: not a run dir, a saved model dir or a .ckpt file")
+    if kind == "tiny_llava":
+        from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
+        from unveil.models.tokenizer import train_tokenizer
+
+        if not corpus:
+            raise ValueError("model=tiny_llava trains its tokenizer on the data's text: pass the training corpus")
+        spec = TinyLlavaSpec(**dict(cfg.spec))
+        tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
+        bb = Backbone(build_model(tok, spec, seed=int(cfg.get("init_seed", 0))), build_processor(tok, spec),
+                      get_box_format(cfg.box_format), name="tiny_llava", structured_chat=False)
+    elif kind == "hf":
+        if not cfg.get("name_or_path"):
+            raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
+        model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
+        bb = Backbone(model, processor, get_box_format(cfg.box_format), name=str(cfg.name_or_path),
+                      structured_chat=bool(cfg.get("structured_chat", True)))
+    else:
+        raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | hf)")
+    if init_from and str(init_from).endswith(".ckpt"):
+        load_lightning_weights(bb.model, init_from)
+    return _finish(bb, cfg, peft)
+
+
+def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
+    from unveil.models.freeze import apply_freeze, apply_lora
+
+    fz = cfg.get("freeze") or {}
+    apply_freeze(bb.model, bool(fz.get("vision", False)), bool(fz.get("projector", False)), bool(fz.get("language", False)))
+    if peft_cfg is not None and peft_cfg.get("kind", "none") == "lora":
+        bb.model = apply_lora(bb.model, peft_cfg)
+    if cfg.get("gradient_checkpointing", False):
+        bb.base_model.gradient_checkpointing_enable()
+    return bb
+
+
+def load_lightning_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load a Lightning checkpoint's ``model.*`` weights (weights_only: no pickled code runs)."""
+    state = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [m for m in missing if "lora" not in m]:
+        raise RuntimeError(f"{ckpt_path}: weights do not fit this backbone (missing {missing[:5]}, unexpected {unexpected[:5]})")

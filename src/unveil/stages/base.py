@@ -1,0 +1,52 @@
+"""What every stage module shares: the backbone, the optimiser and schedule, and logging."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+
+class StageModule(pl.LightningModule):
+    """Base LightningModule: holds ``self.model`` (so checkpoints store ``model.*`` weights)."""
+
+    def __init__(self, backbone, optim: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.model = backbone.model  # registered as a submodule: checkpoints, .to(device), train()
+        self.optim = dict(optim or {})
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check model.freeze and peft settings")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(o.get("lr", 1e-4)), betas=tuple(o.get("betas", (0.9, 0.999))),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(o.get("warmup_steps", 0))
+        if o.get("warmup_ratio"):
+            warmup = int(float(o["warmup_ratio"]) * total)
+        min_ratio = float(o.get("min_lr_ratio", 0.0))
+        kind = o.get("scheduler", "cosine")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            if kind == "constant":
+                return 1.0
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * (0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only the trainable weights change under LoRA; keep checkpoints small and loadable
+        # with torch.load(weights_only=True) by storing plain tensors.
+        checkpoint.pop("hyper_parameters", None)

@@ -1,0 +1,34 @@
+"""Stage 1: supervised fine-tuning with cross-entropy on assistant tokens only.
+
+Also UMed-LVLM's abnormal-aware instruction tuning (same loss, MAU-style data) and
+STLLaVA-Med's stage 1 (``train_on_virtual_user``: question tokens of virtual-user turns
+are trained on too).
+"""
+
+from __future__ import annotations
+
+from unveil.data.collate import PromptCollator, SFTCollator
+from unveil.models.generation import model_inputs
+from unveil.stages.base import StageModule
+
+
+class SFTModule(StageModule):
+    def __init__(self, backbone, optim: dict | None = None, train_on_virtual_user: bool = False):
+        super().__init__(backbone, optim)
+        self.collator = SFTCollator(backbone, train_on_virtual_user=train_on_virtual_user)
+        self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
+
+    def forward(self, batch):
+        return self.model(**model_inputs(batch), labels=batch["labels"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch).loss
+        n_tok = (batch["labels"] != -100).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/answer_tokens", n_tok.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self(batch).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss

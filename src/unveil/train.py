@@ -1,0 +1,87 @@
+"""Training entry point: ``python -m unveil.train [overrides]``.
+
+Composes data -> backbone -> stage -> trainer from config, fits, saves the backbone
+(``<run>/backbone``, loadable with ``model=hf`` or ``model.init_from``), evaluates on the
+test split and writes ``metrics.json`` and ``predictions.jsonl`` into the run directory.
+Returns ``cfg.optimized_metric`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from unveil.utils import resolvers  # noqa: F401  (registers ${unveil.*} resolvers)
+
+log = logging.getLogger("unveil.train")
+
+
+def build_stage(cfg: DictConfig, backbone, datamodule):
+    """Instantiate the stage module; RL stages also get their reward heads."""
+    kwargs = {"backbone": backbone}
+    if cfg.stage.get("needs_rewards", False):
+        from unveil.rewards import build_rewards
+        kwargs["rewards"] = build_rewards(cfg.reward, backbone=backbone, vocab=datamodule.findings())
+    stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
+    stage_cfg.pop("needs_rewards", None)
+    # _partial_: objects like the backbone must not pass through OmegaConf (it would copy them)
+    return hydra.utils.instantiate(stage_cfg, _partial_=True, _convert_="all")(**kwargs)
+
+
+def train(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+    import torch
+
+    from unveil.eval.evaluate import evaluate, format_table
+    from unveil.models.factory import build_backbone
+    from unveil.utils.io import write_metrics
+    from unveil.utils.secrets import scrub
+
+    torch.set_float32_matmul_precision("high")
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup()
+    backbone = build_backbone(cfg.model, peft=cfg.get("peft"), corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
+    module = build_stage(cfg, backbone, dm)
+    dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
+
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    hparams = scrub(OmegaConf.to_container(cfg, resolve=True))
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
+    if trainer.is_global_zero:
+        backbone.save(out / "backbone")
+        if cfg.eval.enabled:
+            split = cfg.eval.split
+            metrics.update(evaluate(backbone, dm.data[split], out, prefix="test", batch_size=cfg.eval.batch_size,
+                                    max_new_tokens=cfg.eval.max_new_tokens, vocab=dm.findings()))
+            for lg in loggers:
+                lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=trainer.global_step)
+            print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
+        write_metrics(out / "metrics.json", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
