@@ -1,0 +1,12 @@
+"""Reward heads, one file each, and the composite that weights and normalises them."""
+
+from unveil.rewards.base import RewardHead, RolloutBatch
+
+__all__ = ["RewardHead", "RolloutBatch", "build_rewards"]
+
+
+def build_rewards(cfg, backbone=None, vocab=None):
+    """Composite reward from the ``reward`` config group (a dict of heads)."""
+    from unveil.rewards.composite import build_composite
+
+    return build_composite(cfg, backbone=backbone, vocab=vocab)
