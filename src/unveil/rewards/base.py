@@ -45,3 +45,12 @@ class RewardHead:
     def __call__(self, batch: RolloutBatch) -> torch.Tensor:
         """[N] float32 scores: finite, or NaN where the head does not apply."""
         raise NotImplementedError
+
+
+@dataclass
+class RewardOutput:
+    """What the composite returns to an RL stage."""
+
+    total: torch.Tensor  # [N] weighted sum of group-normalised head scores (NaN counts as 0)
+    per_head: dict[str, torch.Tensor]  # raw head scores [N], NaN where a head does not apply
+    stats: dict[str, float]  # reward/<head>/mean, reward/<head>/std, reward/<head>/zero_spread_frac, reward/total/mean

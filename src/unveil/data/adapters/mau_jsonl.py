@@ -12,7 +12,10 @@ One JSON object per line::
      "findings": ["nodule"],                # one label per box
      "task": "localize",                    # localize | vqa_closed | vqa_open | mcq | report ...
      "short_answer": "yes",                 # optional, for closed questions
-     "modality": "ct", "source": "synthetic", "patient_id": "p00012"}   # anything else -> meta
+     "modality": "ct", "source": "synthetic", "patient_id": "p00012",   # anything else -> meta
+     # preference records (written by `unveil.curate`) add the dispreferred side:
+     "rejected": {"answer": "No abnormality detected.", "images": null},  # images: own paths or null
+     "weight": 0.8}                         # per-pair weight (default 1.0)
 
 Boxes written inside ``answer`` use the 0-100 integer grid; the collator rewrites them into
 the backbone's own box format.
@@ -25,9 +28,10 @@ from pathlib import Path
 from unveil.data.adapters.base import collect, iter_json_records, require
 from unveil.data.errors import RecordError
 from unveil.data.images import image_size, resolve
-from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
+from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
 
-_KNOWN = {"id", "image", "images", "query", "answer", "boxes", "box_units", "box_image", "findings", "task", "short_answer"}
+_KNOWN = {"id", "image", "images", "query", "answer", "boxes", "box_units", "box_image", "findings", "task",
+          "short_answer", "rejected", "weight"}
 
 
 def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True) -> Sample:
@@ -75,6 +79,24 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
     findings = rec.get("findings") or []
     if not isinstance(findings, list) or len(findings) != len(boxes) or not all(isinstance(x, str) for x in findings):
         raise RecordError(f, n, "findings", f"expected {len(boxes)} label string(s), one per box, got {findings!r:.80}")
+    rejected = None
+    if rec.get("rejected") is not None:
+        rj = rec["rejected"]
+        if not isinstance(rj, dict) or not isinstance(rj.get("answer", answer), str):
+            raise RecordError(f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}")
+        rj_images = rj.get("images")
+        if rj_images is not None:
+            if not isinstance(rj_images, list) or len(rj_images) != len(images):
+                raise RecordError(f, n, "rejected.images", f"expected {len(images)} path(s) or null, got {rj_images!r:.80}")
+            rj_images = [str(resolve(root, r, f, n, "rejected.images")) for r in rj_images]
+            if check_images:
+                for p in rj_images:
+                    image_size(p, f, n, "rejected.images")
+        rejected = Rejected(messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rj.get("answer", answer)}],
+                            images=rj_images)
+    weight = rec.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        raise RecordError(f, n, "weight", f"expected a number, got {weight!r:.80}")
     meta = {k: v for k, v in rec.items() if k not in _KNOWN}
     meta.setdefault("source", "mau_jsonl")
     if any(sizes):
@@ -84,7 +106,7 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
         messages=[{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
         boxes=boxes, box_images=list(box_image), findings=findings,
         task=str(rec.get("task", "localize" if boxes else "vqa_open")),
-        answer=rec.get("short_answer"), meta=meta,
+        answer=rec.get("short_answer"), rejected=rejected, weight=float(weight), meta=meta,
     )
 
 
