@@ -10,6 +10,11 @@ import importlib
 
 ADAPTERS = {
     "mau_jsonl": "unveil.data.adapters.mau_jsonl",
+    "llava": "unveil.data.adapters.llava",
+    "med_mim": "unveil.data.adapters.med_mim",
+    "vqa_table": "unveil.data.adapters.vqa_table",
+    "mmedpo": "unveil.data.adapters.mmedpo",
+    "stllava_dpo": "unveil.data.adapters.stllava_dpo",
 }
 
 

@@ -1,0 +1,245 @@
+"""VQA-RAD / SLAKE / PathVQA question tables: JSON array, JSONL, CSV/TSV or parquet.
+
+One row per question. Columns (names configurable, defaults cover the common releases)::
+
+    image         path relative to the root, raw bytes, or {"bytes": ..., "path": ...}
+                  (HF parquet); looked up as image / image_name (VQA-RAD) / img_name (SLAKE)
+    question      the question text
+    answer        the short answer (numbers, as VQA-RAD has, become strings)
+    answer_type   OPEN / CLOSED (any case); when absent, yes/no answers are closed
+    qid / id / question_id   optional id; the row number otherwise
+    q_lang        SLAKE's language ("en" / "zh"); ``lang="en"`` keeps only English rows
+
+Everything else (SLAKE ``modality`` / ``content_type`` / ``location``, VQA-RAD
+``image_organ`` / ``question_type`` ...) goes to ``meta``; ``modality`` is normalised (``X-Ray``
+-> ``xray``, ``CT`` -> ``ct``, ``MRI`` -> ``mri``).
+
+Sample: ``[user "<image>\\n<question>", assistant "<answer>"]``, task ``vqa_closed`` /
+``vqa_open``, ``answer`` = the short answer. Image bytes are written once, named by their
+hash, to ``image_cache`` (default ``<root>/.image_cache``, or a temp folder when the root is
+read-only), so every Sample still holds file paths.
+
+Records are named by JSONL line, CSV line, or 0-based row index (JSON arrays, parquet).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from unveil.data.adapters.base import collect, iter_json_records
+from unveil.data.adapters.llava import image_paths, is_yes_no, modality_name, unique_ids
+from unveil.data.errors import RecordError
+from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("image", "image_name", "img_name", "image_path", "img_path")
+ID_KEYS = ("qid", "id", "question_id")
+_ANSWER_TYPES = {"closed": "vqa_closed", "open": "vqa_open"}
+
+
+# ----------------------------------------------------------------------------------------
+# rows from the four container formats
+# ----------------------------------------------------------------------------------------
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        for row in reader:
+            if None in row:  # more cells than header columns
+                yield reader.line_num, RecordError(str(path), reader.line_num, None,
+                                                   f"{len(row[None])} cell(s) more than the header's {len(reader.fieldnames)}")
+                continue
+            yield reader.line_num, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is in requirements.txt
+        raise RecordError(str(path), None, None, "reading parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise RecordError(str(path), None, None, f"unreadable parquet file: {e}") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=512):
+        for row in batch.to_pylist():
+            yield i, row
+            i += 1
+
+
+def iter_rows(path: Path, table_format: str | None = None) -> Iterator[tuple[int, Any]]:
+    fmt = (table_format or path.suffix.lstrip(".")).lower()
+    if not path.exists():
+        raise RecordError(str(path), None, None, "file not found")
+    if fmt in ("json", "jsonl"):
+        return iter_json_records(path)
+    if fmt in ("csv", "tsv"):
+        return _csv_rows(path, "\t" if fmt == "tsv" else ",")
+    if fmt in ("parquet", "pq"):
+        return _parquet_rows(path)
+    raise RecordError(str(path), None, None, f"unknown table format {fmt!r}: expected json, jsonl, csv, tsv or parquet")
+
+
+# ----------------------------------------------------------------------------------------
+# images given as bytes
+# ----------------------------------------------------------------------------------------
+def _cache_dir(root: Path, image_cache: str | Path | None) -> Path:
+    if image_cache is not None:
+        d = Path(image_cache)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    d = root / ".image_cache"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = Path(tempfile.gettempdir()) / "unveil_image_cache"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cache_bytes(data: bytes, cache: Path, name_hint: str | None, file: str, n, field: str, check: bool) -> str:
+    """Write image bytes once (content-addressed, atomic) and return the file's path."""
+    from PIL import Image
+
+    suffix = Path(name_hint).suffix.lower() if name_hint else ""
+    if check or not suffix:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = (im.format or "").lower()
+                im.verify()
+        except Exception as e:
+            raise RecordError(file, n, field, f"undecodable image bytes ({len(data)} bytes): {e}") from None
+        suffix = suffix or {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif"}.get(fmt, f".{fmt or 'img'}")
+    out = cache / f"{hashlib.sha1(data).hexdigest()[:20]}{suffix}"
+    if not out.exists():
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, out)
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------
+# one row -> one Sample
+# ----------------------------------------------------------------------------------------
+def convert(rec: dict, n, path: Path, root: Path, cache: Path | None, check_images: bool = True, *,
+            image_key: str | None = None, question_key: str = "question", answer_key: str = "answer",
+            answer_type_key: str = "answer_type", id_key: str | None = None, image_dir: str | None = None) -> Sample:
+    f = str(path)
+    ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
+    if ikey is None or ikey not in rec:
+        raise RecordError(f, n, image_key or "image", f"missing image column (looked for {image_key or '/'.join(IMAGE_KEYS)})")
+    img = rec[ikey]
+    name_hint = None
+    if isinstance(img, dict):  # HF datasets' Image feature: {"bytes": b"..." | None, "path": "..."}
+        name_hint = img.get("path")
+        img = img.get("bytes") if img.get("bytes") is not None else img.get("path")
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        if cache is None:
+            raise RecordError(f, n, ikey, "image bytes need an image cache folder")
+        images = [cache_bytes(bytes(img), cache, name_hint, f, n, ikey, check_images)]
+    elif isinstance(img, str):
+        images = image_paths([img], root, path, n, ikey, check_images, image_dir)
+    else:
+        raise RecordError(f, n, ikey, f"expected a path, image bytes or {{'bytes', 'path'}}, got {type(img).__name__}: {img!r:.80}")
+
+    if question_key not in rec:
+        raise RecordError(f, n, question_key, "missing required field")
+    question = rec[question_key]
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError(f, n, question_key, f"expected a non-empty string, got {question!r:.80}")
+    if answer_key not in rec:
+        raise RecordError(f, n, answer_key, "missing required field")
+    answer = rec[answer_key]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise RecordError(f, n, answer_key, f"expected a string (or number), got {type(answer).__name__}: {answer!r:.80}")
+    raw_answer = answer
+    answer = (str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)).strip()
+    if not answer:
+        raise RecordError(f, n, answer_key, "empty answer")
+
+    atype = rec.get(answer_type_key)
+    if atype is None or (isinstance(atype, str) and not atype.strip()):
+        task = "vqa_closed" if is_yes_no(answer) else "vqa_open"
+    elif isinstance(atype, str) and atype.strip().lower() in _ANSWER_TYPES:
+        task = _ANSWER_TYPES[atype.strip().lower()]
+    else:
+        raise RecordError(f, n, answer_type_key, f"expected OPEN or CLOSED, got {atype!r:.80}")
+
+    k = question.count(IMAGE_PLACEHOLDER)
+    if k > 1:
+        raise RecordError(f, n, question_key, f"{k} '{IMAGE_PLACEHOLDER}' placeholders for 1 image")
+    prompt = question if k == 1 else f"{IMAGE_PLACEHOLDER}\n{question}"
+
+    ikey_id = id_key or next((k for k in ID_KEYS if rec.get(k) not in (None, "")), None)
+    rid = rec.get(ikey_id) if ikey_id else n
+    if ikey_id and (rid is None or isinstance(rid, (bool, dict, list))):
+        raise RecordError(f, n, ikey_id, f"expected an id, got {rid!r:.80}")
+    drop = {ikey, question_key, answer_key, answer_type_key}
+    meta = {k: v for k, v in rec.items() if k not in drop and not isinstance(v, (bytes, bytearray, memoryview, dict))}
+    meta.setdefault("source", "vqa_table")
+    if atype is not None:
+        meta["answer_type"] = atype
+    if raw_answer != answer:
+        meta["raw_answer"] = raw_answer
+    if meta.get("modality") is not None:
+        meta["modality"] = modality_name(meta["modality"])
+    return Sample(id=str(rid), images=images,
+                  messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                  task=task, answer=answer, meta=meta)
+
+
+def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True, *,
+         image_key: str | None = None, question_key: str = "question", answer_key: str = "answer",
+         answer_type_key: str = "answer_type", id_key: str | None = None, lang: str | None = None,
+         lang_key: str = "q_lang", image_dir: str | None = None, image_cache: str | Path | None = None,
+         table_format: str | None = None) -> list[Sample]:
+    """Read a VQA table. ``lang`` keeps only rows whose ``lang_key`` equals it (SLAKE: "en").
+
+    ``image_dir``: folder under ``root`` the image names are relative to (SLAKE ``imgs``,
+    VQA-RAD ``VQA_RAD Image Folder``); ``table_format`` overrides the file suffix.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    cache: Path | None = None
+    dropped = [0]
+
+    def rows():
+        for n, rec in iter_rows(path, table_format):
+            if lang is not None and isinstance(rec, dict):
+                if lang_key not in rec:
+                    yield n, RecordError(str(path), n, lang_key, f"missing language field (lang={lang!r} was asked for)")
+                    continue
+                if str(rec[lang_key]).strip().lower() != str(lang).lower():
+                    dropped[0] += 1
+                    continue
+            yield n, rec
+
+    def conv(rec, n):
+        nonlocal cache
+        ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
+        v = rec.get(ikey) if ikey else None
+        if cache is None and (isinstance(v, (bytes, bytearray, memoryview)) or (isinstance(v, dict) and v.get("bytes") is not None)):
+            cache = _cache_dir(root, image_cache)
+        return convert(rec, n, path, root, cache, check_images, image_key=image_key, question_key=question_key,
+                       answer_key=answer_key, answer_type_key=answer_type_key, id_key=id_key, image_dir=image_dir)
+
+    out = collect(path, rows(), conv, on_bad_record)
+    if dropped[0]:
+        log.info("%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0])
+    read.last_filtered = dropped[0]
+    return unique_ids(out)
+
+
+read.last_filtered = 0
