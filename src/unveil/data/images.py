@@ -66,3 +66,5 @@ def image_size(path: str | Path, file: str | None = None, record=None, field: st
         raise
     except Exception as e:  # PIL raises several types for corrupt files
         raise RecordError(file, record, field, f"unreadable image {path}: {e}") from None
+
+from unveil.data import medical  # noqa: E402,F401  (registers the DICOM / NIfTI loaders)
