@@ -69,6 +69,9 @@ class UnveilDataModule(pl.LightningDataModule):
             from unveil.data.synthetic import SyntheticConfig, generate
 
             cfg = dict(self.synthetic)
+            if cfg.pop("kind", "single_image") == "multi_image":  # Med-MIM-style multiple choice
+                from unveil.data.synthetic.multi_image import MultiImageConfig, generate_multi_image
+                return generate_multi_image(MultiImageConfig(**cfg), self.root)
             cfg["studies_per_patient"] = tuple(cfg.get("studies_per_patient", (1, 3)))
             generate(SyntheticConfig(**cfg), self.root)
 
