@@ -1,0 +1,205 @@
+"""The composite reward: per-head group normalisation, weights, sum, and the logged stats.
+
+``build_composite(cfg, backbone, vocab)`` takes the ``reward`` config group, a dict
+``name -> {_target_, weight, norm, <head options>}`` (see ``conf/reward/``), and returns a
+:class:`CompositeReward`, a callable ``RolloutBatch -> RewardOutput``.
+
+Per head, on the raw scores ``s`` of the completions of one group (one prompt):
+
+- ``none``:   ``s``
+- ``max``:    ``s / max_g |s|`` as in UMed-LVLM ("divided by their maximum over the answers sampled
+              for the same query"). The maximum is taken of the absolute value so that heads which
+              can go negative (GIoU, extra-box penalties) keep their sign; for non-negative scores it
+              is the paper's rule. A group whose scores are all 0 stays 0.
+- ``zscore``: ``(s - mean_g) / std_g`` with the population std (ddof 0); a group with zero spread
+              (std < 1e-8) gives 0 for all its completions.
+
+NaN (head does not apply) stays NaN through the normalisation, is left out of the group
+statistics (max, mean, std), and counts as 0 in ``total = sum_h weight_h * norm_h(s_h)``.
+Heads with weight 0 are not computed at all.
+
+Stats (floats; NaN when no completion of the batch has a score for that head):
+``reward/<head>/mean``, ``reward/<head>/std`` (population std of the raw finite scores),
+``reward/<head>/zero_spread_frac`` (fraction of groups, among those with at least one finite
+score, whose finite scores are all equal: they give no learning signal to a group-relative
+method), ``reward/<head>/applicable_frac``, ``reward/total/mean``, ``reward/total/std``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unveil.rewards.base import RewardHead, RewardOutput, RolloutBatch
+
+log = logging.getLogger(__name__)
+
+NORMS = ("none", "max", "zscore")
+_EPS = 1e-8
+
+
+@dataclass
+class HeadSpec:
+    name: str
+    head: RewardHead
+    weight: float
+    norm: str
+
+
+def group_normalise(scores: torch.Tensor, group: torch.Tensor, norm: str) -> torch.Tensor:
+    """Normalise ``scores`` [N] within each group id of ``group`` [N]; NaN stays NaN."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown reward norm {norm!r}; known: {NORMS}")
+    s = scores.double()
+    if norm == "none":
+        return s.float()
+    out = torch.full_like(s, float("nan"))
+    for g in torch.unique(group):
+        idx = (group == g).nonzero(as_tuple=True)[0]
+        v = s[idx]
+        ok = torch.isfinite(v)
+        if not ok.any():
+            continue
+        fin = v[ok]
+        if norm == "max":
+            m = fin.abs().max()
+            res = torch.where(m > _EPS, v / m.clamp_min(_EPS), torch.zeros_like(v))
+        else:  # zscore
+            mean = fin.mean()
+            std = fin.std(unbiased=False) if fin.numel() > 1 else torch.zeros((), dtype=fin.dtype)
+            res = torch.where(std > _EPS, (v - mean) / std.clamp_min(_EPS), torch.zeros_like(v))
+        out[idx] = torch.where(ok, res, torch.full_like(v, float("nan")))
+    return out.float()
+
+
+def zero_spread_fraction(scores: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> float:
+    """Fraction of groups (with >= 1 finite score) whose finite scores are all equal."""
+    n_groups, n_flat = 0, 0
+    for g in torch.unique(group):
+        v = scores[group == g]
+        v = v[torch.isfinite(v)]
+        if v.numel() == 0:
+            continue
+        n_groups += 1
+        n_flat += int(float(v.max() - v.min()) <= tol)
+    return n_flat / n_groups if n_groups else float("nan")
+
+
+def _mean_std(v: torch.Tensor) -> tuple[float, float]:
+    v = v[torch.isfinite(v)].double()
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+
+
+class CompositeReward:
+    """Callable ``RolloutBatch -> RewardOutput``; ``heads`` lists the computed heads in order."""
+
+    def __init__(self, heads: list[HeadSpec], backbone: Any = None, vocab: list[str] | None = None):
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate reward head names: {names}")
+        self.heads = heads
+        self.backbone = backbone
+        self.vocab = list(vocab or [])
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.heads]
+
+    @property
+    def needs(self) -> frozenset[str]:
+        out: set[str] = set()
+        for h in self.heads:
+            out |= set(getattr(h.head, "needs", ()))
+        return frozenset(out)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{h.name}(w={h.weight:g}, norm={h.norm})" for h in self.heads)
+        return f"CompositeReward({inner})"
+
+    def __call__(self, batch: RolloutBatch) -> RewardOutput:
+        n = len(batch)
+        group = torch.as_tensor(batch.group).reshape(-1).long().cpu()
+        if group.numel() != n:
+            raise ValueError(f"batch.group has {group.numel()} entries for {n} completions")
+        if batch.backbone is None:
+            batch.backbone = self.backbone
+        if not batch.vocab:
+            batch.vocab = list(self.vocab)
+        total = torch.zeros(n, dtype=torch.float32)
+        per_head: dict[str, torch.Tensor] = {}
+        stats: dict[str, float] = {}
+        for spec in self.heads:
+            raw = spec.head(batch)
+            raw = torch.as_tensor(raw, dtype=torch.float32).detach().reshape(-1).cpu()
+            if raw.numel() != n:
+                raise ValueError(f"reward head {spec.name!r} returned {raw.numel()} scores for {n} completions")
+            bad = torch.isinf(raw)
+            if bad.any():  # the contract is finite or NaN; never let an inf reach the optimiser
+                log.warning("reward head %r returned %d infinite score(s); treated as NaN", spec.name, int(bad.sum()))
+                raw = raw.masked_fill(bad, float("nan"))
+            per_head[spec.name] = raw
+            normed = group_normalise(raw, group, spec.norm)
+            total += spec.weight * torch.nan_to_num(normed, nan=0.0, posinf=0.0, neginf=0.0)
+            mean, std = _mean_std(raw)
+            stats[f"reward/{spec.name}/mean"] = mean
+            stats[f"reward/{spec.name}/std"] = std
+            stats[f"reward/{spec.name}/zero_spread_frac"] = zero_spread_fraction(raw, group)
+            stats[f"reward/{spec.name}/applicable_frac"] = float(torch.isfinite(raw).float().mean()) if n else float("nan")
+        mean, std = _mean_std(total)
+        stats["reward/total/mean"] = mean
+        stats["reward/total/std"] = std
+        device = batch.group.device if torch.is_tensor(batch.group) else torch.device("cpu")
+        return RewardOutput(total=total.to(device), per_head=per_head, stats=stats)
+
+
+def _plain(cfg) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True) or {}
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def build_head(cfg: dict) -> RewardHead:
+    """Instantiate one head from its config (``_target_`` + options; weight/norm already removed)."""
+    import hydra.utils
+
+    return hydra.utils.instantiate(cfg, _convert_="all")
+
+
+def build_composite(cfg, backbone=None, vocab=None) -> CompositeReward:
+    """``cfg``: the ``reward`` group, ``{name: {_target_, weight, norm, ...options}}`` (or None)."""
+    heads = []
+    for name, hcfg in _plain(cfg).items():
+        if hcfg is None:  # a preset may switch a head off with `reward.<name>: null`
+            continue
+        if not isinstance(hcfg, dict) or "_target_" not in hcfg:
+            raise ValueError(f"reward.{name}: expected a head config with _target_, got {hcfg!r:.120}")
+        hcfg = dict(hcfg)
+        weight = float(hcfg.pop("weight", 1.0))
+        norm = str(hcfg.pop("norm", "none"))
+        if norm not in NORMS:
+            raise ValueError(f"reward.{name}.norm={norm!r}; known: {NORMS}")
+        if not math.isfinite(weight):
+            raise ValueError(f"reward.{name}.weight must be finite, got {weight}")
+        if weight == 0.0:
+            log.info("reward head %s has weight 0: not computed", name)
+            continue
+        heads.append(HeadSpec(name=name, head=build_head(hcfg), weight=weight, norm=norm))
+    comp = CompositeReward(heads, backbone=backbone, vocab=vocab)
+    log.info("rewards: %r", comp)
+    return comp
