@@ -1,0 +1,495 @@
+"""Vision-relevance rewards: does the answer's naming of the abnormality rest on the lesion pixels?
+
+:class:`VisionRelevanceReward` is UMed-LVLM's third reward, the attention mass that the answer
+tokens naming the finding put on the image-patch tokens inside the ground-truth box::
+
+    r_att = 1/|N| sum_{i in N} sum_{j in Nbar} softmax_k(q_i . k_k / sqrt(d))_j
+
+- ``N``: completion tokens whose characters overlap a finding word (any term of the finding
+  vocabulary or of the sample's own labels, plural ``s``/``es`` included) in the decoded
+  completion; characters are mapped to tokens by incremental decoding of the generated ids (or
+  the tokenizer's offsets when the batch carries only texts).
+- ``Nbar``: image tokens whose patch centre lies inside a ground-truth box of that image (the
+  patch holding the box centre when a box is smaller than a patch). The image tokens of a
+  LLaVA-style model are a contiguous run of ``grid x grid`` tokens in row-major patch order per
+  image, ``grid = vision image_size // patch_size`` (a perfect-square run otherwise); Qwen2-VL
+  grids come from ``image_grid_thw`` and the spatial merge size. Any other layout gives NaN.
+- the softmax runs over all keys (text, image and the attention sink), as the model computes it;
+  the attention probabilities are averaged over the configured ``layers`` and ``heads`` (default:
+  all).
+- **Normalisation by |N|** (our choice; the paper's formula is a plain sum over i): the sum grows
+  with the number of finding tokens, so it would pay the policy to repeat the finding's name or
+  to name it with more sub-word pieces. The mean over the finding tokens keeps r_att in [0, 1]
+  and makes it a property of *where* the model looks, not of how often it says the word.
+- ``query: token`` (default) reads the attention row of the finding token itself (``q_i`` of the
+  formula, literally); ``query: predict`` reads the row of the position that emitted it.
+
+Scores: NaN for normal studies and for tasks not in ``tasks`` (default ``localize``), and for
+batches without model inputs; 0 when the completion names no finding.
+
+The attentions come from one extra forward pass of the policy (``torch.no_grad``, eval mode)
+over prompt + completion with ``output_attentions=True``; the attention implementation is
+switched to ``eager`` for that pass and restored afterwards. Only the per-(layer, head, query)
+mass on the box keys is kept, so memory stays O(N x T) per layer beyond one chunk of
+``chunk_size`` completions. The pass (and the completion log-probs it yields) is shared through
+``batch.cache`` so two heads never both run it.
+
+:class:`VisionCounterfactualReward` is the counterfactual variant: the mean per-token
+log-probability of the completion given the real image minus given the image with the
+ground-truth region filled with grey, ``1/T sum_t log p(y_t | y_<t, x) - log p(y_t | y_<t, x_masked)``,
+both passes under ``torch.no_grad``. Positive when the answer depends on the lesion pixels.
+The mask is applied to ``pixel_values`` of shape ``[images, C, H, W]``, which assumes the
+processor resizes the whole image (SigLIP/LLaVA, the tiny model) so that normalised boxes map
+straight onto it; center-cropping processors shift the region, and flattened-patch processors
+(Qwen2-VL) are not supported (NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import ClassVar
+
+import torch
+
+from unveil.rewards._common import applies, task_set, warn_once
+from unveil.rewards.base import RewardHead, RolloutBatch
+
+FORWARD_KEY = "policy_forward"  # batch.cache entry shared by the heads that run the policy
+_NAN = float("nan")
+
+
+# --- shared model plumbing ----------------------------------------------------------------------
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Temporarily switch a HF model (under any PEFT wrapper) to eager attention; restore after."""
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    if cfg is None or not hasattr(base, "set_attn_implementation"):
+        yield
+        return
+    prev: dict = {"": cfg._attn_implementation}
+    for key in getattr(cfg, "sub_configs", {}) or {}:
+        sub = getattr(cfg, key, None)
+        if sub is not None:
+            prev[key] = sub._attn_implementation
+    if all(v == "eager" for v in prev.values()):
+        yield
+        return
+    base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(prev)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was:
+            model.train()
+
+
+def _image_token_id(backbone) -> int | None:
+    cfg = _base(backbone.model).config
+    for k in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, k, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _rows(x, n: int, lo: int, hi: int):
+    """Slice per-completion tensors; leave others whole."""
+    return x[lo:hi] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
+
+
+_PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
+
+
+def _can_chunk(inputs: dict, n: int, samples) -> bool:
+    """Rows can be sliced when every per-row tensor has N rows and image tensors one image per row."""
+    if any(k in inputs for k in _PER_IMAGE) and not all(len(getattr(s, "images", []) or []) == 1 for s in samples):
+        return False
+    return all(not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] == n for v in inputs.values())
+
+
+@torch.no_grad()
+def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+               chunk_size: int = 8) -> dict:
+    """Forward the policy over prompt + completion.
+
+    Returns ``token_logps`` [N, T] (log-prob of each completion token) and, when ``key_weights``
+    [N, L] is given, ``key_mass`` [layers, N, heads, T + 1]: the attention mass that the queries at
+    positions ``P-1 .. P+T-1`` put on the weighted keys (an eager pass with attentions).
+    ``pixel_values`` replaces the batch's (counterfactual images).
+    """
+    from unveil.models.generation import model_inputs
+
+    bb = batch.backbone
+    model = bb.model
+    inputs = model_inputs(dict(batch.prompt_inputs))
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    device = next(model.parameters()).device
+    comp = batch.completion_ids.long().to(device)
+    cmask = (batch.completion_mask if batch.completion_mask is not None else torch.ones_like(comp)).to(device)
+    n, t = comp.shape
+    p = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"].to(device).long(), comp], 1)
+    am = torch.cat([inputs["attention_mask"].to(device).long(), cmask.long()], 1)
+    # positions as generate() made them for left-padded rows; M-RoPE models (Qwen2-VL) build their own
+    pos = (am.cumsum(-1) - 1).clamp_min(0) if "image_grid_thw" not in inputs else None
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    step = max(1, int(chunk_size)) if _can_chunk(extra, n, batch.samples) else n
+    want_att = key_weights is not None
+    logps, masses = [], []
+    ctx = eager_attention(model) if want_att else contextlib.nullcontext()
+    with eval_mode(model), ctx:
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            kw = {k: _rows(v, n, lo, hi) for k, v in extra.items()}
+            kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+            if "pixel_values" in kw and kw["pixel_values"].is_floating_point():
+                kw["pixel_values"] = kw["pixel_values"].to(next(model.parameters()).dtype)
+            call = dict(input_ids=ids[lo:hi], attention_mask=am[lo:hi], output_attentions=want_att, use_cache=False, **kw)
+            if pos is not None:
+                call["position_ids"] = pos[lo:hi]
+            try:
+                out = model(**call, logits_to_keep=t + 1)
+            except TypeError:  # a forward without logits_to_keep: full logits
+                out = model(**call)
+            logits = out.logits[:, -(t + 1):-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, comp[lo:hi].unsqueeze(-1)).squeeze(-1)
+            logps.append(lp.cpu())
+            if want_att:
+                if not out.attentions:
+                    raise RuntimeError("the model returned no attentions in eager mode")
+                w = key_weights[lo:hi].to(device=device, dtype=torch.float32)
+                # [chunk, heads, rows, keys] -> mass on the weighted keys of rows P-1 .. P+T-1
+                masses.append(torch.stack([(a[:, :, p - 1:, :].float() * w[:, None, None, :]).sum(-1).cpu()
+                                           for a in out.attentions]))
+            del out
+    res = {"token_logps": torch.cat(logps), "mask": cmask.cpu().float(), "prompt_len": p}
+    if want_att:
+        res["key_mass"] = torch.cat(masses, 1)
+    return res
+
+
+# --- image-token layout and box patches ---------------------------------------------------------
+
+def patch_mask(boxes, gh: int, gw: int) -> torch.Tensor:
+    """[gh * gw] bool, row-major: patches whose centre is inside any box (or holding its centre)."""
+    m = torch.zeros(gh, gw, dtype=torch.bool)
+    cy = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh
+    cx = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw
+    for b in boxes:
+        x1, y1, x2, y2 = (float(v) for v in b)
+        inside = ((cy >= y1) & (cy <= y2))[:, None] & ((cx >= x1) & (cx <= x2))[None, :]
+        if not inside.any():
+            r = min(gh - 1, max(0, int((y1 + y2) / 2 * gh)))
+            c = min(gw - 1, max(0, int((x1 + x2) / 2 * gw)))
+            inside[r, c] = True
+        m |= inside
+    return m.reshape(-1)
+
+
+def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tensor | None = None):
+    """Per row: a list of (token positions [k], gh, gw) for each image in that row, or None."""
+    tid = _image_token_id(backbone)
+    if tid is None:
+        return [None] * input_ids.shape[0]
+    cfg = _base(backbone.model).config
+    vc = getattr(cfg, "vision_config", None)
+    g = None
+    if vc is not None and getattr(vc, "image_size", None) and getattr(vc, "patch_size", None):
+        size, patch = vc.image_size, vc.patch_size
+        size = size if isinstance(size, int) else size[0]
+        patch = patch if isinstance(patch, int) else patch[0]
+        g = int(size) // int(patch)
+    merge = int(getattr(vc, "spatial_merge_size", 1) or 1) if vc is not None else 1
+    out, ptr = [], 0
+    for r in range(input_ids.shape[0]):
+        pos = (input_ids[r] == tid).nonzero(as_tuple=True)[0]
+        k = pos.numel()
+        n_img = len(getattr(samples[r], "images", []) or []) if samples is not None else 1
+        grids = None
+        if k == 0:
+            grids = None
+        elif grid_thw is not None:
+            thw = grid_thw[ptr: ptr + n_img]
+            ptr += n_img
+            dims = [(int(h) // merge, int(w) // merge) for _t, h, w in thw.tolist()]
+            if sum(int(t) * h * w for (t, _, _), (h, w) in zip(thw.tolist(), dims)) == k and all(int(t) == 1 for t, _, _ in thw.tolist()):
+                grids = dims
+        elif g and k % (g * g) == 0:
+            grids = [(g, g)] * (k // (g * g))
+        elif math.isqrt(k) ** 2 == k:
+            grids = [(math.isqrt(k), math.isqrt(k))]
+        if grids is None:
+            out.append(None)
+            continue
+        items, start = [], 0
+        for gh, gw in grids:
+            items.append((pos[start: start + gh * gw], gh, gw))
+            start += gh * gw
+        out.append(items)
+    return out
+
+
+def box_key_weights(backbone, batch: RolloutBatch) -> tuple[torch.Tensor, list[bool]]:
+    """[N, P + T] float: 1 on the image tokens inside the GT boxes; and whether each row has a layout."""
+    inputs = batch.prompt_inputs
+    ids = inputs["input_ids"].cpu()
+    n, p = ids.shape
+    t = batch.completion_ids.shape[1]
+    w = torch.zeros(n, p + t)
+    ok = []
+    layouts = image_grids(backbone, ids, batch.samples, inputs.get("image_grid_thw"))
+    for r, lay in enumerate(layouts):
+        s = batch.samples[r]
+        if lay is None:
+            ok.append(False)
+            continue
+        bimg = list(s.box_images) if s.box_images else [0] * len(s.boxes)
+        for k, (pos, gh, gw) in enumerate(lay):
+            boxes = [b for b, bi in zip(s.boxes, bimg) if bi == k]
+            if boxes:
+                w[r, pos[patch_mask(boxes, gh, gw)]] = 1.0
+        ok.append(bool(w[r].any()))
+    return w, ok
+
+
+# --- finding tokens -----------------------------------------------------------------------------
+
+def finding_pattern(terms) -> re.Pattern | None:
+    terms = sorted({str(t).strip() for t in terms if str(t).strip()}, key=len, reverse=True)
+    if not terms:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in terms) + r")(?:e?s)?(?!\w)", re.I)
+
+
+def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text of ``ids`` and each token's character span in it, by incremental decoding."""
+    if not ids:
+        return "", []
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
+    text = prefixes[-1]
+    spans, prev = [], 0
+    for pre in prefixes:
+        end = len(pre) if text.startswith(pre) else _common_prefix(pre, text)
+        end = max(prev, min(end, len(text)))
+        spans.append((prev, end))
+        prev = end
+    return text, spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    i = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        i += 1
+    return i
+
+
+def finding_token_mask(tokenizer, ids: list[int], pattern: re.Pattern | None) -> list[bool]:
+    """For each token: does it overlap a finding word of the decoded text?"""
+    text, spans = token_char_spans(tokenizer, ids)
+    if pattern is None:
+        return [False] * len(ids)
+    hits = [(m.start(), m.end()) for m in pattern.finditer(text)]
+    return [any(a < he and hs < b for hs, he in hits) and b > a for a, b in spans]
+
+
+def _ensure_ids(batch: RolloutBatch) -> bool:
+    """Tokenise the texts when the batch has no generated ids (heads called on plain texts)."""
+    if batch.completion_ids is not None:
+        return True
+    bb = batch.backbone
+    if bb is None:
+        return False
+    tok = bb.tokenizer
+    enc = [tok(c if isinstance(c, str) else "", add_special_tokens=False)["input_ids"] for c in batch.completions]
+    t = max(1, max((len(e) for e in enc), default=1))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(enc), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), t), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, : len(e)] = 1
+    batch.completion_ids, batch.completion_mask = ids, mask
+    return True
+
+
+def _has_model_inputs(batch: RolloutBatch) -> bool:
+    pi = batch.prompt_inputs
+    return (batch.backbone is not None and pi is not None and "input_ids" in pi and "attention_mask" in pi)
+
+
+class VisionRelevanceReward(RewardHead):
+    name: ClassVar[str] = "vision_relevance"
+    needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def __init__(self, layers: list[int] | None = None, heads: list[int] | None = None, query: str = "token",
+                 chunk_size: int = 8, tasks: list[str] | str | None = ("localize",)):
+        if query not in ("token", "predict"):
+            raise ValueError(f"vision_relevance.query must be token or predict, got {query!r}")
+        self.layers = None if layers is None else [int(l) for l in layers]
+        self.heads = None if heads is None else [int(h) for h in heads]
+        self.query = query
+        self.chunk_size = int(chunk_size)
+        self.tasks = task_set(tasks)
+
+    def key_mass(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """[layers, N, heads, T + 1] attention mass on the GT-box image tokens (cached per batch)."""
+        cache = batch.cache.setdefault(FORWARD_KEY, {})
+        if "key_mass" not in cache:
+            w, ok = box_key_weights(batch.backbone, batch)
+            if not any(ok):
+                warn_once("vision_relevance:layout", "vision_relevance: no image-token layout found for this backbone; scored NaN")
+                cache["key_mass"], cache["key_ok"] = None, ok
+                return None
+            res = run_policy(batch, key_weights=w, chunk_size=self.chunk_size)
+            cache.update(res)
+            cache["key_ok"] = ok
+        return cache["key_mass"]
+
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        n = len(batch)
+        out = torch.full((n,), _NAN, dtype=torch.float32)
+        rows = [i for i, s in enumerate(batch.samples) if applies(self.tasks, s.task) and s.boxes]
+        if not rows or not _has_model_inputs(batch):
+            return out
+        try:
+            if not _ensure_ids(batch):
+                return out
+            mass = self.key_mass(batch)
+            if mass is None:
+                return out
+            ok = batch.cache[FORWARD_KEY]["key_ok"]
+            m = mass
+            if self.layers is not None:
+                m = m[torch.tensor(self.layers) % mass.shape[0]]
+            if self.heads is not None:
+                m = m[:, :, torch.tensor(self.heads) % mass.shape[2]]
+            m = m.mean(dim=(0, 2))  # [N, T + 1]
+            tok = batch.backbone.tokenizer
+            vocab = set(batch.vocab or [])
+            cmask = batch.completion_mask if batch.completion_mask is not None else torch.ones_like(batch.completion_ids)
+            for i in rows:
+                if not ok[i]:
+                    continue
+                L = int(cmask[i].sum())
+                ids = batch.completion_ids[i][cmask[i].bool()].tolist()[:L]
+                pat = finding_pattern(vocab | set(batch.samples[i].findings))
+                hit = finding_token_mask(tok, ids, pat)
+                ks = [k for k, h in enumerate(hit) if h]
+                if not ks:
+                    out[i] = 0.0
+                    continue
+                pos_in_valid = torch.nonzero(cmask[i].bool(), as_tuple=True)[0]
+                # row index into m: token k at completion index c sits at row c + 1; its predictor at row c
+                sel = torch.tensor([int(pos_in_valid[k]) + (1 if self.query == "token" else 0) for k in ks])
+                v = float(m[i, sel].mean())
+                out[i] = min(max(v, 0.0), 1.0) if math.isfinite(v) else _NAN
+        except Exception as e:  # noqa: BLE001  (never raise in a training step)
+            warn_once(f"vision_relevance:{type(e).__name__}", "vision_relevance failed (%s: %s); scored NaN", type(e).__name__, e)
+            return torch.full((n,), _NAN, dtype=torch.float32)
+        return out
+
+
+# --- counterfactual variant ---------------------------------------------------------------------
+
+def grey_value(processor, dtype=torch.float32, fill: float = 0.5) -> torch.Tensor:
+    """Per-channel value of a raw ``fill`` intensity after the image processor's normalisation."""
+    ip = getattr(processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None) if ip is not None else None
+    std = getattr(ip, "image_std", None) if ip is not None else None
+    if mean is None or std is None or not getattr(ip, "do_normalize", True):
+        return torch.tensor([fill] * 3, dtype=dtype)
+    return ((torch.tensor([fill] * len(mean)) - torch.tensor(mean)) / torch.tensor(std)).to(dtype)
+
+
+def mask_pixel_values(pixel_values: torch.Tensor, samples, value: torch.Tensor) -> torch.Tensor | None:
+    """Copy of ``[images, C, H, W]`` pixel values with the GT boxes of each sample filled; None if unsupported."""
+    if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+        return None
+    counts = [len(s.images or []) for s in samples]
+    if sum(counts) != pixel_values.shape[0]:
+        return None
+    pv = pixel_values.clone()
+    _, c, h, w = pv.shape
+    val = value.to(pv.dtype).to(pv.device)
+    val = val[:c] if val.numel() >= c else val.new_full((c,), float(val.mean()))
+    start = 0
+    for s, k in zip(samples, counts):
+        bimg = list(s.box_images) if s.box_images else [0] * len(s.boxes)
+        for b, bi in zip(s.boxes, bimg):
+            if not 0 <= bi < k:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in b)
+            c1, c2 = max(0, math.floor(x1 * w)), min(w, max(math.ceil(x2 * w), math.floor(x1 * w) + 1))
+            r1, r2 = max(0, math.floor(y1 * h)), min(h, max(math.ceil(y2 * h), math.floor(y1 * h) + 1))
+            pv[start + bi, :, r1:r2, c1:c2] = val[:, None, None]
+        start += k
+    return pv
+
+
+class VisionCounterfactualReward(RewardHead):
+    name: ClassVar[str] = "vision_counterfactual"
+    needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def __init__(self, fill: float = 0.5, clip: float = 10.0, chunk_size: int = 8,
+                 tasks: list[str] | str | None = ("localize",)):
+        self.fill = float(fill)
+        self.clip = float(clip)
+        self.chunk_size = int(chunk_size)
+        self.tasks = task_set(tasks)
+
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        n = len(batch)
+        out = torch.full((n,), _NAN, dtype=torch.float32)
+        rows = [i for i, s in enumerate(batch.samples) if applies(self.tasks, s.task) and s.boxes]
+        if not rows or not _has_model_inputs(batch) or "pixel_values" not in batch.prompt_inputs:
+            return out
+        try:
+            if not _ensure_ids(batch):
+                return out
+            cache = batch.cache.setdefault(FORWARD_KEY, {})
+            if "token_logps" not in cache:
+                cache.update(run_policy(batch, chunk_size=self.chunk_size))
+            real = cache["token_logps"]
+            key = f"counterfactual_logps@{self.fill:g}"
+            if key not in batch.cache:
+                pv = batch.prompt_inputs["pixel_values"]
+                masked = mask_pixel_values(pv, batch.samples, grey_value(batch.backbone.processor, fill=self.fill))
+                if masked is None:
+                    warn_once("vision_counterfactual:layout", "vision_counterfactual: pixel_values of shape %s not supported; NaN",
+                              tuple(pv.shape))
+                    batch.cache[key] = None
+                else:
+                    batch.cache[key] = run_policy(batch, pixel_values=masked, chunk_size=self.chunk_size)["token_logps"]
+            cf = batch.cache[key]
+            if cf is None:
+                return out
+            mask = cache["mask"]
+            gap = ((real - cf) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+            for i in rows:
+                v = float(gap[i])
+                out[i] = min(max(v, -self.clip), self.clip) if math.isfinite(v) else _NAN
+        except Exception as e:  # noqa: BLE001
+            warn_once(f"vision_counterfactual:{type(e).__name__}", "vision_counterfactual failed (%s: %s); scored NaN",
+                      type(e).__name__, e)
+            return torch.full((n,), _NAN, dtype=torch.float32)
+        return out
