@@ -1,7 +1,9 @@
 """The backbone factory: one entry point for the tiny model built in code and HF checkpoints.
 
 ``model.kind=tiny_llava`` builds a LLaVA from a config with a tokenizer trained on the data's
-text (cached); ``model.kind=hf`` loads ``model.name_or_path`` (hub id or local dir).
+text (cached); ``model.kind=tiny_hf model.arch=...`` a tiny random model of a real HF VLM
+architecture with its real processor class (:mod:`unveil.models.tiny_hf`); ``model.kind=hf``
+loads ``model.name_or_path`` (hub id or local dir).
 ``model.init_from`` starts from an earlier run (its ``backbone/`` dir), a saved HF dir, or a
 Lightning ``.ckpt``.
 """
@@ -39,7 +41,8 @@ class Backbone:
         """Ids generation must never emit (image placeholders and their wrappers)."""
         tok = self.tokenizer
         ids = set()
-        for t in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>", "<global-img>"):
+        for t in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>", "<global-img>",
+                  "<|video_pad|>", "<|vision_pad|>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))):
             i = tok.convert_tokens_to_ids(t)
             if isinstance(i, int) and i != tok.unk_token_id and i is not None:
                 ids.add(i)
@@ -75,6 +78,11 @@ def _hf_load(path: str, cfg, dtype):
     trust = bool(cfg.get("trust_remote_code", False))
     kw = dict(trust_remote_code=trust, local_files_only=bool(cfg.get("local_files_only", False)))
     processor = AutoProcessor.from_pretrained(path, **kw, **(cfg.get("processor_kwargs") or {}))
+    if cfg.get("chat_template"):  # a checkpoint whose own template does not fit training (llava-hf) or is missing
+        from unveil.models.chat_templates import resolve_chat_template
+        processor.chat_template = resolve_chat_template(cfg.chat_template)
+    if cfg.get("eos_token"):  # the token that ends an assistant turn, where the tokenizer names another
+        processor.tokenizer.eos_token = cfg.eos_token
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kw
     )
@@ -112,6 +120,16 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
         bb = Backbone(build_model(tok, spec, seed=int(cfg.get("init_seed", 0))), build_processor(tok, spec),
                       get_box_format(cfg.box_format), name="tiny_llava", structured_chat=False)
+    elif kind == "tiny_hf":
+        from unveil.models.tiny_hf import build_tiny_hf
+
+        if not corpus:
+            raise ValueError("model=tiny_hf trains its tokenizer on the data's text: pass the training corpus")
+        model, processor, box_format, extra = build_tiny_hf(
+            cfg.arch, corpus, dict(cfg.get("spec") or {}), seed=int(cfg.get("init_seed", 0)),
+            cache_dir=Path(cache_dir) / "tokenizers" if cache_dir else None)
+        bb = Backbone(model, processor, get_box_format(cfg.get("box_format") or box_format), name=f"tiny_{cfg.arch}",
+                      structured_chat=True, extra=extra)
     elif kind == "hf":
         if not cfg.get("name_or_path"):
             raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
@@ -119,18 +137,31 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         bb = Backbone(model, processor, get_box_format(cfg.box_format), name=str(cfg.name_or_path),
                       structured_chat=bool(cfg.get("structured_chat", True)))
     else:
-        raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | hf)")
+        raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | tiny_hf | hf)")
     if init_from and str(init_from).endswith(".ckpt"):
         load_lightning_weights(bb.model, init_from)
     return _finish(bb, cfg, peft)
 
 
+_NESTED_IMAGES = ("Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor")
+
+
 def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
+    from omegaconf import OmegaConf
+
     from unveil.models.freeze import apply_freeze, apply_lora
 
+    if type(bb.processor).__name__ in _NESTED_IMAGES:  # they group images per prompt only when nested
+        bb.extra.setdefault("nest_images", True)
+    extra = cfg.get("extra") or {}  # e.g. model_image_size of Qwen2.5-VL absolute boxes
+    bb.extra.update(extra if isinstance(extra, dict) else OmegaConf.to_container(extra, resolve=True))
+    lora = peft_cfg is not None and peft_cfg.get("kind", "none") == "lora"
+    if lora and cfg.get("peft_target_modules"):  # architectures whose LM is not `language_model`
+        peft_cfg = OmegaConf.create({**OmegaConf.to_container(OmegaConf.create(peft_cfg), resolve=True),
+                                     "target_modules": cfg.peft_target_modules})
     fz = cfg.get("freeze") or {}
     apply_freeze(bb.model, bool(fz.get("vision", False)), bool(fz.get("projector", False)), bool(fz.get("language", False)))
-    if peft_cfg is not None and peft_cfg.get("kind", "none") == "lora":
+    if lora:
         bb.model = apply_lora(bb.model, peft_cfg)
     if cfg.get("gradient_checkpointing", False):
         bb.base_model.gradient_checkpointing_enable()

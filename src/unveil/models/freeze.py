@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 PARTS = {
     "vision": ("vision_tower", "visual", "vision_model"),
     "projector": ("multi_modal_projector", "connector", "merger"),
-    "language": ("language_model",),
+    "language": ("language_model", "text_model"),  # text_model: Idefics3 / SmolVLM
 }
 
 
@@ -33,6 +33,9 @@ def apply_freeze(model: torch.nn.Module, vision: bool = False, projector: bool =
             raise ValueError(f"cannot freeze '{part}': none of {PARTS[part]} found in {type(model).__name__}")
         for m in mods:
             m.requires_grad_(False)
+    if vision and not projector:  # a projector inside the vision tower (Qwen2-VL's visual.merger) stays trainable
+        for m in _find(model, PARTS["projector"]):
+            m.requires_grad_(True)
 
 
 def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:

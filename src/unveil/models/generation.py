@@ -13,6 +13,20 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes"
                     "pixel_attention_mask", "image_attention_mask", "mm_token_type_ids")
 
 
+# Special tokens that are answer text, not markup: Qwen2-VL's boxes and object references.
+KEEP_SPECIAL = ("<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|quad_start|>", "<|quad_end|>")
+
+
+def decode(tok, ids) -> list[str]:
+    """batch_decode without special tokens, except those of KEEP_SPECIAL (box formats parse them)."""
+    keep = {tok.convert_tokens_to_ids(t) for t in KEEP_SPECIAL if t in tok.all_special_tokens}
+    if not keep:
+        return tok.batch_decode(ids, skip_special_tokens=True)
+    drop = set(tok.all_special_ids) - keep
+    rows = ids.tolist() if torch.is_tensor(ids) else ids
+    return tok.batch_decode([[i for i in row if i not in drop] for row in rows], skip_special_tokens=False)
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
 
@@ -42,5 +56,5 @@ def generate(backbone, batch: dict, max_new_tokens: int = 48, do_sample: bool = 
     is_eos = completion == tok.eos_token_id
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
     mask = (~after & (completion != tok.pad_token_id) | is_eos & ~after).long()
-    texts = tok.batch_decode(completion.masked_fill(mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    texts = decode(tok, completion.masked_fill(mask == 0, tok.pad_token_id))
     return {"sequences": out, "completion_ids": completion, "completion_mask": mask, "texts": texts, "prompt_length": plen}
