@@ -183,11 +183,12 @@ class HallucinationBuilder(BaseBuilder):
     def rule_answer(self, s: Sample, seed: int, vocab: list[str]) -> tuple[str, str] | None:
         """(rule name, wrong answer) for a sample, or None when no rule applies."""
         rng = rng_for(seed, "hallucination", s.id)
-        w = np.array([float(self.rule_weights.get(r, 1.0)) for r in self.rules])
-        order = list(rng.choice(len(self.rules), size=len(self.rules), replace=False, p=w / w.sum())) if w.sum() > 0 else []
+        rules = [r for r in self.rules if float(self.rule_weights.get(r, 1.0)) > 0]  # weight 0 = never
+        w = np.array([float(self.rule_weights.get(r, 1.0)) for r in rules])
+        order = list(rng.choice(len(rules), size=len(rules), replace=False, p=w / w.sum())) if rules else []
         ref = s.target
         for i in order:
-            rule = self.rules[i]
+            rule = rules[i]
             out = RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou, normal_answer=self.normal_answer) \
                 if rule == "negation" else RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou)
             if out is not None and _norm(out) != _norm(ref):
