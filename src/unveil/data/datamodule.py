@@ -47,6 +47,8 @@ class UnveilDataModule(pl.LightningDataModule):
         task_weights: dict | None = None,
         train_tasks: list | None = None,
         max_samples: dict | None = None,
+        adapter_kwargs: dict | None = None,
+        medical: dict | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -58,6 +60,8 @@ class UnveilDataModule(pl.LightningDataModule):
         self.task_weights = dict(task_weights or {})
         self.train_tasks = list(train_tasks) if train_tasks else None
         self.max_samples = dict(max_samples or {})
+        self.adapter_kwargs = dict(adapter_kwargs or {})  # format-specific options (see conf/data/<format>.yaml)
+        self.medical = dict(medical or {})  # DICOM / NIfTI windowing and slice defaults
         self.seed = seed
         self.data: dict[str, list[Sample]] = {}
         self.skipped: dict[str, int] = {}
@@ -79,11 +83,16 @@ class UnveilDataModule(pl.LightningDataModule):
         if self.data:
             return
         self.prepare_data()
+        if self.medical:
+            from unveil.data import medical
+
+            medical.configure(**self.medical)
         for split, rel in self.splits.items():
             if rel is None:
                 continue
             path = self.root / rel
-            samples = adapters.read(self.format, path, root=self.root, on_bad_record=self.on_bad_record, check_images=self.check_images)
+            samples = adapters.read(self.format, path, root=self.root, on_bad_record=self.on_bad_record,
+                                    check_images=self.check_images, **self.adapter_kwargs)
             self.skipped[split] = collect.last_skipped
             if split == "train" and self.train_tasks:
                 samples = [s for s in samples if s.task in self.train_tasks]
