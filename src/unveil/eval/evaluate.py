@@ -18,18 +18,15 @@ from unveil.models.generation import generate
 
 log = logging.getLogger(__name__)
 
-_LETTER = re.compile(r"(?:^|\b(?:answer|option)\s*(?:is)?\s*:?\s*)\(?([A-H])\)?(?=[\s:.)]|$)", re.I)
-_ANY_OPTION = re.compile(r"(?:^|\s|\()([A-H])(?=\s*[:.)])")
+# A standalone option letter: "B: ...", "(C)", "D.", "A or B", "answer is E" (but not the article in "A mass").
+_OPTION = re.compile(r"(?:^|[\s(])([A-H])(?=\s*[:.)]|\s*$|\s+(?:or|and)\b|\s*[,/])")
+_ANSWER_IS = re.compile(r"\b(?:answer|option)\s*(?:is)?\s*:?\s*\(?([A-H])\b", re.I)
 
 
 def mcq_letter(text: str) -> str | None:
     """The single option letter an answer commits to; None when it names none or several."""
     text = (text or "").strip()
-    letters = set(_ANY_OPTION.findall(" " + text))
-    m = _LETTER.search(text)
-    if m:
-        letters.add(m.group(1).upper())
-    letters = {l.upper() for l in letters}
+    letters = set(_OPTION.findall(text)) | {m.upper() for m in _ANSWER_IS.findall(text)}
     return letters.pop() if len(letters) == 1 else None
 
 

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small synthetic data set on disk and composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    from unveil.data.synthetic import SyntheticConfig, generate
+
+    return generate(SyntheticConfig(n_patients=24, seed=3), tmp_path_factory.mktemp("syn"), progress=False)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train", tmp: Path | None = None):
+    """Compose the real config (as the CLI would) with test-sized overrides."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    import unveil.utils.resolvers  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hcompose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+    if tmp is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp / "run")
+            cfg.paths.data_dir = str(tmp / "data")
+            cfg.paths.cache_dir = str(tmp / "cache")
+            cfg.paths.log_dir = str(tmp / "logs")
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, config_name: str = "train"):
+        return compose(list(overrides), config_name=config_name, tmp=tmp_path)
+
+    return _make

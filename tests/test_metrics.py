@@ -1,0 +1,66 @@
+"""Metrics on hand-made predictions, with hand-computed expected values."""
+
+import math
+
+import pytest
+
+from unveil.data.boxes import IntGridFormat
+from unveil.data.schema import Sample
+from unveil.eval.evaluate import format_table, mcq_letter
+from unveil.eval.metrics import GroupedMetrics, GroundingMetrics
+from unveil.eval.parse import closed_correct, parse_answer
+
+F = IntGridFormat(100)
+V = ["nodule", "mass", "cyst"]
+
+
+def p(text):
+    return parse_answer(text, F, V)
+
+
+def test_parse_answer():
+    pr = p("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [50, 50, 90, 90]: mass.")
+    assert pr.abnormal and pr.labels == ["nodule", "mass"] and len(pr.boxes) == 2
+    assert not p("No abnormality detected. The study appears normal.").abnormal
+    assert p("There is a mass.").abnormal and p("").boxes == []
+
+
+def test_grounding_metrics_hand_computed():
+    m = GroundingMetrics()
+    gt = [[0.1, 0.1, 0.3, 0.3]]
+    # perfect box + right finding
+    m.update_study(p("Abnormality detected. Region [10, 10, 30, 30]: nodule."), gt, ["nodule"])
+    # half-overlapping box (IoU = 1/3), wrong finding
+    m.update_study(p("Abnormality detected. Region [20, 10, 40, 30]: cyst."), gt, ["nodule"])
+    # says normal on an abnormal study: IoU 0, presence wrong
+    m.update_study(p("No abnormality detected."), gt, ["nodule"])
+    # normal studies: one correct, one with an invented box
+    m.update_study(p("No abnormality detected."), [], [])
+    m.update_study(p("Abnormality detected. Region [1, 1, 5, 5]: mass."), [], [])
+    # two GT boxes, one found
+    m.update_study(p("Abnormality detected. Region [60, 60, 80, 80]: mass."), [[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]], ["mass", "cyst"])
+    r = m.compute()
+    assert r["iou"] == pytest.approx((1 + 1 / 3 + 0 + 0.5) / 4)
+    assert r["acc50"] == pytest.approx(2 / 5)
+    assert r["finding_acc"] == pytest.approx(2 / 5)
+    assert r["presence_acc"] == pytest.approx(4 / 6)
+    assert r["fpr_normal"] == pytest.approx(0.5) and r["invented_box_rate"] == pytest.approx(0.5)
+    assert math.isnan(r["closed_acc"])
+
+
+def test_closed_and_mcq():
+    assert closed_correct("Yes.", "yes") and closed_correct("nodule, small", "nodule") and not closed_correct("no", "yes")
+    assert mcq_letter("B: grown") == "B" and mcq_letter("The answer is C.") == "C"
+    assert mcq_letter("A or B") is None and mcq_letter("A: x B: y") is None and mcq_letter("") is None
+
+
+def test_grouped_metrics_and_table():
+    g = GroupedMetrics()
+    for mod, ok in (("ct", True), ("ct", False), ("xray", True)):
+        for t in (g.overall, g.of("modality", mod)):
+            t.update_closed(ok)
+    r = g.compute("test")
+    assert r["test/closed_acc"] == pytest.approx(2 / 3)
+    assert r["test/modality/ct/closed_acc"] == pytest.approx(0.5) and r["test/modality/xray/closed_acc"] == 1.0
+    table = format_table(r)
+    assert "modality/ct" in table and "closed_acc" in table
