@@ -54,7 +54,10 @@ def train(cfg: DictConfig) -> dict:
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
+    # themselves; Lightning refuses gradient_clip_val under manual optimisation.
+    manual = {} if module.automatic_optimization else {"gradient_clip_val": None}
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
     hparams = scrub(OmegaConf.to_container(cfg, resolve=True))
     for lg in loggers:
         lg.log_hyperparams(hparams)

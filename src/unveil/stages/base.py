@@ -17,9 +17,13 @@ class StageModule(pl.LightningModule):
         self.model = backbone.model  # registered as a submodule: checkpoints, .to(device), train()
         self.optim = dict(optim or {})
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimiser updates; stages with extra heads (PPO's value head) add theirs."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
         o = self.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.freeze and peft settings")
         decay = [p for p in params if p.ndim >= 2]

@@ -20,9 +20,20 @@ def project_root() -> str:
     return os.getcwd()
 
 
+def required(key: str, hint: str = "") -> None:
+    """``${unveil.required:model.init_from,<hint>}``: a value that must be given on the command line.
+
+    (``???`` cannot do this in an experiment file: OmegaConf keeps the earlier value when merging
+    a missing one over it.)
+    """
+    raise ValueError(f"{key} must be set" + (f": {hint}" if hint else "") + f" (add {key}=... to the command line)")
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("unveil.root"):
         OmegaConf.register_new_resolver("unveil.root", project_root)
+    if not OmegaConf.has_resolver("unveil.required"):
+        OmegaConf.register_new_resolver("unveil.required", required)
     if not OmegaConf.has_resolver("unveil.wandb_offline"):
         OmegaConf.register_new_resolver("unveil.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
 
