@@ -1,0 +1,127 @@
+"""PPO actor-critic, as UMed-LVLM's abnormal-aware rewarding stage (DESIGN 1.1).
+
+One training step = one batch of P prompts:
+
+1. rollout      G completions per prompt from one ``generate`` call (KV cache);
+2. rewards      the composite reward scores each completion; the score is paid on its last
+                token and every token pays ``kl_coef * (logp - ref)`` (KL penalty in the reward);
+3. advantages   values from the value head, then GAE(gamma, lam) per token (``lam = 1``: Monte
+                Carlo returns), whitened over the batch;
+4. loss         clipped surrogate + ``vf_coef`` * clipped value loss - ``ent_coef`` * entropy, for
+                ``ppo_epochs`` passes over ``num_minibatches`` minibatches (one optimiser step each).
+
+The value head is a linear layer on the LM's final hidden state (the LM head's input), sharing
+the trunk with the policy. It is a submodule of this stage, so Lightning checkpoints hold it;
+``<run dir>/value_head.pt`` is written at the end of fit as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unveil.stages.losses import gae, masked_mean, masked_whiten, ppo_loss, ppo_token_rewards
+from unveil.stages.rl import RLStageModule, mean_metrics
+from unveil.stages.rollout import completion_logprobs
+
+
+def lm_hidden_size(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(base.get_output_embeddings().in_features)
+
+
+class ValueHead(torch.nn.Module):
+    """``V(s_t) = w . h_t + b`` on the LM's final hidden state; zero-initialised (V = 0 at the start)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class PPOModule(RLStageModule):
+    def __init__(
+        self,
+        backbone,
+        rewards,
+        optim: dict | None = None,
+        kl_coef: float = 0.05,
+        clip_eps: float = 0.2,
+        value_clip: float | None = 0.2,
+        vf_coef: float = 0.1,
+        ent_coef: float = 0.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        ppo_epochs: int = 2,
+        **kw,
+    ):
+        super().__init__(backbone, rewards, optim, **kw)
+        self.kl_coef, self.clip_eps, self.value_clip = float(kl_coef), float(clip_eps), value_clip
+        self.vf_coef, self.ent_coef = float(vf_coef), float(ent_coef)
+        self.gamma, self.lam = float(gamma), float(lam)
+        self.whiten_advantages = bool(whiten_advantages)
+        self.ppo_epochs = max(1, int(ppo_epochs))
+        self.value_head = ValueHead(lm_hidden_size(self.model))
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef != 0.0
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return super().trainable_parameters() + list(self.value_head.parameters())
+
+    def policy_and_values(self, ro, with_entropy: bool = False):
+        lp = completion_logprobs(self.model, ro, self.temperature, with_entropy=with_entropy, with_hidden=True,
+                                 chunk_size=self.forward_batch_size)
+        return lp, self.value_head(lp.hidden) * ro.completion_mask
+
+    def training_step(self, batch, batch_idx):
+        # 1. rollout: G completions per prompt
+        ro, reward = self.rollout(batch)
+        mask = ro.completion_mask
+
+        # 2. per-token rewards: the score on the last token, the KL penalty on every token
+        with torch.no_grad():
+            old, old_values = self.policy_and_values(ro)
+            ref = self.reference.logprobs(ro, self.temperature, self.forward_batch_size) if self.reference else None
+            token_rewards, kl = ppo_token_rewards(ro.extra["reward"], old.logps, ref, mask, self.kl_coef)
+
+            # 3. advantages and returns (GAE), whitened advantages
+            advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
+            if self.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+        ro.extra.update(old_logps=old.logps, old_values=old_values, advantages=advantages, returns=returns)
+        self.maybe_log_completions(ro, reward, masked_mean(advantages, mask, dim=1))
+
+        # 4. clipped surrogate + value loss - entropy bonus, ppo_epochs x minibatches
+        history: list[dict] = []
+        for _ in range(self.ppo_epochs):
+            for idx in self.minibatches(len(ro)):
+                mb = ro.select(idx)
+                lp, values = self.policy_and_values(mb, with_entropy=True)
+                loss, m = ppo_loss(
+                    lp.logps, mb.extra["old_logps"], mb.extra["advantages"], mb.completion_mask, values,
+                    mb.extra["old_values"], mb.extra["returns"], entropy=lp.entropy, clip_eps=self.clip_eps,
+                    value_clip=self.value_clip, vf_coef=self.vf_coef, ent_coef=self.ent_coef,
+                )
+                m["grad_norm"] = self.update(loss)
+                m["loss"] = loss.detach()
+                history.append(m)
+
+        metrics = mean_metrics(history)
+        metrics["kl"] = float(masked_mean(kl, mask))  # per-token k1 of the sampling policy to the reference
+        metrics["value_mean"] = float(masked_mean(old_values, mask))
+        metrics["return_mean"] = float(masked_mean(returns, mask))
+        self.log_step(ro, reward, metrics)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.default_root_dir:
+            out = Path(self.trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(self.value_head.state_dict(), out / "value_head.pt")

@@ -1,0 +1,189 @@
+"""What GRPO and PPO share: rollouts, rewards, the reference policy, the optimiser step,
+logging (per-step metrics, a completions table) and validation.
+
+The subclasses' ``training_step`` reads top to bottom: rollout -> rewards -> advantages -> loss.
+Both use Lightning's manual optimisation, because one rollout batch feeds several optimiser
+steps (``num_iterations`` / ``ppo_epochs`` x ``num_minibatches``); ``trainer.max_steps`` therefore
+counts optimiser steps, as in TRL. Gradient clipping is done here (``max_grad_norm``, by default
+``trainer.gradient_clip_val``), since Lightning does not clip under manual optimisation.
+
+Validation samples ``val_num_generations`` completions per validation prompt, scores them with
+the same composite reward and logs ``val/reward/...``; ``val/loss`` is ``-val/reward/total/mean``
+so that the default checkpoint callback (min ``val/loss``) keeps the best-rewarded policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from unveil.data.collate import PromptCollator
+from unveil.rewards.base import RewardOutput
+from unveil.stages.base import StageModule
+from unveil.stages.rollout import ReferencePolicy, Rollout, sample_rollouts
+from unveil.stages.rollout import disable_dropout as _disable_dropout
+
+log = logging.getLogger(__name__)
+
+
+def mean_metrics(history: list[dict]) -> dict[str, float]:
+    """Average each metric over the optimiser steps of one rollout batch (None entries skipped)."""
+    keys = {k for h in history for k, v in h.items() if v is not None}
+    return {k: sum(float(h[k]) for h in history if h.get(k) is not None) / sum(h.get(k) is not None for h in history)
+            for k in sorted(keys)}
+
+
+class RLStageModule(StageModule):
+    def __init__(
+        self,
+        backbone,
+        rewards: Callable[[Any], RewardOutput],
+        optim: dict | None = None,
+        num_generations: int = 4,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_minibatches: int = 1,
+        max_grad_norm: float | None = 1.0,
+        forward_batch_size: int | None = None,
+        disable_dropout: bool = True,
+        log_completions_every: int = 50,
+        log_completions_prompts: int = 2,
+        val_num_generations: int | None = None,
+        vocab: list[str] | None = None,
+    ):
+        super().__init__(backbone, optim)
+        self.automatic_optimization = False
+        self.rewards = rewards
+        self.num_generations = int(num_generations)
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k or 0)
+        self.num_minibatches = max(1, int(num_minibatches))
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        self.forward_batch_size = forward_batch_size
+        self.log_completions_every = int(log_completions_every or 0)
+        self.log_completions_prompts = int(log_completions_prompts)
+        self.val_num_generations = int(val_num_generations or num_generations)
+        self.vocab = list(vocab or getattr(rewards, "vocab", None) or [])
+        if disable_dropout:
+            _disable_dropout(self.model)
+        self.collator = PromptCollator(backbone)
+        self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
+        self.reference: ReferencePolicy | None = None
+        self._rollout_steps = 0
+
+    # --- setup --------------------------------------------------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    def setup(self, stage: str | None = None) -> None:
+        # Taken once, before any update and before a checkpoint restore: the initial policy.
+        if self.needs_reference and self.reference is None:
+            self.reference = ReferencePolicy(self.model)
+            log.info("reference policy: %s", "adapter off (LoRA)" if self.reference.adapter_off else "frozen copy")
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    # --- rollout and rewards --------------------------------------------------------------------
+    def rollout(self, batch: dict, num_generations: int | None = None) -> tuple[Rollout, RewardOutput]:
+        """G sampled completions per prompt and their rewards."""
+        ro = sample_rollouts(self.backbone, batch, num_generations or self.num_generations, self.max_new_tokens,
+                             self.temperature, self.top_p, self.top_k)
+        reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))
+        ro.extra["reward"] = reward.total.to(self.device).float()
+        return ro, reward
+
+    def minibatches(self, n: int) -> list[torch.Tensor]:
+        """A random split of the N completions into ``num_minibatches`` parts."""
+        perm = torch.randperm(n) if self.num_minibatches > 1 else torch.arange(n)
+        return [p for p in perm.chunk(self.num_minibatches) if p.numel()]
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def update(self, loss: torch.Tensor) -> float | None:
+        """backward, clip, step, schedule; returns the pre-clip gradient norm."""
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = None
+        if self.max_grad_norm:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return norm
+
+    # --- logging --------------------------------------------------------------------------------
+    def log_step(self, ro: Rollout, reward: RewardOutput, metrics: dict[str, float], prefix: str = "train") -> None:
+        n_prompts = int(ro.group.max()) + 1 if len(ro) else 1
+        logs = {k: v for k, v in reward.stats.items() if isinstance(v, float) and math.isfinite(v)}
+        logs.update({f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+        total = ro.extra["reward"]
+        _, inv = torch.unique(ro.group, return_inverse=True)
+        spread = torch.zeros(int(inv.max()) + 1, device=total.device).index_reduce_(0, inv, total, "amax", include_self=False) \
+            - torch.zeros(int(inv.max()) + 1, device=total.device).index_reduce_(0, inv, total, "amin", include_self=False)
+        logs["reward/total/zero_spread_frac"] = float((spread.abs() < 1e-6).float().mean())  # groups without signal
+        logs[f"{prefix}/completion_len"] = float(ro.lengths.float().mean())
+        eos = self.backbone.tokenizer.eos_token_id
+        ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
+        logs[f"{prefix}/truncated_frac"] = float((~ended).float().mean())  # no EOS within max_new_tokens
+        bar = {"reward/total/mean", f"{prefix}/loss", f"{prefix}/kl"}
+        for k, v in logs.items():
+            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=n_prompts)
+
+    def maybe_log_completions(self, ro: Rollout, reward: RewardOutput, advantages: torch.Tensor | None = None) -> None:
+        """Every ``log_completions_every`` rollout steps: the completions of the first prompts, with
+        their per-head rewards, to ``<run dir>/completions.jsonl`` and a wandb Table if attached."""
+        step = self._rollout_steps
+        self._rollout_steps += 1
+        if not self.log_completions_every or step % self.log_completions_every or not self.trainer.is_global_zero:
+            return
+        keep = [i for i in range(len(ro)) if int(ro.group[i]) < self.log_completions_prompts]
+        heads = list(reward.per_head)
+        rows = []
+        for i in keep:
+            s = ro.samples[i]
+            row = {
+                "step": int(self.global_step), "rollout_step": step, "sample_id": s.id, "task": s.task, "group": int(ro.group[i]),
+                "prompt": s.prompt_messages[-1]["content"] if s.prompt_messages else "", "completion": ro.texts[i],
+                "reference": s.target, "reward": float(reward.total[i]),
+                "advantage": float(advantages[i].float().mean()) if advantages is not None else None,
+            }
+            for h in heads:
+                v = float(reward.per_head[h][i])
+                row[f"reward/{h}"] = v if math.isfinite(v) else None
+            rows.append(row)
+        out = Path(self.trainer.default_root_dir or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "completions.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return
+        for lg in self.loggers:
+            if isinstance(lg, WandbLogger) and rows:
+                cols = list(rows[0])
+                lg.log_table(key="completions", columns=cols, data=[[r[c] for c in cols] for r in rows], step=self.global_step)
+
+    # --- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        ro, reward = self.rollout(batch, self.val_num_generations)
+        n = len(batch["samples"])
+        for k, v in reward.stats.items():
+            if isinstance(v, float) and math.isfinite(v):
+                self.log(f"val/{k}", v, on_epoch=True, batch_size=n, sync_dist=True)
+        total = float(reward.stats.get("reward/total/mean", float(reward.total.mean())))
+        self.log("val/loss", -total, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val/completion_len", float(ro.lengths.float().mean()), on_epoch=True, batch_size=n, sync_dist=True)

@@ -1,0 +1,331 @@
+"""stage=grpo / stage=ppo: configs compose, rollouts and log-probs are right, the reference policy,
+a few steps through ``unveil.train.train``, and a toy task on which RL raises the reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf.errors import InterpolationResolutionError
+
+import unveil.utils.resolvers  # noqa: F401
+from unveil.rewards.base import RewardOutput
+from unveil.stages.rollout import ReferencePolicy, completion_logprobs, position_ids_from_mask, sample_rollouts
+
+CONF = "/work/main/conf"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread is several times faster than two fighting for them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The debug-size synthetic data and a factory for the tiny LLaVA (random init, or LoRA)."""
+    import hydra
+
+    from unveil.models.factory import build_backbone
+
+    cfg = compose(["debug=fast"])
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup()
+
+    def backbone(peft: str = "none"):
+        c = compose(["debug=fast", f"peft={peft}"])
+        return build_backbone(c.model, peft=c.peft, corpus=dm.corpus(), cache_dir=c.paths.cache_dir)
+
+    return dm, backbone
+
+
+class TokenReward:
+    """Toy reward: the fraction of a completion's tokens that fall in ``target`` (a set of ids)."""
+
+    vocab: list[str] = []
+
+    def __init__(self, target: set[int]):
+        self.target = torch.tensor(sorted(target))
+
+    def __call__(self, batch) -> RewardOutput:
+        ids, m = batch.completion_ids, batch.completion_mask
+        hit = torch.isin(ids, self.target.to(ids.device)).float()
+        r = ((hit * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
+        stats = {"reward/toy/mean": float(r.mean()), "reward/total/mean": float(r.mean())}
+        return RewardOutput(total=r, per_head={"toy": r}, stats=stats)
+
+
+def mixed_batch(module, dm, n=4):
+    """Localisation and closed prompts have different lengths: the batch is left-padded."""
+    train = dm.data["train"]
+    loc = [s for s in train if s.task == "localize"][: n // 2]
+    closed = [s for s in train if s.task == "vqa_closed"][: n - len(loc)]
+    batch = module.collator(loc + closed)
+    assert (batch["attention_mask"] == 0).any(), "expected left padding"
+    return batch
+
+
+# --- configs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage,target", [("grpo", "unveil.stages.grpo.GRPOModule"), ("ppo", "unveil.stages.ppo.PPOModule")])
+def test_stage_configs_compose(stage, target):
+    cfg = compose(["debug=fast", f"stage={stage}", "reward=umed", "trainer.gradient_clip_val=0.7"])
+    assert cfg.stage._target_ == target
+    assert cfg.stage.needs_rewards is True
+    assert cfg.stage.max_grad_norm == 0.7  # follows trainer.gradient_clip_val
+    assert cfg.stage.val_num_generations == cfg.stage.num_generations
+    assert set(cfg.reward) == {"relevance", "localization", "vision_relevance"}
+
+
+@pytest.mark.parametrize("exp,target", [("umed_ppo", "PPOModule"), ("umed_grpo", "GRPOModule")])
+def test_experiment_configs(exp, target):
+    cfg = compose([f"experiment={exp}", "model.init_from=/some/sft/run"])
+    assert cfg.stage._target_.endswith(target)
+    assert cfg.model.init_from == "/some/sft/run"
+    assert list(cfg.data.train_tasks) == ["localize", "vqa_closed"]
+    assert cfg.reward.localization.norm == "max" and cfg.reward.vision_relevance.norm == "max"
+    assert cfg.task_name == exp
+    ablated = compose([f"experiment={exp}", "model.init_from=/x", "reward=relevance_only"])
+    assert set(ablated.reward) == {"relevance"}
+    with pytest.raises(InterpolationResolutionError, match="model.init_from must be set"):
+        _ = compose([f"experiment={exp}"]).model.init_from  # RL starts from an SFT run: it must be named
+
+
+def test_unknown_loss_type_is_refused(tiny):
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOModule(make(), TokenReward({1}), loss_type="gspo_typo")
+
+
+# --- rollouts and log-probs ----------------------------------------------------------------------
+def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+    bb = make()
+    module = GRPOModule(bb, TokenReward({5}), beta=0.0)
+    batch = mixed_batch(module, dm, 4)
+    torch.manual_seed(0)
+    G = 3
+    ro = sample_rollouts(bb, batch, G, max_new_tokens=10)
+    assert len(ro) == 4 * G and ro.group.tolist() == [i for i in range(4) for _ in range(G)]
+    assert [s.id for s in ro.samples] == [s.id for s in batch["samples"] for _ in range(G)]
+    assert ro.inputs["pixel_values"].shape[0] == 4 * G
+    assert torch.equal(ro.inputs["input_ids"][G], batch["input_ids"][1])  # prompt 1, first completion
+    assert set(image_id for image_id in bb.image_token_ids).isdisjoint(ro.completion_ids[ro.completion_mask.bool()].tolist())
+
+    lp = completion_logprobs(bb.model, ro, with_entropy=True)
+    assert lp.logps.shape == ro.completion_ids.shape
+    assert (lp.logps[ro.completion_mask == 0] == 0).all() and (lp.logps[ro.completion_mask == 1] < 0).all()
+    assert (lp.entropy[ro.completion_mask == 1] > 0).all()
+    # chunked forward passes give the same numbers
+    assert torch.allclose(completion_logprobs(bb.model, ro, chunk_size=5).logps, lp.logps, atol=1e-5)
+
+    # each row alone, without any padding, gives the same log-probs
+    with torch.no_grad():
+        for i in (0, G + 1, 3 * G + 2):
+            keep = ro.inputs["attention_mask"][i].bool()
+            n = int(ro.completion_mask[i].sum())
+            ids = torch.cat([ro.inputs["input_ids"][i][keep], ro.completion_ids[i, :n]]).unsqueeze(0)
+            logits = bb.model(input_ids=ids, pixel_values=ro.inputs["pixel_values"][i:i + 1]).logits[0]
+            ref = torch.log_softmax(logits[-n - 1:-1].float(), -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
+            assert torch.allclose(lp.logps[i, :n], ref, atol=1e-4), i
+
+    # and they are the log-probs of the distribution generate() sampled from
+    model = bb.model
+    with torch.no_grad():
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch["pixel_values"], do_sample=True, max_new_tokens=6, min_new_tokens=6,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=bb.tokenizer.pad_token_id)
+    gen_lp = torch.stack([torch.log_softmax(l.float(), -1) for l in out.logits], 1)
+    comp = out.sequences[:, batch["input_ids"].shape[1]:]
+    gen_lp = gen_lp.gather(-1, comp[..., None]).squeeze(-1)
+    from unveil.stages.rollout import Rollout
+
+    ro2 = Rollout(inputs={k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, completion_ids=comp,
+                  completion_mask=torch.ones_like(comp), texts=[""] * 4, samples=batch["samples"], group=torch.arange(4))
+    assert torch.allclose(completion_logprobs(model, ro2).logps, gen_lp, atol=1e-4)
+
+
+def test_position_ids_follow_left_padding():
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert position_ids_from_mask(am).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 0]]
+
+
+# --- the reference policy --------------------------------------------------------------------------
+def test_reference_is_adapter_off_under_lora(tiny):
+    import copy
+
+    dm, make = tiny
+    from unveil.stages.grpo import GRPOModule
+
+    plain = make()
+    base = copy.deepcopy(plain.model)  # the same init (seeded), without LoRA
+    bb = make("lora")
+    module = GRPOModule(bb, TokenReward({5}), beta=0.1)
+    module.setup("fit")
+    ref = module.reference
+    assert ref.adapter_off and ref.copy is None  # no second copy of the model
+    torch.manual_seed(1)
+    ro = sample_rollouts(bb, mixed_batch(module, dm, 2), 2, max_new_tokens=8)
+    with torch.no_grad():
+        base_lp = completion_logprobs(base, ro).logps
+        # before any update LoRA is a no-op (B = 0): policy = reference = base model
+        assert torch.allclose(completion_logprobs(bb.model, ro).logps, base_lp, atol=1e-5)
+        assert torch.allclose(ref.logprobs(ro), base_lp, atol=1e-5)
+        for name, p in bb.model.named_parameters():  # an "update" of the adapter
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        policy_lp = completion_logprobs(bb.model, ro).logps
+        assert not torch.allclose(policy_lp, base_lp, atol=1e-3)
+        assert torch.allclose(ref.logprobs(ro), base_lp, atol=1e-5)  # adapter off = the base model
+        assert torch.allclose(completion_logprobs(bb.model, ro).logps, policy_lp)  # adapter back on afterwards
+
+
+def test_reference_is_frozen_copy_without_lora(tiny):
+    dm, make = tiny
+    from unveil.stages.ppo import PPOModule
+
+    bb = make()
+    module = PPOModule(bb, TokenReward({5}), kl_coef=0.1)
+    module.setup("fit")
+    ref = module.reference
+    assert isinstance(ref, ReferencePolicy) and not ref.adapter_off
+    assert not any(p.requires_grad for p in ref.copy.parameters())
+    assert not any(k.startswith("reference") for k in module.state_dict())  # neither saved nor optimised
+    assert {id(p) for p in module.trainable_parameters()}.isdisjoint(id(p) for p in ref.copy.parameters())
+    assert any(p is module.value_head.linear.weight for p in module.trainable_parameters())
+    torch.manual_seed(2)
+    ro = sample_rollouts(bb, mixed_batch(module, dm, 2), 2, max_new_tokens=8)
+    before = ref.logprobs(ro)
+    with torch.no_grad():
+        for p in bb.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert torch.equal(ref.logprobs(ro), before)
+    assert not torch.allclose(completion_logprobs(bb.model, ro).logps, before, atol=1e-4)
+
+
+# --- a few steps through unveil.train.train ----------------------------------------------------------
+def run_train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
+    from unveil.train import train
+
+    out = tmp_path / "run"
+    cfg = compose(["debug=fast", "reward=umed", f"paths.output_dir={out}", "data.batch_size=2",
+                   "data.train_tasks=[localize,vqa_closed]", "data.max_samples.val=2", "data.max_samples.test=4",
+                   "stage.num_generations=3", "stage.max_new_tokens=12", "stage.log_completions_every=1",
+                   "trainer.val_check_interval=2", "eval.max_new_tokens=8", *overrides])
+    return train(cfg), out
+
+
+def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
+    for k in ("reward/total/mean", "reward/localization/mean", "reward/relevance/mean", "train/kl", "train/clip_frac",
+              "train/entropy", "train/completion_len", "train/loss", "val/loss", "val/reward/total/mean"):
+        assert k in metrics and metrics[k] == metrics[k], k
+    assert 0 < metrics["train/completion_len"] <= 12
+    rows = [json.loads(l) for l in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == steps * 2 * 3  # every rollout step: both prompts x 3 completions
+    assert {"prompt", "completion", "reference", "reward", "advantage", "reward/relevance", "reward/localization"} <= set(rows[0])
+    assert (out / "backbone" / "config.json").exists() and (out / "metrics.json").exists()
+    return rows
+
+
+def test_grpo_steps_lora_dapo_with_inner_iterations(tiny, tmp_path):
+    # 2 rollout steps x (num_iterations 2) = 4 optimiser steps; LoRA: the reference is the adapter off
+    metrics, out = run_train(tmp_path, "stage=grpo", "peft=lora", "stage.loss_type=dapo", "stage.num_iterations=2",
+                             "trainer.max_steps=4")
+    rows = check_run(metrics, out, steps=2)
+    assert "reward/vision_relevance/mean" in metrics or "reward/vision_relevance/applicable_frac" in metrics
+    assert metrics["train/kl"] >= 0 and metrics["train/approx_kl"] >= 0
+    assert all(abs(sum(r["advantage"] for r in rows if r["rollout_step"] == s and r["group"] == g)) < 1e-3
+               for s in (0, 1) for g in (0, 1))  # group-relative: advantages sum to 0 per group
+
+
+def test_ppo_steps_value_head_saved(tiny, tmp_path):
+    metrics, out = run_train(tmp_path, "stage=ppo", "stage.ppo_epochs=1", "stage.num_minibatches=2",
+                             "trainer.max_steps=4", "stage.ent_coef=0.01")
+    check_run(metrics, out, steps=2)
+    for k in ("train/value_loss", "train/policy_loss", "train/value_mean", "train/return_mean"):
+        assert k in metrics
+    head = torch.load(out / "value_head.pt", weights_only=True)
+    assert head["linear.weight"].abs().sum() > 0  # zero-initialised, then trained
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(ckpt["state_dict"]["value_head.linear.weight"], head["linear.weight"])
+    assert ckpt["global_step"] == 4  # optimiser steps: 2 rollout steps x 2 minibatches
+
+
+# --- a toy task: RL raises the reward -------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_raises_toy_reward(tiny, tmp_path, algo):
+    """Reward = fraction of completion tokens in a fixed set of 40 ids (about 10% at random init)."""
+    import pytorch_lightning as pl
+
+    from unveil.stages.grpo import GRPOModule
+    from unveil.stages.ppo import PPOModule
+
+    dm, make = tiny
+    bb = make()
+    vocab = len(bb.tokenizer)
+    reward = TokenReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids))
+    kw = dict(optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=8, max_new_tokens=16, log_completions_every=0)
+    module = GRPOModule(bb, reward, beta=0.0, **kw) if algo == "grpo" else PPOModule(bb, reward, kl_coef=0.0, ppo_epochs=1, **kw)
+    prompts = module.collator([s for s in dm.data["train"] if s.task == "localize"][:8])
+
+    def mean_reward() -> float:
+        torch.manual_seed(123)
+        return float(reward(sample_rollouts(bb, prompts, 8, 16).reward_batch()).total.mean())
+
+    before = mean_reward()
+    dm.batch_size = 4
+    dm.collate_fn = module.collator
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    after = mean_reward()
+    assert before < 0.2 and after > before + 0.2, (before, after)
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2_vl", "tiny_idefics3"])
+def test_rollout_logprobs_other_families(tiny, model):
+    """Patch-row pixel values + image grids (Qwen2-VL, M-RoPE) and per-sample image stacks (Idefics3):
+    rows repeated per completion and scored in a padded batch equal each prompt scored alone."""
+    from unveil.data.collate import PromptCollator
+    from unveil.models.factory import build_backbone
+    from unveil.models.generation import model_inputs
+
+    dm, _ = tiny
+    c = compose(["debug=fast", f"model={model}"])
+    bb = build_backbone(c.model, peft=None, corpus=dm.corpus(), cache_dir=c.paths.cache_dir)
+    collate = PromptCollator(bb)
+    train = dm.data["train"]
+    batch = collate([s for s in train if s.task == "localize"][:2] + [s for s in train if s.task == "vqa_closed"][:1])
+    torch.manual_seed(0)
+    ro = sample_rollouts(bb, batch, 2, max_new_tokens=6)
+    lp = completion_logprobs(bb.model, ro).logps
+    assert torch.allclose(completion_logprobs(bb.model, ro, chunk_size=4).logps, lp)
+    with torch.no_grad():
+        for i in (0, 3, 5):
+            alone = model_inputs(collate([ro.samples[i]]))
+            n = int(ro.completion_mask[i].sum())
+            comp = ro.completion_ids[i:i + 1, :n]
+            full = dict(alone, input_ids=torch.cat([alone["input_ids"], comp], 1),
+                        attention_mask=torch.cat([alone["attention_mask"], torch.ones_like(comp)], 1))
+            if "mm_token_type_ids" in alone:
+                full["mm_token_type_ids"] = torch.cat([alone["mm_token_type_ids"], torch.zeros_like(comp)], 1)
+            logits = bb.model(**full).logits[0, -n - 1:-1].float()
+            ref = torch.log_softmax(logits, -1).gather(-1, comp[0, :, None]).squeeze(-1)
+            assert torch.allclose(lp[i, :n], ref, atol=1e-4), (model, i)
