@@ -94,10 +94,10 @@ def test_hallucination_with_model_sampler(synthetic_dir, tmp_path, cache_dir):
     """Tiny untrained model: answers are noise, but every pick is the judge's lowest-scoring sample."""
     out = tmp_path / "halm"
     summary = run_curate(synthetic_dir, out, "builder=hallucination", "builder.sampler=model", "builder.num_samples=3",
-                         "builder.max_new_tokens=12", "max_samples=6", "build_splits=[train]", "passthrough=false",
+                         "builder.max_new_tokens=8", "max_samples=4", "build_splits=[train]", "passthrough=false",
                          "num_threads=1", cache=cache_dir)
     got = read_back(out)
-    assert len(got) == 6 and summary["splits"]["train"]["written"] == 6 and "model" in summary
+    assert len(got) == 4 and summary["splits"]["train"]["written"] == 4 and "model" in summary
     assert not (out / "val.jsonl").exists()
     for s in got:
         assert s.rejected.messages[-1]["content"] != s.target
@@ -108,11 +108,11 @@ def test_hallucination_with_model_sampler(synthetic_dir, tmp_path, cache_dir):
 
 
 def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
-    loc = run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", "build_splits=[train]", "passthrough=false")
-    glo = run_curate(synthetic_dir, tmp_path / "glo", "builder=lesion_noise", "builder.mode=global",
-                     "builder.noise=replace", "build_splits=[train]", "passthrough=false")
+    small = ("build_splits=[train]", "passthrough=false", "max_samples=30")
+    loc = run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", *small)
+    glo = run_curate(synthetic_dir, tmp_path / "glo", "builder=lesion_noise", "builder.mode=global", "builder.noise=replace", *small)
     local, whole = read_back(tmp_path / "loc"), read_back(tmp_path / "glo")
-    n_normal = sum(1 for s in mau_jsonl.read(synthetic_dir / "train.jsonl", root=synthetic_dir) if not s.boxes)
+    n_normal = sum(1 for s in mau_jsonl.read(synthetic_dir / "train.jsonl", root=synthetic_dir)[:30] if not s.boxes)
     assert loc["splits"]["train"]["skipped/no_lesion_region"] == n_normal > 0  # normal studies: nothing to noise locally
     assert len(whole) == len(local) + n_normal
     for s in local:
@@ -131,15 +131,15 @@ def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
     # records of one study share one noised copy, and a re-run gives the same bytes (deterministic per seed)
     assert len({s.rejected.images[0] for s in local}) == len({s.images[0] for s in local})
     first = {p: Path(p).read_bytes() for s in local for p in s.rejected.images}
-    run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", "build_splits=[train]", "passthrough=false")
+    run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", *small)
     assert all(Path(p).read_bytes() == b for p, b in first.items())
-    other = run_curate(synthetic_dir, tmp_path / "seed1", "builder=lesion_noise", "build_splits=[train]", "passthrough=false", "seed=1")
+    other = run_curate(synthetic_dir, tmp_path / "seed1", "builder=lesion_noise", *small, "seed=1")
     s1 = read_back(tmp_path / "seed1")
     assert other["splits"]["train"]["written"] == len(local)
     assert Path(s1[0].rejected.images[0]).read_bytes() != Path(local[0].rejected.images[0]).read_bytes()
 
 
-def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path):
+def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     run_curate(synthetic_dir, tmp_path / "hal", "builder=hallucination", "builder.sampler=rules", "build_splits=[train]")
     s = run_curate(tmp_path / "hal", tmp_path / "w", "builder=relevance_weights", "data=mau_jsonl", "build_splits=[train]")
     got = read_back(tmp_path / "w")
@@ -149,8 +149,10 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path):
     # a "yes" vs "no" swap shares no words with the reference: the overlap judges agree on 0
     yn = [x for x in got if x.target in ("yes", "no")]
     assert yn and all(x.weight == 0.0 for x in yn)
-    # the one-pass MMedPO builder: text and visual pairs, weighted
-    m = run_curate(synthetic_dir, tmp_path / "mm", "builder=mmedpo", "builder.text.sampler=rules", "build_splits=[train]")
+    # the one-pass MMedPO builder: text (sampled from the model) and visual pairs, weighted; two splits share one model
+    m = run_curate(synthetic_dir, tmp_path / "mm", "builder=mmedpo", "builder.text.sampler=model", "builder.text.num_samples=2",
+                   "+builder.text.max_new_tokens=6", "max_samples=8", "num_threads=1", cache=cache_dir)
+    assert m["splits"]["val"]["written"] > 0 and m["splits"]["test"]["mode"] == "passthrough"
     pairs = read_back(tmp_path / "mm")
     txt = [p for p in pairs if p.id.endswith("-txt")]
     vis = [p for p in pairs if p.id.endswith("-vis")]
@@ -164,7 +166,7 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path):
 def test_self_training_writes_pairs_and_virtual_user_dialogues(synthetic_dir, tmp_path, cache_dir):
     out = tmp_path / "st"
     summary = run_curate(synthetic_dir, out, "builder=self_training", "builder.num_questions=2", "builder.max_new_tokens=10",
-                         "builder.question_max_new_tokens=8", "builder.min_margin=-1", "max_samples=9",
+                         "builder.question_max_new_tokens=6", "builder.min_margin=-1", "max_samples=6",
                          "build_splits=[train]", "passthrough=false", "num_threads=1", cache=cache_dir)
     got = read_back(out)
     c = summary["splits"]["train"]
@@ -372,24 +374,36 @@ def test_weight_builder_cycles_judges_in_turn(tmp_path):
 
 def test_lesion_contrast_scorer_measures_removed_lesion_evidence(tmp_path):
     rng = np.random.default_rng(0)
-    img = np.clip(rng.normal(80, 5, (64, 64)), 0, 255).astype(np.uint8)
-    img[20:30, 20:30] = 200  # a bright lesion
-    box = [20 / 64, 20 / 64, 30 / 64, 30 / 64]
-    Image.fromarray(img).save(tmp_path / "real.png")
-    Image.fromarray(img).save(tmp_path / "same.png")
-    gone = img.copy()
-    gone[20:30, 20:30] = 80
-    Image.fromarray(gone).save(tmp_path / "gone.png")
-    half = img.copy()
-    half[20:30, 20:30] = 140
-    Image.fromarray(half).save(tmp_path / "half.png")
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 <= 100  # a bright round lesion inside its box
+    box = [22 / 64, 22 / 64, 43 / 64, 43 / 64]
+    real = np.clip(rng.normal(80, 5, (64, 64)), 0, 255)
+    real[disc] = 200
+
+    def variant(name, img):
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / name)
+
+    variant("real.png", real)
+    variant("same.png", real)
+    gone, half, patch = real.copy(), real.copy(), real.copy()
+    gone[disc] = rng.normal(80, 5, disc.sum())
+    half[disc] = 140
+    patch[20:45, 20:45] = rng.uniform(0, 255, (25, 25))  # a visible noise patch, no lesion left
+    for name, img in [("gone.png", gone), ("half.png", half), ("patch.png", patch)]:
+        variant(name, img)
+    mask = lesion_mask((64, 64), [box])
+    for k in (50, 500):
+        variant(f"k{k}.png", noise_image(real.astype(np.uint8), mask, np.random.default_rng(1), step=k))
     scorer = LesionContrastScorer()
 
     def score(name, boxes=(box,)):
         return scorer(Sample(id="v", images=[str(tmp_path / "real.png")], boxes=[list(b) for b in boxes],
                              rejected=Rejected(images=[str(tmp_path / name)])))
 
-    assert score("same.png") == 0.0 and score("gone.png") > 0.95 and 0.4 < score("half.png") < 0.6
+    assert score("same.png") == 0.0 and score("gone.png") > 0.95 and 0.45 < score("half.png") < 0.55
+    assert score("patch.png") > 0.8  # noise that contrasts with the background is not lesion evidence
+    # x* = sqrt(a_k) x + ...: about sqrt(a_k) of the pattern is kept (less where pixels clip)
+    assert score("k50.png") < 0.1 and score("k500.png") > 0.5  # 1 - sqrt(a_500) = 0.72
     assert math.isnan(score("gone.png", boxes=()))  # a normal study: no lesion to measure
 
 
@@ -400,7 +414,7 @@ def test_dpo_trains_on_curated_pairs(synthetic_dir, tmp_path, cache_dir):
     from unveil.train import train
 
     out = tmp_path / "pairs"
-    run_curate(synthetic_dir, out, "builder=mmedpo", "builder.text.sampler=rules")
+    run_curate(synthetic_dir, out, "builder=mmedpo", "builder.text.sampler=rules", "max_samples={train: 24, val: 8, test: 4}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             "debug=fast", "experiment=mmedpo_dpo", f"data.root={out}", "data.synthetic=null", "data.num_workers=0",

@@ -126,6 +126,10 @@ class Context:
 
     def backbone(self):
         """The model of the ``model`` config group, built once on first use, in eval mode."""
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self._backbone is None:
             from unveil.models.factory import build_backbone
 
@@ -134,10 +138,6 @@ class Context:
             if self.model_cfg.get("kind") == "tiny_llava" and not self.model_cfg.get("init_from"):
                 log.warning("sampling from an untrained tiny model (model.init_from is unset): "
                             "answers will be noise; use model.init_from=<SFT run> for real data")
-            if self.device == "auto":
-                import torch
-
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
             bb = build_backbone(self.model_cfg, peft=None, corpus=self.corpus, cache_dir=self.cache_dir)
             bb.model.to(self.device).eval()
             self._backbone = bb

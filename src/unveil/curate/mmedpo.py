@@ -38,8 +38,8 @@ class MMedPOBuilder(BaseBuilder):
                 else:
                     pairs.append(oc.sample)
             self.stats.update({f"{part.name}/{k}": v for k, v in part.stats.items()})
-            if quiet._backbone is not None:
-                ctx._backbone = quiet._backbone
+            if quiet._backbone is not None:  # built once, kept for the next split
+                ctx._backbone, ctx.device = quiet._backbone, quiet.device
         ctx.advance(len(samples))
         if self.weights is None:
             yield from (Outcome(p) for p in pairs)

@@ -63,58 +63,59 @@ def agreement_score(score_fns: Sequence[Callable[[], float]], tolerance: float =
 class LesionContrastScorer:
     """Offline stand-in for a visual tool's disease probability on a visual pair.
 
-    It measures how much of the lesion's visible evidence the noised copy removed. For each
-    ground-truth box, the lesion's conspicuity in an image is the contrast
-    ``|mean(box) - mean(ring)| / (std(ring in the real image) + eps)``, the ring being a band
-    of ``ring`` box sizes around the box. With ``c_real`` and ``c_noised`` that contrast in
-    the real and the noised image, the score is ``clip(1 - c_noised / c_real, 0, 1)``
-    averaged over boxes: 1 when the lesion is no longer distinguishable from its
-    surroundings (the pair cleanly contrasts "lesion visible" with "lesion gone"), 0 when it
-    is as visible as before (the ground-truth answer is still right for the noised image, so
-    the pair should count little). Boxes whose real contrast is below ``min_contrast`` carry
-    no evidence to remove and are ignored. No localisation or IoU is involved. NaN when
-    there is no box (a normal study) or no usable box.
+    It measures how much of the lesion's visible contrast the noised copy removed. Inside each
+    ground-truth box the real image holds the lesion and, around it, background (a box is
+    the lesion's bounding rectangle): the lesion's contrast pattern is ``t = real - mean(real)``
+    over the box's pixels. The share of that pattern still present in the noised image is the
+    regression slope ``kept = cov(t, noised) / var(t)`` (1: untouched; 0.5: the lesion is
+    there at half its contrast; about 0: nothing of it is left, whatever noise replaced it;
+    independent noise adds no covariance, so a visible noise patch is not mistaken for the
+    lesion). The score is ``clip(1 - kept, 0, 1)`` averaged over boxes: high when the
+    noised image no longer shows the disease (the pair cleanly contrasts "lesion visible"
+    with "lesion gone"), low when it still shows it (the ground-truth answer is then still
+    right for the noised image, so the pair should count little). For the diffusion noise
+    ``kept`` is about ``sqrt(a_k)`` before clipping to the pixel range. Boxes whose pattern
+    has a standard deviation below ``min_std`` grey levels (a flat box) are ignored. No
+    localisation or IoU is involved. NaN when there is no usable box (a normal study).
     """
 
-    def __init__(self, ring: float = 0.5, min_contrast: float = 0.25, eps: float = 1e-3):
-        self.ring, self.min_contrast, self.eps = float(ring), float(min_contrast), float(eps)
+    def __init__(self, min_std: float = 2.0):
+        self.min_std = float(min_std)
 
-    def _regions(self, shape, box):
+    @staticmethod
+    def _box(shape, box):
         h, w = shape
-        x1, y1, x2, y2 = int(box[0] * w), int(box[1] * h), int(math.ceil(box[2] * w)), int(math.ceil(box[3] * h))
-        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
-        pw, ph = max(1, int(round((x2 - x1) * self.ring))), max(1, int(round((y2 - y1) * self.ring)))
-        inner = np.zeros(shape, bool)
-        inner[y1:y2, x1:x2] = True
-        outer = np.zeros(shape, bool)
-        outer[max(0, y1 - ph):min(h, y2 + ph), max(0, x1 - pw):min(w, x2 + pw)] = True
-        return inner, outer & ~inner
+        x1, y1 = int(box[0] * w), int(box[1] * h)
+        x2, y2 = max(int(math.ceil(box[2] * w)), x1 + 1), max(int(math.ceil(box[3] * h)), y1 + 1)
+        return slice(y1, y2), slice(x1, x2)
 
-    def contrast(self, img: np.ndarray, inner, ring, ref_std: float) -> float:
-        return abs(float(img[inner].mean()) - float(img[ring].mean())) / (ref_std + self.eps)
+    def kept(self, real: np.ndarray, noised: np.ndarray, box) -> float:
+        """Share of the lesion's contrast pattern in ``box`` still present in ``noised`` (NaN if flat)."""
+        ys, xs = self._box(real.shape, box)
+        t = real[ys, xs].astype(np.float64).ravel()
+        n = noised[ys, xs].astype(np.float64).ravel()
+        t = t - t.mean()
+        if t.size < 2 or t.std() < self.min_std:
+            return float("nan")
+        return float(np.dot(t, n - n.mean()) / np.dot(t, t))
 
     def __call__(self, sample: Sample) -> float:
         from unveil.curate.lesion_noise import read_image
 
         if not sample.boxes or sample.rejected is None or not sample.rejected.images:
             return float("nan")
-        vals = []
+        grey = lambda a: a.astype(np.float32).mean(-1) if a.ndim == 3 else a.astype(np.float32)
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        vals = []
         for box, k in zip(sample.boxes, sample.box_images):
             if k not in cache:
-                real, noised = read_image(sample.images[k]), read_image(sample.rejected.images[k])
-                to_f = lambda a: a.astype(np.float32).mean(-1) if a.ndim == 3 else a.astype(np.float32)
-                cache[k] = (to_f(real), to_f(noised))
+                cache[k] = (grey(read_image(sample.images[k])), grey(read_image(sample.rejected.images[k])))
             real, noised = cache[k]
-            inner, ring = self._regions(real.shape, box)
-            if not ring.any():
+            if real.shape != noised.shape:
                 continue
-            ref_std = float(real[ring].std())
-            c_real = self.contrast(real, inner, ring, ref_std)
-            if c_real < self.min_contrast:
-                continue
-            c_noised = self.contrast(noised, inner, ring, ref_std)
-            vals.append(min(max(1.0 - c_noised / c_real, 0.0), 1.0))
+            kept = self.kept(real, noised, box)
+            if math.isfinite(kept):
+                vals.append(min(max(1.0 - kept, 0.0), 1.0))
         return float(np.mean(vals)) if vals else float("nan")
 
 
