@@ -425,3 +425,14 @@ def test_dpo_trains_on_curated_pairs(synthetic_dir, tmp_path, cache_dir):
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert 0.0 < metrics["train/weights/mean"] <= 1.25
     assert (tmp_path / "run" / "backbone" / "config.json").exists()
+
+
+def test_model_box_text_is_rewritten_to_the_record_grid():
+    from unveil.curate.common import to_canonical
+    from unveil.data.boxes import get_box_format
+
+    qwen = get_box_format("qwen2vl")
+    text = "Abnormality detected. Region <|box_start|>(120,300),(250,440)<|box_end|>: nodule."
+    assert to_canonical(text, qwen) == "Abnormality detected. Region [12, 30, 25, 44]: nodule."
+    assert to_canonical("Region [12, 30, 25, 44]", get_box_format("int100")) == "Region [12, 30, 25, 44]"
+    assert to_canonical("no box here", qwen) == "no box here"
