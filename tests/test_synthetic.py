@@ -68,3 +68,12 @@ def test_generated_set_reads_back_through_the_adapter(synthetic_dir):
     samples = mau_jsonl.read(synthetic_dir / "train.jsonl")
     assert samples and all(s.images and s.messages[0]["content"].startswith("<image>") for s in samples)
     assert all(0 <= v <= 1 for s in samples for b in s.boxes for v in b)
+
+
+def test_refuses_to_overwrite_real_data(tmp_path):
+    import pytest
+
+    (tmp_path / "train.jsonl").write_text('{"id": "mine"}\n')
+    with pytest.raises(FileExistsError, match="did not write"):
+        generate(SyntheticConfig(n_patients=4), tmp_path, progress=False)
+    assert (tmp_path / "train.jsonl").read_text() == '{"id": "mine"}\n'

@@ -108,6 +108,10 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = True) -
     done = out / "info.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == cfg.fingerprint():
         return out
+    if not done.exists() and any(out.glob("*.jsonl")):
+        # Never overwrite someone's real data: e.g. `data=mau_jsonl` combined with a synthetic override.
+        raise FileExistsError(f"{out} holds JSONL files that the synthetic generator did not write; "
+                              "refusing to generate into it (set data.synthetic=null to read them instead)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     split_rng = np.random.default_rng([cfg.seed, 1])
