@@ -56,6 +56,15 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=["debug=fast", *overrides])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread is faster than two fighting for them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def dm():
     import hydra
@@ -215,6 +224,19 @@ def test_generated_qwen2vl_box_tokens_survive_decoding(make_backbone):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_evaluation_reads_boxes_in_the_models_format(make_backbone, dm, monkeypatch, arch):
+    """A model answering exactly the reference, in its own box format, scores IoU ~ 1."""
+    import unveil.eval.evaluate as ev
+
+    bb = make_backbone(arch)
+    samples = [s for s in localize_samples(dm) if s.boxes]
+    monkeypatch.setattr(ev, "generate", lambda b, batch, **kw: {
+        "texts": [backbone_messages(b, s)[-1]["content"] for s in batch["samples"]]})
+    metrics = ev.evaluate(bb, samples, progress=False)
+    assert metrics["test/iou"] > 0.85 and metrics["test/presence_acc"] == 1.0, metrics
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_two_image_sample_through_the_sft_collator(make_backbone, dm, arch):
     bb = make_backbone(arch)
     one = localize_samples(dm, 1)[0]
@@ -288,3 +310,90 @@ def test_sft_step_through_train(arch, tmp_path):
     assert "unveil_backbone.txt" in os.listdir(run / "backbone")
     preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all(isinstance(p["prediction"], str) for p in preds)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollout_tokens_rescore_as_greedy_with_left_padded_prompts(make_backbone, dm, arch):
+    """Greedy rollouts of a left-padded batch, rescored in one forward over prompt + completion
+    (as the RL stages do): every generated token has the top log-prob among the tokens generation
+    may emit, and the stage's completion_logprobs agree. Positions, M-RoPE and images line up."""
+    from unveil.data.collate import PromptCollator
+    from unveil.stages.rollout import completion_logprobs, position_ids_from_mask, sample_rollouts
+
+    bb = make_backbone(arch)
+    batch = PromptCollator(bb)(localize_samples(dm))
+    assert (batch["attention_mask"][:, 0] == 0).any()  # mixed lengths: left padding
+    ro = sample_rollouts(bb, batch, num_generations=1, max_new_tokens=5, do_sample=False)
+    ids, mask, inputs = ro.completion_ids, ro.completion_mask, dict(ro.inputs)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], 1)
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL: the completion is text (0)
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    if "image_grid_thw" not in inputs:  # M-RoPE models build their own positions
+        inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+    T = ids.shape[1]
+    with torch.no_grad():
+        logp = bb.model(**inputs).logits[:, -(T + 1):-1].float().log_softmax(-1)
+        stage_logps = completion_logprobs(bb.model, ro).logps
+    chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    logp[..., bb.image_token_ids] = -math.inf  # generation suppresses them
+    gap = (logp.max(-1).values - chosen)[mask.bool()]
+    assert gap.numel() > 0 and gap.max() < 1e-3, gap
+    torch.testing.assert_close(stage_logps, chosen * mask, atol=1e-4, rtol=1e-4)
+
+
+def write_preference_set(src: Path, dst: Path, n: int = 8) -> None:
+    """MAU JSONL preference records from the synthetic set: text pairs (another record's answer)
+    and visual pairs (the same answer on a noised copy of the image), alternating."""
+    rng = np.random.default_rng(0)
+    (dst / "images").mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        recs = [json.loads(l) for l in (src / f"{split}.jsonl").read_text().splitlines() if l.strip()][:n]
+        for i, r in enumerate(recs):
+            for rel in r["images"]:
+                (dst / rel).write_bytes((src / rel).read_bytes())
+            if i % 2:
+                r["rejected"] = {"answer": next(o["answer"] for o in recs[i + 1:] + recs if o["answer"] != r["answer"]),
+                                 "images": None}
+            else:
+                noised = []
+                for rel in r["images"]:
+                    im = np.asarray(Image.open(src / rel).convert("RGB"), dtype=np.float32)
+                    im = 0.3 * im + 0.7 * rng.uniform(0, 255, im.shape)
+                    noised.append(rel.replace(".png", f"-noised{i}.png"))
+                    Image.fromarray(im.astype(np.uint8)).save(dst / noised[-1])
+                r["rejected"] = {"answer": r["answer"], "images": noised}
+        (dst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dpo_step_through_train(arch, dm, tmp_path):
+    from unveil.train import train
+
+    data = tmp_path / "pref"
+    write_preference_set(Path(dm.root), data)
+    cfg = compose([f"model=tiny_{arch}", "stage=dpo", "data=mau_jsonl", f"data.root={data}", "data.synthetic=null", "data.num_workers=0",
+                   "eval.enabled=false", "stage.optim.warmup_ratio=0", *run_overrides(tmp_path)])
+    metrics = train(cfg)
+    for k in ("train/loss", "val/loss", "val/rewards/margins"):
+        assert math.isfinite(metrics[k]), (k, metrics)
+    # one optimiser step from the reference: the policy moved, so margins are no longer all exactly 0
+    assert metrics["val/rewards/margins"] != 0.0
+    assert (tmp_path / "run" / "backbone" / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grpo_step_through_train(arch, tmp_path):
+    from unveil.train import train
+
+    cfg = compose([f"model=tiny_{arch}", "stage=grpo", "reward=umed", "eval.enabled=false", "data.train_tasks=[localize,vqa_closed]",
+                   "stage.num_generations=2", "stage.max_new_tokens=8", "stage.log_completions_every=1",
+                   *run_overrides(tmp_path, steps=1), "data.batch_size=2", "data.max_samples.val=2"])
+    metrics = train(cfg)
+    for k in ("train/loss", "train/kl", "reward/total/mean", "reward/localization/mean", "val/reward/total/mean"):
+        assert k in metrics and math.isfinite(metrics[k]), (k, metrics)
+    if arch == "llava15":  # UMed-LVLM's attention mass on the box's image patches
+        assert metrics["reward/vision_relevance/applicable_frac"] > 0
+    rows = [json.loads(l) for l in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and all(isinstance(r["completion"], str) for r in rows)
+    assert (tmp_path / "run" / "backbone" / "config.json").exists()

@@ -54,7 +54,7 @@ def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None,
             groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
             targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
             if s.task == "localize":
-                pred = parse_answer(text, backbone.box_format, vocab)
+                pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
                 for m in targets:
                     scores = m.update_study(pred, s.boxes, s.findings)
                 rec.update(scores, pred_boxes=[list(b) for b in pred.boxes], pred_labels=pred.labels,
