@@ -280,7 +280,8 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
     bb = make()
     vocab = len(bb.tokenizer)
     reward = TokenReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids))
-    kw = dict(optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=8, max_new_tokens=16, log_completions_every=0)
+    lr = {"grpo": 2e-2, "ppo": 1e-2}[algo]
+    kw = dict(optim={"lr": lr, "scheduler": "constant"}, num_generations=8, max_new_tokens=16, log_completions_every=0)
     module = GRPOModule(bb, reward, beta=0.0, **kw) if algo == "grpo" else PPOModule(bb, reward, kl_coef=0.0, ppo_epochs=1, **kw)
     prompts = module.collator([s for s in dm.data["train"] if s.task == "localize"][:8])
 
@@ -289,13 +290,14 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
         return float(reward(sample_rollouts(bb, prompts, 8, 16).reward_batch()).total.mean())
 
     before = mean_reward()
-    dm.batch_size = 4
-    dm.collate_fn = module.collator
+    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
     pl.seed_everything(0)
     trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    dm.batch_size = batch_size
     after = mean_reward()
+    print(f"{algo}: mean toy reward {before:.3f} -> {after:.3f}")
     assert before < 0.2 and after > before + 0.2, (before, after)
 
 
