@@ -1,0 +1,228 @@
+"""UMed-LVLM reward ablation (paper Table 6) on the embedded default: SFT once, then RL variants.
+
+1. SFT:  ``python -m unveil.train experiment=umed_sft hydra.run.dir=<out>/sft``
+2. RL, one Hydra multirun per algorithm from that model (a cluster launcher can be passed with ``--launcher``):
+   ``python -m unveil.train -m experiment=umed_ppo reward=relevance_only,umed_no_vision,umed_no_loc,umed
+   seed=0,1,2 model.init_from=<out>/sft hydra.sweep.dir=<out>/rl/umed_ppo [hydra/launcher=...]``, the same with
+   ``experiment=umed_grpo``
+   (``reward=relevance_only`` is the paper's "plain PPO"; ``umed`` the full method; the other two
+   drop one reward.)
+3. Collect every run's ``metrics.json`` into ``experiments/results/umed_ablation.{md,csv}``: rows =
+   variants, a column per modality and the average over modalities (per seed, then mean +- std over
+   seeds), for matched IoU, acc@0.5 and finding accuracy. The exact commands head the Markdown; its
+   "Reading" section is left for a person to write (text already there is kept on re-collection).
+
+    python experiments/umed_ablation.py [--seeds 0 1 2] [--launcher submitit_slurm] [--threads N] [-- extra overrides]
+    python experiments/umed_ablation.py --quick          # smoke test: debug-size data, 1 seed, a few steps
+    python experiments/umed_ablation.py --collect-only --out <dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGOS = {"umed_ppo": "PPO", "umed_grpo": "GRPO"}
+REWARDS = {  # reward preset -> row label (paper Table 6 wording)
+    "relevance_only": "plain (relevance only)",
+    "umed_no_vision": "w/o vision relevance",
+    "umed_no_loc": "w/o localisation",
+    "umed": "full (relevance + localisation + vision relevance)",
+}
+METRICS = {"iou": "matched IoU", "acc50": "acc@0.5", "finding_acc": "finding accuracy"}
+
+
+def run(cmd: list[str], env: dict) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def commands(a, out: Path) -> tuple[list[str], list[list[str]]]:
+    py = [sys.executable, "-m", "unveil.train"]
+    quick = ["debug=fast"] if a.quick else []
+    sft = py + ["experiment=umed_sft", f"hydra.run.dir={out / 'sft'}", *quick]
+    if a.quick:
+        sft.append(f"trainer.max_steps={a.sft_steps or 3}")
+    elif a.sft_steps:
+        sft.append(f"trainer.max_steps={a.sft_steps}")
+    rls = []
+    for exp in ALGOS:  # one multirun per algorithm: an experiment file cannot itself be a swept value
+        rl = py + ["-m", f"experiment={exp}", f"reward={','.join(REWARDS)}", f"seed={','.join(map(str, a.seeds))}",
+                   f"model.init_from={a.sft_dir or out / 'sft'}", f"hydra.sweep.dir={out / 'rl' / exp}",
+                   "hydra.sweep.subdir=${hydra:runtime.choices.reward}/seed${seed}", *quick]
+        if a.quick:
+            rl += [f"trainer.max_steps={a.rl_steps or 2}", "stage.max_new_tokens=24", "stage.log_completions_every=1"]
+        elif a.rl_steps:
+            rl.append(f"trainer.max_steps={a.rl_steps}")
+        if a.launcher:
+            rl.append(f"hydra/launcher={a.launcher}")
+        rls.append(rl + list(a.overrides))
+    return sft, rls
+
+
+# --- collection -----------------------------------------------------------------------------------
+def load_runs(rl_dir: Path) -> list[dict]:
+    runs = []
+    for m in sorted(rl_dir.rglob("metrics.json")):
+        hyd = m.parent / ".hydra"
+        if not (hyd / "config.yaml").exists():
+            continue
+        cfg = yaml.safe_load((hyd / "config.yaml").read_text())
+        choices = yaml.safe_load((hyd / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+        runs.append({"experiment": choices.get("experiment"), "reward": choices.get("reward"), "seed": cfg.get("seed"),
+                     "metrics": json.loads(m.read_text()), "dir": str(m.parent)})
+    return runs
+
+
+def modalities(runs: list[dict]) -> list[str]:
+    mods = set()
+    for r in runs:
+        for k in r["metrics"]:
+            p = k.split("/")
+            if len(p) == 4 and p[:2] == ["test", "modality"] and p[3] in METRICS:
+                mods.add(p[2])
+    return sorted(mods)
+
+
+def values(metrics: dict, metric: str, mods: list[str]) -> dict[str, float]:
+    """Per modality and the average over the modalities that have a value (NaN when none)."""
+    out = {}
+    for mod in mods:
+        v = metrics.get(f"test/modality/{mod}/{metric}")
+        out[mod] = float(v) if v is not None else math.nan
+    finite = [v for v in out.values() if math.isfinite(v)]
+    out["average"] = statistics.mean(finite) if finite else math.nan
+    return out
+
+
+def mean_std(xs: list[float]) -> tuple[float, float, int]:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan, 0
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def table_rows(sft_metrics: dict | None, runs: list[dict], mods: list[str]) -> list[dict]:
+    cols = mods + ["average"]
+    rows = []
+    if sft_metrics is not None:
+        row = {"algo": "SFT", "variant": "SFT (no RL)", "reward": "", "n_seeds": 1}
+        for metric in METRICS:
+            for c, v in values(sft_metrics, metric, mods).items():
+                row[f"{metric}/{c}/mean"], row[f"{metric}/{c}/std"] = v, math.nan
+        rows.append(row)
+    for exp, algo in ALGOS.items():
+        for reward, label in REWARDS.items():
+            rs = [r for r in runs if r["experiment"] == exp and r["reward"] == reward]
+            if not rs:
+                continue
+            row = {"algo": algo, "variant": label, "reward": reward, "n_seeds": len({r["seed"] for r in rs})}
+            for metric in METRICS:
+                per_seed = [values(r["metrics"], metric, mods) for r in rs]
+                for c in cols:
+                    row[f"{metric}/{c}/mean"], row[f"{metric}/{c}/std"], _ = mean_std([p[c] for p in per_seed])
+            rows.append(row)
+    return rows
+
+
+def fmt(m: float, s: float) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.3f}" if not math.isfinite(s) else f"{m:.3f} ± {s:.3f}"
+
+
+def existing_reading(md: Path) -> str:
+    if not md.exists():
+        return ""
+    text = md.read_text()
+    marker = "\n## Reading\n"
+    return text.split(marker, 1)[1].strip() if marker in text else ""
+
+
+def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, csv_path: Path, note: str) -> None:
+    cols = mods + ["average"]
+    fields = ["algo", "variant", "reward", "n_seeds"] + [f"{m}/{c}/{s}" for m in METRICS for c in cols for s in ("mean", "std")]
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(r.get(k), float) and not math.isfinite(r[k]) else r.get(k, "")) for k in fields})
+
+    reading = existing_reading(md)
+    lines = ["# UMed-LVLM reward ablation (paper Table 6 shape)", "", "Produced by:", "", "```"]
+    lines += cmds + ["```", "", note, "",
+                     "Rows: SFT, then each RL algorithm with the reward presets of `conf/reward/`. Columns: one per "
+                     "modality of the test split and their average (the average is taken per seed, then mean ± std "
+                     "over seeds; the SFT row is one run). Metrics from each run's `metrics.json` "
+                     "(`test/modality/<modality>/<metric>`).", ""]
+    for metric, title in METRICS.items():
+        lines += [f"## {title} (`{metric}`)", "", "| algorithm | variant | seeds | " + " | ".join(cols) + " |",
+                  "|---|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [fmt(r[f"{metric}/{c}/mean"], r[f"{metric}/{c}/std"]) for c in cols]
+            lines.append(f"| {r['algo']} | {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Reading", ""]
+    if reading:
+        lines += [reading, ""]
+    md.write_text("\n".join(lines))
+    print(f"wrote {md} and {csv_path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="root of the SFT run and the RL sweep (default logs/umed_ablation[_quick])")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--launcher", default=None, help="Hydra launcher for the RL sweep, e.g. submitit_slurm (hydra/launcher=...)")
+    ap.add_argument("--sft-dir", type=Path, default=None, help="reuse this SFT run instead of training one")
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--rl-steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run")
+    ap.add_argument("--quick", action="store_true", help="smoke test: debug=fast data, 1 seed, a few steps")
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the RL runs (after --)")
+    a = ap.parse_args()
+    if a.quick:
+        a.seeds = a.seeds[:1]
+    out = (a.out or ROOT / "logs" / ("umed_ablation_quick" if a.quick else "umed_ablation")).resolve()
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+    sft_cmd, rl_cmds = commands(a, out)
+    shown = [shlex.join(["python", "experiments/umed_ablation.py", *(x for x in sys.argv[1:] if x != "--collect-only")]), "# which runs:"]
+    shown += [shlex.join(["python", *c[1:]]) for c in (rl_cmds if a.sft_dir else [sft_cmd, *rl_cmds])]
+
+    if not a.collect_only:
+        if not a.sft_dir:
+            run(sft_cmd, env)
+        for cmd in rl_cmds:
+            run(cmd, env)
+
+    sft_dir = a.sft_dir or out / "sft"
+    sft_metrics = json.loads((sft_dir / "metrics.json").read_text()) if (sft_dir / "metrics.json").exists() else None
+    runs = load_runs(out / "rl")
+    if not runs:
+        raise SystemExit(f"no finished RL runs under {out / 'rl'}")
+    mods = modalities(runs + ([{"metrics": sft_metrics}] if sft_metrics else []))
+    rows = table_rows(sft_metrics, runs, mods)
+    name = "umed_ablation_quick" if a.quick else "umed_ablation"
+    note = ("Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
+            "pipeline runs end to end." if a.quick else f"{len(runs)} RL runs, seeds {a.seeds}.")
+    write_tables(rows, mods, shown, a.results / f"{name}.md", a.results / f"{name}.csv", note)
+
+
+if __name__ == "__main__":
+    main()
