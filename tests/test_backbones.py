@@ -283,6 +283,32 @@ def test_lora_targets_the_language_model_of_each_architecture(make_backbone, arc
     assert trainable and all("lora_" in n for n in trainable)
 
 
+REAL = {"llava15": "llava15", "llava_med": "llava15", "mantis": "llava15", "qwen2_vl": "qwen2_vl",
+        "qwen25_vl": "qwen25_vl", "idefics3": "idefics3", "smolvlm": "smolvlm"}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_checkpoint_configs_fit_their_architecture(make_backbone, name):
+    """conf/model/<name>.yaml (a hub checkpoint, not loaded here) against the tiny model of its
+    architecture: box format, chat template, and LoRA targets that hit its language model only."""
+    from unveil.models.chat_templates import CHAT_TEMPLATES, resolve_chat_template
+
+    c = compose([f"model={name}", "peft=lora"])
+    arch = REAL[name]
+    assert c.model.kind == "hf" and "/" in c.model.name_or_path and not c.model.trust_remote_code
+    assert c.model.box_format == EXPECT[arch]["box"] and c.model.structured_chat
+    if c.model.chat_template:
+        assert resolve_chat_template(c.model.chat_template) == CHAT_TEMPLATES[name]
+    if arch == "qwen25_vl":
+        side = math.isqrt(c.model.processor_kwargs.min_pixels)
+        assert c.model.processor_kwargs.max_pixels == side * side and side % 28 == 0
+        assert list(c.model.extra.model_image_size) == [side, side]
+    regex = c.model.peft_target_modules or c.peft.target_modules
+    linear = [n for n, m in make_backbone(arch).base_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hit = [n for n in linear if re.fullmatch(regex, n)]
+    assert len(hit) == 2 * 7 and all(("language_model" in n or "text_model" in n) for n in hit)
+
+
 def test_freezing_qwen_vision_keeps_its_merger_trainable(make_backbone):
     bb = make_backbone("qwen2_vl", "model.freeze.vision=true")
     grads = {n: p.requires_grad for n, p in bb.model.named_parameters() if ".visual." in n}
