@@ -14,7 +14,7 @@ import unveil.utils.resolvers  # noqa: F401
 from unveil.rewards.base import RewardOutput
 from unveil.stages.rollout import ReferencePolicy, completion_logprobs, position_ids_from_mask, sample_rollouts
 
-CONF = "/work/main/conf"
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose(overrides: list[str]):
