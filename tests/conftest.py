@@ -42,6 +42,8 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", tmp:
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # a task function never sees the hydra node
     return cfg
 
 

@@ -151,6 +151,8 @@ def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pix
     # positions as generate() made them for left-padded rows; M-RoPE models (Qwen2-VL) build their own
     pos = (am.cumsum(-1) - 1).clamp_min(0) if "image_grid_thw" not in inputs else None
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in extra:  # Qwen2-VL: per-token modality ids must cover the completion (text = 0)
+        extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1)
     step = max(1, int(chunk_size)) if _can_chunk(extra, n, batch.samples) else n
     want_att = key_weights is not None
     logps, masses = [], []

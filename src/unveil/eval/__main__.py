@@ -55,7 +55,7 @@ def load_for_eval(ckpt_path: str | Path, data_cfg=None):
     return backbone, dm
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="../../../conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     from unveil.eval.evaluate import evaluate, format_table
     from unveil.utils.io import write_metrics
