@@ -49,6 +49,13 @@ def train(cfg: DictConfig) -> dict:
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.setup()
     backbone = build_backbone(cfg.model, peft=cfg.get("peft"), corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
+    warmup = dict(cfg.model.get("vision_pretrain") or {})
+    warmup_stats = {}
+    built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
+    if built_in_code and warmup.get("steps", 0) > 0 and not cfg.model.get("init_from") and not cfg.get("ckpt_path"):
+        # a model built in code has no pretrained vision encoder: warm its tower up first
+        from unveil.models.vision_pretrain import pretrain_vision_tower
+        warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed, **warmup)
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 
@@ -66,6 +73,7 @@ def train(cfg: DictConfig) -> dict:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
+    metrics.update(warmup_stats)
     if trainer.is_global_zero:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:

@@ -117,6 +117,8 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         if not corpus:
             raise ValueError("model=tiny_llava trains its tokenizer on the data's text: pass the training corpus")
         spec = TinyLlavaSpec(**dict(cfg.spec))
+        # the chat template's own words, so they are single tokens rather than letter runs
+        corpus = list(corpus) + ["USER: ASSISTANT: </s>"] * 50
         tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
         bb = Backbone(build_model(tok, spec, seed=int(cfg.get("init_seed", 0))), build_processor(tok, spec),
                       get_box_format(cfg.box_format), name="tiny_llava", structured_chat=False)

@@ -13,6 +13,7 @@ import torch
 
 @dataclass
 class TinyLlavaSpec:
+    vision: str = "conv"  # conv (learns in CPU minutes) | siglip (a ViT, like LLaVA's, data-hungry)
     image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 96
@@ -43,11 +44,19 @@ def build_processor(tokenizer, spec: TinyLlavaSpec):
 def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size, patch_size=spec.patch_size,
-    )
+    if spec.vision == "conv":
+        from unveil.models.conv_vision import ConvVisionConfig
+
+        vision = ConvVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.vision_hidden,
+                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads)
+    elif spec.vision == "siglip":
+        vision = SiglipVisionConfig(
+            hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size, patch_size=spec.patch_size,
+        )
+    else:
+        raise ValueError(f"model.spec.vision must be conv or siglip, got {spec.vision!r}")
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,

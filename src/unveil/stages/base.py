@@ -26,12 +26,18 @@ class StageModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.freeze and peft settings")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(o.get("lr", 1e-4)), betas=tuple(o.get("betas", (0.9, 0.999))),
-        )
+        lr, wd = float(o.get("lr", 1e-4)), float(o.get("weight_decay", 0.0))
+        # The vision tower may want its own learning rate (a warmed-up tower is easily wrecked).
+        tower = getattr(getattr(self.backbone.base_model, "model", None), "vision_tower", None)
+        vision_ids = {id(p) for p in tower.parameters()} if tower is not None else set()
+        scale = float(o.get("vision_lr_scale", 1.0))
+        groups = []
+        for is_vision in (False, True):
+            for decay in (True, False):
+                ps = [p for p in params if (id(p) in vision_ids) == is_vision and (p.ndim >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": wd if decay else 0.0, "lr": lr * (scale if is_vision else 1.0)})
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(o.get("warmup_steps", 0))
         if o.get("warmup_ratio"):

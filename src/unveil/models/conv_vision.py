@@ -1,0 +1,95 @@
+"""A tiny convolutional vision tower that LLaVA can use like SigLIP.
+
+Why: a ViT trained from scratch needs far more data and steps than the embedded default has
+(on the synthetic set it stays at chance for presence after thousands of CPU steps), while a
+small CNN learns lesion features in a few hundred. The tower emits patch tokens
+(B, grid*grid, hidden) with learned position embeddings, like a ViT, so LLaVA's projector,
+the processor's image-token count and the vision-relevance reward see the same layout.
+
+Two classic CNN tricks make a small lesion findable from every token, not just the 1-4 tokens
+it covers: CoordConv (pixel x/y as extra input channels, so features can encode where they
+fire) and a global max-pool over the grid added to every token (the max of "lesion here x
+x-coordinate" is the lesion's extent, i.e. a box regressor for free).
+
+Registered with transformers' Auto classes on import, so ``save_pretrained`` /
+``from_pretrained`` of the whole LLaVA work offline without ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+class ConvVisionConfig(PretrainedConfig):
+    model_type = "unveil_conv_vision"
+
+    def __init__(self, image_size: int = 64, patch_size: int = 8, num_channels: int = 3, hidden_size: int = 96,
+                 widths: tuple[int, ...] = (32, 48, 64), num_hidden_layers: int = 1, num_attention_heads: int = 4,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
+        self.hidden_size, self.widths = hidden_size, list(widths)
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+
+
+class ConvVisionModel(PreTrainedModel):
+    config_class = ConvVisionConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "conv_vision"
+    # No HF attention kernels inside: any attn_implementation LLaVA asks for is fine.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: ConvVisionConfig):
+        super().__init__(config)
+        grid = config.image_size // config.patch_size
+        n_down = config.patch_size.bit_length() - 1  # stride-2 stages to go from pixels to the patch grid
+        if 2 ** n_down != config.patch_size:
+            raise ValueError(f"patch_size must be a power of two, got {config.patch_size}")
+        layers, c_in = [nn.Conv2d(config.num_channels + 2, config.widths[0], 3, padding=1), nn.GELU()], config.widths[0]
+        for i in range(n_down):
+            c_out = config.widths[min(i + 1, len(config.widths) - 1)] if i < n_down - 1 else config.hidden_size
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+            c_in = c_out
+        self.stem = nn.Sequential(*layers)
+        self.position_embedding = nn.Parameter(torch.zeros(1, grid * grid, config.hidden_size))
+        self.global_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(config.hidden_size, config.num_attention_heads, 2 * config.hidden_size,
+                                       dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif module is self:
+            nn.init.normal_(self.position_embedding, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        px = pixel_values.to(self.stem[0].weight.dtype)
+        b, _, h, w = px.shape
+        ys = torch.linspace(-1, 1, h, device=px.device, dtype=px.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=px.device, dtype=px.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        x = self.stem(torch.cat([px, xs, ys], dim=1))  # (B, C, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major patches
+        x = x + self.position_embedding + self.global_proj(x.amax(dim=1, keepdim=True))
+        states = [x]
+        for layer in self.encoder:
+            x = layer(x)
+            states.append(x)
+        x = self.norm(x)
+        states[-1] = x
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=x.mean(1), hidden_states=tuple(states))
+
+
+AutoConfig.register(ConvVisionConfig.model_type, ConvVisionConfig, exist_ok=True)
+AutoModel.register(ConvVisionConfig, ConvVisionModel, exist_ok=True)
