@@ -43,6 +43,22 @@ def _clean(vals: list[float], sx: float, sy: float) -> tuple[float, float, float
     return (x1, y1, x2, y2)
 
 
+def _find(regex: re.Pattern, text, sx: float, sy: float) -> list[ParsedBox]:
+    """Every match of a four-number box pattern that survives the parse policy."""
+    out = []
+    if not isinstance(text, str):
+        return out
+    for m in regex.finditer(text):
+        try:
+            vals = [float(g) for g in m.groups()]
+        except (ValueError, OverflowError):
+            continue
+        b = _clean(vals, sx, sy)
+        if b is not None:
+            out.append(ParsedBox(b, m.start(), m.end()))
+    return out
+
+
 def _grid(v: float, scale: int) -> int:
     return int(round(min(max(v, 0.0), 1.0) * scale))
 
@@ -89,18 +105,7 @@ class IntGridFormat(BoxFormat):
         return f"[{x1}, {y1}, {x2}, {y2}]"
 
     def parse_spans(self, text, image_size=None):
-        out = []
-        if not isinstance(text, str):
-            return out
-        for m in self._re.finditer(text):
-            try:
-                vals = [float(g) for g in m.groups()]
-            except (ValueError, OverflowError):
-                continue
-            b = _clean(vals, self.scale, self.scale)
-            if b is not None:
-                out.append(ParsedBox(b, m.start(), m.end()))
-        return out
+        return _find(self._re, text, self.scale, self.scale)
 
 
 class Qwen2VLFormat(BoxFormat):
@@ -115,18 +120,7 @@ class Qwen2VLFormat(BoxFormat):
         return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
 
     def parse_spans(self, text, image_size=None):
-        out = []
-        if not isinstance(text, str):
-            return out
-        for m in self._re.finditer(text):
-            try:
-                vals = [float(g) for g in m.groups()]
-            except (ValueError, OverflowError):
-                continue
-            b = _clean(vals, self.scale, self.scale)
-            if b is not None:
-                out.append(ParsedBox(b, m.start(), m.end()))
-        return out
+        return _find(self._re, text, self.scale, self.scale)
 
 
 class AbsolutePixelFormat(IntGridFormat):
@@ -152,17 +146,7 @@ class AbsolutePixelFormat(IntGridFormat):
     def parse_spans(self, text, image_size=None):
         if image_size is None or not isinstance(text, str):
             return []
-        w, h = image_size
-        out = []
-        for m in self._re.finditer(text):
-            try:
-                vals = [float(g) for g in m.groups()]
-            except (ValueError, OverflowError):
-                continue
-            b = _clean(vals, w, h)
-            if b is not None:
-                out.append(ParsedBox(b, m.start(), m.end()))
-        return out
+        return _find(self._re, text, *image_size)
 
 
 BOX_FORMATS = {
