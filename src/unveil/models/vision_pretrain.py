@@ -72,6 +72,9 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     weight[1:] = 5.0
     device = next(tower.parameters()).device
     head_cls.to(device), head_box.to(device)
+    flags = [p.requires_grad for p in tower.parameters()]
+    for p in tower.parameters():  # a tower frozen for SFT (model.freeze.vision) is still warmed up
+        p.requires_grad_(True)
     tower.train()
     stats = {}
     bar = tqdm(range(steps), desc="vision warm-up", disable=not progress)
@@ -90,5 +93,7 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
         opt.step(), sched.step(), opt.zero_grad()
         stats = {"vision_warmup/cls_loss": loss_cls.item(), "vision_warmup/box_loss": loss_box.item()}
         bar.set_postfix(cls=f"{stats['vision_warmup/cls_loss']:.3f}", box=f"{stats['vision_warmup/box_loss']:.3f}")
+    for p, f in zip(tower.parameters(), flags):
+        p.requires_grad_(f)
     log.info("vision warm-up: %s", stats)
     return stats
