@@ -195,25 +195,44 @@ def test_two_image_sample_through_the_sft_collator(mim_setup):
     assert torch.isfinite(loss)
 
 
+def test_open_twins_share_images_and_answer_with_the_option_text(tmp_path):
+    kw = dict(n_patients=6, abilities={"comparison": 1, "temporal": 1, "coreference": 1}, seed=4)
+    plain = _records(generate_multi_image(MultiImageConfig(**kw), tmp_path / "a"))
+    both = _records(generate_multi_image(MultiImageConfig(open_questions=True, **kw), tmp_path / "b"))
+    mcq = [r for r in both if r["task"] == "mcq"]
+    opened = {r["id"]: r for r in both if r["task"] == "vqa_closed"}
+    assert mcq == plain and len(opened) == len(mcq)  # the multiple-choice items are unchanged
+    for r in mcq:
+        o = opened[r["id"] + "-open"]
+        assert o["images"] == r["images"] and o["ability"] == r["ability"] and o["patient_id"] == r["patient_id"]
+        assert o["query"] == r["query"].split("\n")[0] and "A:" not in o["query"]
+        assert o["answer"] == o["short_answer"] == r["options"][r["answer_letter"]] and "options" not in o
+    assert chance(both) == chance(plain)
+
+
 def test_evaluate_reports_mcq_accuracy_per_ability(mim_setup, monkeypatch):
     from unveil.eval import evaluate as ev
 
     _, dm, bb = mim_setup
     samples = dm.data["train"]
-    by_ability = Counter(s.meta["ability"] for s in samples)
+    mcq = [s for s in samples if s.task == "mcq"]
+    by_ability = Counter(s.meta["ability"] for s in mcq)
     assert set(by_ability) == {"comparison", "temporal", "coreference"}
+    assert {s.task for s in samples} == {"mcq", "vqa_closed"}  # the experiment's data has open twins
     wrong = {l: "B: x" if l == "A" else "A: x" for l in "ABCDE"}
-
-    def predict(s, i):  # comparison all right, temporal all wrong, coreference every other one right
-        ab, letter = s.meta["ability"], mcq_letter(s.answer)
-        if ab == "comparison":
-            return f"{letter}: whatever"
-        if ab == "temporal":
-            return wrong[letter]
-        return s.answer if i % 2 == 0 else "no letter here"
-
-    preds = {s.id: predict(s, i) for i, s in enumerate(s for s in samples if s.meta["ability"] == "coreference")}
-    preds.update({s.id: predict(s, 0) for s in samples if s.meta["ability"] != "coreference"})
+    preds = {}
+    # multiple choice: comparison all right, temporal all wrong, coreference every other one right
+    for i, s in enumerate(s for s in mcq if s.meta["ability"] == "coreference"):
+        preds[s.id] = s.answer if i % 2 == 0 else "no letter here"
+    for s in mcq:
+        if s.meta["ability"] == "comparison":
+            preds[s.id] = f"{mcq_letter(s.answer)}: whatever"
+        elif s.meta["ability"] == "temporal":
+            preds[s.id] = wrong[mcq_letter(s.answer)]
+    # open twins: right on comparison only
+    for s in samples:
+        if s.task == "vqa_closed":
+            preds[s.id] = s.answer if s.meta["ability"] == "comparison" else "something else"
 
     def fake_generate(backbone, batch, max_new_tokens=48, **kw):
         return {"texts": [preds[s.id] for s in batch["samples"]]}
@@ -224,6 +243,7 @@ def test_evaluate_reports_mcq_accuracy_per_ability(mim_setup, monkeypatch):
     assert m["test/ability/comparison/mcq_acc"] == 1.0
     assert m["test/ability/temporal/mcq_acc"] == 0.0
     assert m["test/ability/coreference/mcq_acc"] == pytest.approx(((n_core + 1) // 2) / n_core)
-    assert m["test/mcq_acc"] == pytest.approx((by_ability["comparison"] + (n_core + 1) // 2) / len(samples))
+    assert m["test/mcq_acc"] == pytest.approx((by_ability["comparison"] + (n_core + 1) // 2) / len(mcq))
+    assert m["test/ability/comparison/closed_acc"] == 1.0 and m["test/ability/temporal/closed_acc"] == 0.0
     assert m["test/ability/comparison/n_studies"] == 0  # mcq samples are not localisation studies
     assert any(k.startswith("test/modality/") and k.endswith("/mcq_acc") for k in m)

@@ -41,7 +41,7 @@ from unveil.data.synthetic import anatomy, lesions
 
 log = logging.getLogger(__name__)
 
-_VERSION = 3  # bump when the rendering changes: cached sets are regenerated
+_VERSION = 4  # bump when the rendering changes: cached sets are regenerated
 
 # label -> option text, per ability (the option text is what the answer names after the letter)
 COMPARISON = {"grown": "grown", "shrunk": "shrunk", "new": "new lesion", "resolved": "resolved", "unchanged": "unchanged"}
@@ -83,6 +83,13 @@ class MultiImageConfig:
     # per time step of an increasing/decreasing series (two steps)
     step_factor: tuple[float, float] = (1.4, 1.55)
     noise: float = 0.02  # acquisition noise, drawn independently per image
+    # also ask each question open-ended (no options; answer = the option text, task
+    # vqa_closed) on the same images, as Med-MIM mixes open and multiple-choice items
+    open_questions: bool = False
+    # "Image 1: <image>\nImage 2: <image>\n..." before the question (interleaved, Mantis-style)
+    # instead of Med-MIM's bare "<image><image>" at the start: the tags tell a causal LM which
+    # image a token belongs to, which a small model trained from scratch otherwise learns slowly
+    image_labels: bool = False
     val_fraction: float = 0.1
     test_fraction: float = 0.15
     seed: int = 0
@@ -165,9 +172,16 @@ def _options(rng, labels: list[str], texts: dict[str, str], answer: str) -> tupl
     return lines, f"{k}: {opts[k]}", opts
 
 
-def _query(rng, templates: list[str], n_images: int, options: str, **kw) -> str:
+def _images_prefix(cfg: MultiImageConfig, n: int) -> str:
+    if cfg.image_labels:
+        return "".join(f"Image {i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n))
+    return IMAGE_PLACEHOLDER * n
+
+
+def _query(cfg, rng, templates: list[str], n_images: int, options: str, **kw) -> str:
+    """Images, the question, then the option lines (the open twin is the part before the options)."""
     q = templates[int(rng.integers(len(templates)))].format(n=n_images, **kw)
-    return IMAGE_PLACEHOLDER * n_images + q + "\n" + options
+    return _images_prefix(cfg, n_images) + q + "\n" + options
 
 
 def _comparison(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
@@ -191,7 +205,7 @@ def _comparison(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         image_boxes.append(boxes)
     lines, answer, opts = _options(rng, cfg.comparison_labels, COMPARISON, label)
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(rng, COMPARISON_QUERIES, 2, lines, mod=mod), "answer": answer, "label": label,
+    rec = {"query": _query(cfg, rng, COMPARISON_QUERIES, 2, lines, mod=mod), "answer": answer, "label": label,
            "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
            "radii": [round(r, 5) for r in radii], "current": 1}
     return rec, images
@@ -219,7 +233,7 @@ def _temporal(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         image_boxes.append(boxes)
     lines, answer, opts = _options(rng, cfg.temporal_labels, TEMPORAL, label)
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(rng, TEMPORAL_QUERIES, 3, lines, mod=mod), "answer": answer, "label": label,
+    rec = {"query": _query(cfg, rng, TEMPORAL_QUERIES, 3, lines, mod=mod), "answer": answer, "label": label,
            "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
            "radii": [round(r, 5) for r in radii], "current": 2}
     return rec, images
@@ -249,7 +263,7 @@ def _coreference(cfg, rng, modality, patient_seed) -> tuple[dict, list[np.ndarra
     labels = [f"image {i + 1}" for i in range(n)]
     lines, answer, opts = _options(rng, labels, {l: l for l in labels}, labels[k])
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(rng, COREFERENCE_QUERIES, n, lines, mod=mod, finding=target), "answer": answer,
+    rec = {"query": _query(cfg, rng, COREFERENCE_QUERIES, n, lines, mod=mod, finding=target), "answer": answer,
            "label": labels[k], "options": opts, "image_boxes": image_boxes, "image_findings": image_findings,
            "target_finding": target, "current": k}
     return rec, images
@@ -284,13 +298,20 @@ def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> l
                     Image.fromarray(arr).save(out / rel)
             cur, answer = rec.pop("current"), rec.pop("answer")
             boxes = rec["image_boxes"][cur]
-            recs.append({
-                "id": sid, "images": rels, "query": rec.pop("query"), "answer": answer,
+            query = rec.pop("query")
+            mcq = {
+                "id": sid, "images": rels, "query": query, "answer": answer,
                 "short_answer": answer, "answer_letter": answer[0], "task": "mcq", "ability": ability, "modality": modality,
                 "source": "synthetic_mim", "patient_id": pid, "study_id": sid,
                 "boxes": boxes, "box_units": "normalized", "box_image": [cur] * len(boxes),
                 "findings": rec["image_findings"][cur], **rec,
-            })
+            }
+            recs.append(mcq)
+            if cfg.open_questions:
+                text = rec["options"][answer[0]]
+                recs.append({**{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
+                             "id": f"{sid}-open", "query": query[: query.index("\nA: ")], "answer": text,
+                             "short_answer": text, "task": "vqa_closed"})
     return recs
 
 
@@ -298,6 +319,8 @@ def chance(records: list[dict]) -> dict[str, float]:
     """Expected accuracy of a uniform guess over the options: overall and per ability."""
     out: dict[str, list[float]] = {"overall": []}
     for r in records:
+        if r["task"] != "mcq":
+            continue
         p = 1.0 / len(r["options"])
         out["overall"].append(p)
         out.setdefault(r["ability"], []).append(p)
@@ -326,12 +349,12 @@ def generate_multi_image(cfg: MultiImageConfig, out_dir: str | Path, progress: b
     info = {
         "fingerprint": cfg.fingerprint(), "config": asdict(cfg),
         "records": {k: len(v) for k, v in splits.items()},
-        "abilities": {k: {a: sum(r["ability"] == a for r in v) for a in ABILITIES} for k, v in splits.items()},
-        "labels": {k: {f"{r['ability']}/{r['label']}": 0 for r in v} for k, v in splits.items()},
+        "abilities": {k: {a: sum(r["ability"] == a and r["task"] == "mcq" for r in v) for a in ABILITIES} for k, v in splits.items()},
+        "labels": {k: {f"{r['ability']}/{r['label']}": 0 for r in v if r["task"] == "mcq"} for k, v in splits.items()},
         "chance": {k: chance(v) for k, v in splits.items() if v},
     }
     for k, v in splits.items():
-        for r in v:
+        for r in (r for r in v if r["task"] == "mcq"):
             info["labels"][k][f"{r['ability']}/{r['label']}"] += 1
     done.write_text(json.dumps(info, indent=2, default=list))
     log.info("multi-image synthetic set in %s: %s", out, info["records"])
