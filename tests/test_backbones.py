@@ -56,13 +56,6 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=["debug=fast", *overrides])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread is faster than two fighting for them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

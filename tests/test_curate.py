@@ -32,17 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ["nodule", "mass", "cyst"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared by several jobs: one torch thread is many times faster than two."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("curate_cache")

@@ -30,13 +30,6 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=["debug=fast", "stage=dpo", *overrides])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
