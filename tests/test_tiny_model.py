@@ -46,4 +46,6 @@ def test_tokenizer_is_cached_and_deterministic(tmp_path):
     b = train_tokenizer(texts, 300, tmp_path)
     assert a.get_vocab() == b.get_vocab()
     assert len([p for p in tmp_path.glob("tok-*") if p.is_dir()]) == 1
-    assert a.tokenize("[12, 30")[1:3] == ["1", "2"]  # digits one per token
+    # box coordinates of the 0-100 grid are whole tokens, longest match first
+    assert [t for t in a.tokenize("[12, 100, 0, 7]") if t.strip("Ġ[,]")] == ["12", "100", "0", "7"]
+    assert a.decode(a("Region [5, 100, 0, 99]: mass.")["input_ids"]) == "Region [5, 100, 0, 99]: mass."

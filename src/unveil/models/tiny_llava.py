@@ -25,6 +25,8 @@ class TinyLlavaSpec:
     intermediate: int = 384
     max_positions: int = 512
     vocab_size: int = 384  # of the locally trained tokenizer
+    # number tokens start from their value's Fourier code (src/unveil/models/coord_features.py)
+    number_code: bool = True
 
 
 def build_processor(tokenizer, spec: TinyLlavaSpec):
@@ -72,6 +74,9 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+        if spec.number_code:
+            from unveil.models.coord_features import init_number_rows
+            init_number_rows(model, tokenizer, seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

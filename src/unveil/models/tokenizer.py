@@ -1,7 +1,10 @@
 """A byte-level BPE tokenizer trained locally on the data's text (nothing downloaded).
 
-Digits are split one per token, as in Llama/Qwen tokenizers, so box coordinates are spelled
-digit by digit and a tiny model can learn them coarse-to-fine.
+Box coordinates on the 0-100 grid are whole tokens ("0" ... "100"), the way PaliGemma and
+Kosmos-2 give each location its own token: a coordinate is then one classification instead of
+a digit pair whose units digit is a sawtooth of position (what a tiny model never learns in
+CPU minutes). Other digit runs are split one digit per token by the pre-tokenizer, as in
+Llama/Qwen.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ log = logging.getLogger(__name__)
 
 SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 IMAGE_TOKEN = "<image>"
+# Whole-number tokens of the 0-100 box grid (matched longest-first: "100" beats "10" + "0").
+NUMBER_TOKENS = [str(i) for i in range(101)]
 
 # Plain-text chat template of the tiny model; assistant turns end with </s>.
 TINY_CHAT_TEMPLATE = (
@@ -36,7 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
-    key = hashlib.sha1(("\n".join(sorted(set(texts))) + f"|{vocab_size}|v1").encode()).hexdigest()[:12]
+    key = hashlib.sha1(("\n".join(sorted(set(texts))) + f"|{vocab_size}|v2").encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"tok-{key}" if cache_dir else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +71,9 @@ def _build(texts, vocab_size):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(t, single_word=False, normalized=False, special=False) for t in NUMBER_TOKENS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens={"image_token": IMAGE_TOKEN}, **SPECIAL)
     fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
