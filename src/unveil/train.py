@@ -55,7 +55,8 @@ def train(cfg: DictConfig) -> dict:
     if built_in_code and warmup.get("steps", 0) > 0 and not cfg.model.get("init_from") and not cfg.get("ckpt_path"):
         # a model built in code has no pretrained vision encoder: warm its tower up first
         from unveil.models.vision_pretrain import pretrain_vision_tower
-        warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed, **warmup)
+        warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"),
+                                             **warmup)
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 

@@ -11,6 +11,12 @@ it covers: CoordConv (pixel x/y as extra input channels, so features can encode 
 fire) and a global max-pool over the grid added to every token (the max of "lesion here x
 x-coordinate" is the lesion's extent, i.e. a box regressor for free).
 
+A third makes "where is the lesion" readable from every token too: a detector pool. A learned
+objectness logit per patch (warmed up to point at the first box in reading order) weights a
+softmax pool of the patch tokens, and the pooled token is added to every token. After the
+warm-up it carries the first lesion's box-edge code (:mod:`unveil.models.coord_features`),
+so the language model can copy the box without first learning to attend to one patch of 64.
+
 Registered with transformers' Auto classes on import, so ``save_pretrained`` /
 ``from_pretrained`` of the whole LLaVA work offline without ``trust_remote_code``.
 """
@@ -28,11 +34,12 @@ class ConvVisionConfig(PretrainedConfig):
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, num_channels: int = 3, hidden_size: int = 96,
                  widths: tuple[int, ...] = (32, 48, 64), num_hidden_layers: int = 1, num_attention_heads: int = 4,
-                 **kwargs):
+                 detector_pool: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
         self.hidden_size, self.widths = hidden_size, list(widths)
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.detector_pool = detector_pool
 
 
 class ConvVisionModel(PreTrainedModel):
@@ -65,6 +72,9 @@ class ConvVisionModel(PreTrainedModel):
             for _ in range(config.num_hidden_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size)
+        if config.detector_pool:
+            self.objectness = nn.Linear(config.hidden_size, 1)
+            self.pool_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module):
@@ -73,8 +83,12 @@ class ConvVisionModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif module is self:
             nn.init.normal_(self.position_embedding, std=0.02)
+            if self.config.detector_pool:  # the pooled token starts as a plain copy
+                nn.init.eye_(self.pool_proj.weight)
+                nn.init.zeros_(self.pool_proj.bias)
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+    def encode(self, pixel_values: torch.Tensor):
+        """Patch tokens before the pool, per-layer states, objectness logits (B, N) and pooled token (B, C)."""
         px = pixel_values.to(self.stem[0].weight.dtype)
         b, _, h, w = px.shape
         ys = torch.linspace(-1, 1, h, device=px.device, dtype=px.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
@@ -88,7 +102,18 @@ class ConvVisionModel(PreTrainedModel):
             states.append(x)
         x = self.norm(x)
         states[-1] = x
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=x.mean(1), hidden_states=tuple(states))
+        if not self.config.detector_pool:
+            return x, states, None, x.mean(1)
+        logits = self.objectness(x).squeeze(-1)
+        pooled = torch.einsum("bn,bnc->bc", logits.softmax(-1), x)
+        return x, states, logits, pooled
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        x, states, logits, pooled = self.encode(pixel_values)
+        if logits is not None:
+            x = x + self.pool_proj(pooled).unsqueeze(1)
+            states[-1] = x
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=tuple(states))
 
 
 AutoConfig.register(ConvVisionConfig.model_type, ConvVisionConfig, exist_ok=True)

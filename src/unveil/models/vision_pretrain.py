@@ -6,10 +6,13 @@ gradient that reaches a random tower is too weak to learn lesion features in CPU
 This step trains the tower (only) on the *training split* with dense per-patch targets:
 
 - class of each patch: background or the finding whose box covers it (cross-entropy);
-- for lesion patches, the distances from the patch centre to the box edges (L1, FCOS-style).
+- for lesion patches, the box's four edges as Fourier features (:mod:`coord_features`),
+  scored against every grid value and trained with cross-entropy:
+  the same code the number tokens of the box grid start from, so SFT only has to learn a
+  linear copy from the lesion's tokens to the coordinates it writes.
 
 Both heads are thrown away afterwards; the tower's patch tokens then carry "lesion here, of
-this type, with these extents", which the language model learns to read during SFT.
+this type, with these edges", which the language model learns to read during SFT.
 """
 
 from __future__ import annotations
@@ -21,19 +24,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from unveil.models.coord_features import N_FREQ, fourier
+
 log = logging.getLogger(__name__)
 
 
-def patch_targets(samples, grid: int, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, grid*grid) class ids (0 = background) and (B, grid*grid, 4) box-edge distances."""
+def patch_targets(samples, grid: int, classes: list[str]):
+    """Per patch: class id (0 = background), the covering box (xyxy), whether it belongs to the
+    first box in reading order; per image: that first box (zeros for a normal study)."""
     cls = torch.zeros(len(samples), grid * grid, dtype=torch.long)
-    dist = torch.zeros(len(samples), grid * grid, 4)
+    box = torch.zeros(len(samples), grid * grid, 4)
+    first = torch.zeros(len(samples), grid * grid, dtype=torch.bool)
+    first_box = torch.zeros(len(samples), 4)
     centres = (torch.arange(grid) + 0.5) / grid
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")
     cx, cy = cx.reshape(-1), cy.reshape(-1)
     for i, s in enumerate(samples):
         # larger boxes first, so a small lesion inside a big one keeps its own patches
         order = sorted(range(len(s.boxes)), key=lambda k: -(s.boxes[k][2] - s.boxes[k][0]) * (s.boxes[k][3] - s.boxes[k][1]))
+        on_image = [k for k in range(len(s.boxes)) if not s.box_images or s.box_images[k] == 0]
+        lead = min(on_image, key=lambda k: (s.boxes[k][0], s.boxes[k][1])) if on_image else None
         for k in order:
             if s.box_images and s.box_images[k] != 0:
                 continue
@@ -44,13 +54,61 @@ def patch_targets(samples, grid: int, classes: list[str]) -> tuple[torch.Tensor,
             inside[j] = True
             label = classes.index(s.findings[k]) + 1 if s.findings and s.findings[k] in classes else 1
             cls[i, inside] = label
-            dist[i, inside] = torch.stack([cx[inside] - x1, cy[inside] - y1, x2 - cx[inside], y2 - cy[inside]], -1)
-    return cls, dist
+            box[i, inside] = torch.tensor([x1, y1, x2, y2])
+            if k == lead:
+                first[i], first_box[i] = inside, torch.tensor([x1, y1, x2, y2])
+    return cls, box, first, first_box
+
+
+def code_scores(code: torch.Tensor, grid: int = 100) -> torch.Tensor:
+    """(..., 4 * 2F) Fourier box code -> (..., 4, grid + 1) a score per edge and grid value,
+    the same dot product the number tokens' output rows compute in the language model."""
+    table = fourier(torch.arange(grid + 1, device=code.device) / grid)  # (grid + 1, 2F)
+    return code.unflatten(-1, (4, table.shape[1])) @ table.T
+
+
+def decode_code(code: torch.Tensor, grid: int = 100) -> torch.Tensor:
+    """(..., 4 * 2F) Fourier box code -> (..., 4) xyxy in [0, 1], each edge the best grid value."""
+    return code_scores(code, grid).argmax(-1) / grid
+
+
+def code_loss(code: torch.Tensor, boxes: torch.Tensor, grid: int = 100, sigma: float = 1.5) -> torch.Tensor:
+    """Cross-entropy of the decoded edge scores against a Gaussian around each true edge (in
+    grid units): trains exactly what is read out, with partial credit for near misses."""
+    values = torch.arange(grid + 1, device=code.device, dtype=torch.float32)
+    target = torch.exp(-0.5 * ((values - boxes.unsqueeze(-1) * grid) / sigma) ** 2)
+    target = target / target.sum(-1, keepdim=True)
+    return -(target * code_scores(code, grid).log_softmax(-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def pooled_box_iou(tower, head_box, processor, samples, images, batch_size: int = 64) -> float:
+    """Mean IoU of the pooled token's decoded box against the first box, on abnormal studies."""
+    from unveil.data.boxes import iou_matrix
+
+    abnormal = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
+    if not abnormal or not hasattr(tower, "encode"):
+        return float("nan")
+    was = tower.training
+    tower.eval()
+    device = next(tower.parameters()).device
+    ious = []
+    for i in range(0, len(abnormal), batch_size):
+        chunk = abnormal[i: i + batch_size]
+        pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
+        _, _, _, pooled = tower.encode(pv)
+        pred = decode_code(head_box(pooled)).cpu().tolist()
+        for s, p in zip(chunk, pred):
+            gt = min(s.boxes, key=lambda b: (b[0], b[1]))
+            ious.append(float(iou_matrix([p], [gt])[0, 0]))
+    tower.train(was)
+    return sum(ious) / len(ious)
 
 
 def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4, batch_size: int = 32,
-                          seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Train ``backbone``'s vision tower in place; returns the final losses."""
+                          seed: int = 0, progress: bool = True, val_samples=None) -> dict[str, float]:
+    """Train ``backbone``'s vision tower in place; returns the final losses (and, given
+    ``val_samples``, the IoU of the box the pooled token decodes to: is the tower any good?)."""
     model = backbone.base_model
     tower = model.model.vision_tower
     vcfg = model.config.vision_config
@@ -60,7 +118,7 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
         raise ValueError("vision pretraining needs localisation samples (task 'localize') in the training split")
     classes = sorted({f for s in pool for f in s.findings})
     head_cls = nn.Linear(vcfg.hidden_size, len(classes) + 1)
-    head_box = nn.Linear(vcfg.hidden_size, 4)
+    head_box = nn.Linear(vcfg.hidden_size, 4 * 2 * N_FREQ)
     params = list(tower.parameters()) + list(head_cls.parameters()) + list(head_box.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -72,6 +130,7 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     weight[1:] = 5.0
     device = next(tower.parameters()).device
     head_cls.to(device), head_box.to(device)
+    pooling = bool(getattr(vcfg, "detector_pool", False)) and hasattr(tower, "encode")
     flags = [p.requires_grad for p in tower.parameters()]
     for p in tower.parameters():  # a tower frozen for SFT (model.freeze.vision) is still warmed up
         p.requires_grad_(True)
@@ -81,19 +140,31 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     for _ in bar:
         batch = [pool[rng.randrange(len(pool))] for _ in range(batch_size)]
         pv = backbone.processor.image_processor([images(s.images[0]) for s in batch], return_tensors="pt")["pixel_values"].to(device)
-        cls, dist = patch_targets(batch, grid, classes)
-        cls, dist = cls.to(device), dist.to(device)
-        tokens = tower(pv, output_hidden_states=True).hidden_states[-1]
+        cls, box, first, first_box = (t.to(device) for t in patch_targets(batch, grid, classes))
+        if pooling:
+            tokens, _, obj, pooled = tower.encode(pv)
+        else:
+            tokens, obj, pooled = tower(pv, output_hidden_states=True).hidden_states[-1], None, None
         loss_cls = nn.functional.cross_entropy(head_cls(tokens).flatten(0, 1), cls.flatten(), weight=weight.to(device))
         pos = cls > 0
-        loss_box = nn.functional.l1_loss(head_box(tokens)[pos], dist[pos]) if pos.any() else tokens.sum() * 0
-        loss = loss_cls + 5.0 * loss_box
+        loss_box = code_loss(head_box(tokens)[pos], box[pos]) if pos.any() else tokens.sum() * 0
+        loss = loss_cls + 0.5 * loss_box
+        loss_pool = torch.zeros(())
+        if obj is not None:
+            # the pool points at the first box, and what it pools decodes to that box's edges
+            abnormal = first.any(1)
+            loss_obj = nn.functional.binary_cross_entropy_with_logits(obj, first.float(), pos_weight=torch.tensor(5.0, device=device))
+            loss_pool = code_loss(head_box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
+            loss = loss + loss_obj + 0.5 * loss_pool
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad()
-        stats = {"vision_warmup/cls_loss": loss_cls.item(), "vision_warmup/box_loss": loss_box.item()}
-        bar.set_postfix(cls=f"{stats['vision_warmup/cls_loss']:.3f}", box=f"{stats['vision_warmup/box_loss']:.3f}")
+        stats = {"vision_warmup/cls_loss": loss_cls.item(), "vision_warmup/box_loss": loss_box.item(),
+                 "vision_warmup/pool_box_loss": loss_pool.item()}
+        bar.set_postfix(cls=f"{loss_cls.item():.3f}", box=f"{loss_box.item():.3f}", pool=f"{loss_pool.item():.3f}")
     for p, f in zip(tower.parameters(), flags):
         p.requires_grad_(f)
+    if val_samples and pooling:
+        stats["vision_warmup/val_pool_iou"] = pooled_box_iou(tower, head_box, backbone.processor, val_samples, images)
     log.info("vision warm-up: %s", stats)
     return stats
