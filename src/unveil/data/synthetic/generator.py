@@ -20,6 +20,9 @@ from unveil.data.synthetic import anatomy, lesions, text
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the same config renders different data, so cached sets are rebuilt.
+GENERATOR_VERSION = 2
+
 
 @dataclass
 class SyntheticConfig:
@@ -37,7 +40,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        blob = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True, default=list)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -71,6 +74,9 @@ def render_study(cfg: SyntheticConfig, rng: np.random.Generator, modality: str, 
         taken.append((c[0], c[1], r))
         boxes.append([round(v, 5) for v in lesions.mask_box(mask)])
         findings.append(kind)
+    # reading order (left to right), so "the first box" means the same thing in every answer
+    order = sorted(range(len(boxes)), key=lambda k: (boxes[k][0], boxes[k][1]))
+    boxes, findings = [boxes[k] for k in order], [findings[k] for k in order]
     img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)  # acquisition noise
     arr = (img * 255).astype(np.uint8)
     return arr, boxes, findings
