@@ -75,6 +75,8 @@ class Backbone:
 def _hf_load(path: str, cfg, dtype):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    import unveil.models.conv_vision  # noqa: F401  (registers the tiny model's tower with the Auto classes)
+
     trust = bool(cfg.get("trust_remote_code", False))
     kw = dict(trust_remote_code=trust, local_files_only=bool(cfg.get("local_files_only", False)))
     processor = AutoProcessor.from_pretrained(path, **kw, **(cfg.get("processor_kwargs") or {}))
