@@ -240,7 +240,7 @@ def test_model_sampler_picks_the_most_wrong_or_falls_back_to_rules(tmp_path):
                for i in range(3)]
     groups = [["close", "far", "middle"], ["good", "fine", ""], [BOX_ANSWER, "unscored", "good"]]
     judge = ScriptedJudge({"close": 0.9, "far": 0.1, "middle": 0.4, "good": 0.8, "fine": 0.7})
-    b = HallucinationBuilder(sampler="model", judge=judge, wrong_below=0.5)
+    b = HallucinationBuilder(sampler="model", judge=judge, wrong_below=0.5, plausible_only=False)
     b.sample_answers = lambda chunk, ctx: groups[: len(chunk)]
     out = [o.sample for o in b.run(samples, _ctx(tmp_path))]
     assert out[0].rejected.messages[-1]["content"] == "far" and out[0].meta["curate_source"] == "model"
@@ -248,6 +248,25 @@ def test_model_sampler_picks_the_most_wrong_or_falls_back_to_rules(tmp_path):
     assert out[2].meta["curate_source"] == "rules"  # the reference itself and NaN scores are never picked
     assert all(a != BOX_ANSWER and a for _q, _r, a in judge.calls)
     assert b.stats["model_fallback_to_rules"] == 2
+
+
+def test_model_sampler_rejects_an_invented_box_on_a_normal_study_not_a_broken_fragment(tmp_path):
+    from unveil.curate.hallucination import plausible
+    from unveil.judges.base import OverlapJudge
+
+    normal = "No abnormality detected. The study appears normal."
+    invented = "Abnormality detected. Region [28, 44, 52, 58]: mass."
+    assert plausible(invented, normal) and plausible(normal, BOX_ANSWER) and plausible("cyst", "nodule")
+    for broken in ("81, 41, The stu\ufffd83, 80, 48]: cyst.", "A.", "Abnormality detected. Region [16, ars normal.",
+                   "Abnormality detected. Region [12, 30, 25, 44]: nodule", "Region 12 detected."):
+        assert not plausible(broken, normal), broken
+    assert not plausible("C No abnormality detected. The study appears normal", "no")
+    s = Sample(id="n0", messages=[{"role": "user", "content": "Locate any abnormality."}, {"role": "assistant", "content": normal}])
+    b = HallucinationBuilder(sampler="model", judge=OverlapJudge(), wrong_below=0.5)
+    b.sample_answers = lambda chunk, ctx: [["A.", "81, 41, The stu", invented, normal]]
+    out = [o.sample for o in b.run([s], _ctx(tmp_path))]
+    assert out[0].rejected.messages[-1]["content"] == invented and out[0].meta["curate_source"] == "model"
+    assert b.stats["model_samples_implausible"] == 2
 
 
 def test_self_training_chooses_the_judges_better_answer(tmp_path):

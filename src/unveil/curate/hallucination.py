@@ -4,8 +4,12 @@ Two ways to get the dispreferred answer of a (image, query, reference) triple:
 
 - ``sampler=model``: sample N answers from the target model (``model`` config group, e.g.
   ``model.init_from=<SFT run>``), let a judge score each against the reference in [0, 1]
-  and keep the lowest-scoring one. When no sample is clearly wrong (every score at or above
-  ``wrong_below``, or nothing usable was sampled) a rule writes one instead.
+  and keep the lowest-scoring one. Only well-formed samples compete (``plausible_only``, see
+  :func:`plausible`: broken fragments of a weak model are no plausible hallucination); so when
+  the model invents a box and finding on a normal study, that answer is the rejected one. When
+  no sample is clearly wrong (every score at or above ``wrong_below``, or nothing usable was
+  sampled) a rule writes one instead (on a normal study only ``negation`` applies: a box and a
+  finding invented on it).
 - ``sampler=rules``: no model at all; a rule writes a plausible wrong answer:
   ``wrong_finding`` (another finding type of the vocabulary), ``mirror`` (left <-> right:
   boxes mirrored horizontally, the words swapped), ``wrong_box`` (box shifted/scaled until
@@ -154,6 +158,39 @@ def _norm(t: str) -> str:
     return re.sub(r"\W+", " ", t.lower()).strip()
 
 
+_WORDS = re.compile(r"[A-Za-z][A-Za-z' -]*[.!]?")
+
+
+def plausible(answer: str, reference: str) -> bool:
+    """Is a sampled answer a well-formed answer of the reference's kind, rather than broken text?
+
+    A weak model sampled at temperature 1 writes fragments ("81, 41, The stu", "A.") that a judge
+    scores lowest, yet they are no hallucination a model would be tempted by. A short reference
+    (a closed answer, at most three words) needs a short all-word answer; a longer one needs
+    complete boxes only (every ``[`` opens a parseable box, no digits outside boxes) and either a
+    box or a statement that the study is normal, ending in a full stop.
+    """
+    a = answer.strip()
+    if not a or "\ufffd" in a:
+        return False
+    if len(reference.split()) <= 3:
+        return len(a.split()) <= 3 and bool(_WORDS.fullmatch(a))
+    spans = CANON.parse_spans(a)
+    if a.count("[") != len(spans) or a.count("]") != len(spans):
+        return False
+    if re.search(r"\d", _strip_spans(a, spans)) or not a.endswith("."):
+        return False
+    return bool(spans) or is_normal(a)
+
+
+def _strip_spans(text: str, spans) -> str:
+    out, last = [], 0
+    for p in spans:
+        out.append(text[last:p.start])
+        last = p.end
+    return "".join(out) + text[last:]
+
+
 class HallucinationBuilder(BaseBuilder):
     """Pairs the reference answer (chosen) with a plausible wrong answer (rejected)."""
 
@@ -163,7 +200,7 @@ class HallucinationBuilder(BaseBuilder):
                  rules: list[str] | tuple[str, ...] = RULES, rule_weights: dict | None = None, max_iou: float = 0.5,
                  findings: list[str] | None = None, normal_answer: str = NORMAL_ANSWER, batch_size: int = 8,
                  max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 id_suffix: str = "-txt"):
+                 id_suffix: str = "-txt", plausible_only: bool = True):
         super().__init__()
         if sampler not in ("auto", "model", "rules"):
             raise ValueError(f"builder.sampler must be auto | model | rules, got {sampler!r}")
@@ -177,6 +214,7 @@ class HallucinationBuilder(BaseBuilder):
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.id_suffix = id_suffix
+        self.plausible_only = bool(plausible_only)
         self._judge = None
 
     # --- rules ---------------------------------------------------------------------------
@@ -238,9 +276,13 @@ class HallucinationBuilder(BaseBuilder):
                 for i, (s, group) in enumerate(zip(chunk, answers)):
                     q = user_query(s).replace(IMAGE_PLACEHOLDER, "").strip()
                     for a in group:
-                        if a and _norm(a) != _norm(s.target):
-                            items.append((q, s.target, a))
-                            owners.append(i)
+                        if not a or _norm(a) == _norm(s.target):
+                            continue
+                        if self.plausible_only and not plausible(a, s.target):
+                            self.stats["model_samples_implausible"] += 1
+                            continue
+                        items.append((q, s.target, a))
+                        owners.append(i)
                 scores = self.judge().score_batch(items) if items else []
                 for (q, ref, a), i, sc in zip(items, owners, scores):
                     sc = float(sc)
