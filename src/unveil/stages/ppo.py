@@ -3,8 +3,10 @@
 One training step = one batch of P prompts:
 
 1. rollout      G completions per prompt from one ``generate`` call (KV cache);
-2. rewards      the composite reward scores each completion; the score is paid on its last
-                token and every token pays ``kl_coef * (logp - ref)`` (KL penalty in the reward);
+2. rewards      the composite reward scores each completion; with ``score_baseline: group`` the
+                mean score of the prompt's G completions is subtracted first (a per-prompt
+                baseline, as in RLOO / GRPO); the score is paid on its last token and every token
+                pays ``kl_coef * (logp - ref)`` (KL penalty in the reward);
 3. advantages   values from the value head, then GAE(gamma, lam) per token (``lam = 1``: Monte
                 Carlo returns), whitened over the batch;
 4. loss         clipped surrogate + ``vf_coef`` * clipped value loss - ``ent_coef`` * entropy, for
@@ -13,6 +15,17 @@ One training step = one batch of P prompts:
 The value head is a linear layer on the LM's final hidden state (the LM head's input), sharing
 the trunk with the policy. It is a submodule of this stage, so Lightning checkpoints hold it;
 ``<run dir>/value_head.pt`` is written at the end of fit as well.
+
+Why the per-prompt baseline (default ``group``): the composite's total has offsets that depend on
+the prompt, not on the answer. A head that does not apply counts 0 (vision relevance on a normal
+study, localisation and vision relevance on a closed question), and a max-normalised head gives
+its best answer 1 whatever its raw quality. With the UMed heads a perfect "No abnormality detected"
+on a normal study scores 2, a mediocre box on an abnormal study about 2.7 and a closed answer 1.
+The critic starts at V = 0 and cannot learn these offsets within a short run, so the batch-whitened
+advantages paid every token of abnormal-study answers (the opening "Abnormality detected" included)
+and charged every "No abnormality" answer: PPO learnt to call every study abnormal. Subtracting
+the group mean removes any per-prompt offset; only differences between answers to the same prompt
+remain, which is what the heads (and their per-query max-normalisation) are meant to rank.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from unveil.stages.losses import gae, masked_mean, masked_whiten, ppo_loss, ppo_token_rewards
+from unveil.stages.losses import gae, group_advantages, masked_mean, masked_whiten, ppo_loss, ppo_token_rewards
 from unveil.stages.rl import RLStageModule, mean_metrics
 from unveil.stages.rollout import completion_logprobs
 
@@ -59,6 +72,7 @@ class PPOModule(RLStageModule):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         ppo_epochs: int = 2,
+        score_baseline: str = "group",
         **kw,
     ):
         super().__init__(backbone, rewards, optim, **kw)
@@ -67,6 +81,9 @@ class PPOModule(RLStageModule):
         self.gamma, self.lam = float(gamma), float(lam)
         self.whiten_advantages = bool(whiten_advantages)
         self.ppo_epochs = max(1, int(ppo_epochs))
+        if score_baseline not in ("group", "none"):
+            raise ValueError(f"stage.score_baseline={score_baseline!r}; expected group or none")
+        self.score_baseline = score_baseline
         self.value_head = ValueHead(lm_hidden_size(self.model))
 
     @property
@@ -86,11 +103,14 @@ class PPOModule(RLStageModule):
         ro, reward = self.rollout(batch)
         mask = ro.completion_mask
 
-        # 2. per-token rewards: the score on the last token, the KL penalty on every token
+        # 2. per-token rewards: the score (minus its prompt's mean) on the last token, the KL penalty on every token
+        scores = ro.extra["reward"]
+        if self.score_baseline == "group":
+            scores = group_advantages(scores, ro.group, "none")
         with torch.no_grad():
             old, old_values = self.policy_and_values(ro)
             ref = self.reference.logprobs(ro, self.temperature, self.forward_batch_size) if self.reference else None
-            token_rewards, kl = ppo_token_rewards(ro.extra["reward"], old.logps, ref, mask, self.kl_coef)
+            token_rewards, kl = ppo_token_rewards(scores, old.logps, ref, mask, self.kl_coef)
 
             # 3. advantages and returns (GAE), whitened advantages
             advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
