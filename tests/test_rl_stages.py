@@ -87,7 +87,8 @@ def test_experiment_configs(exp, target):
     cfg = compose([f"experiment={exp}", "model.init_from=/some/sft/run"])
     assert cfg.stage._target_.endswith(target)
     assert cfg.model.init_from == "/some/sft/run"
-    assert list(cfg.data.train_tasks) == ["localize", "vqa_closed"]
+    assert list(cfg.data.train_tasks) == ["localize"]
+    assert cfg.model.freeze.vision is True
     assert cfg.reward.localization.norm == "max" and cfg.reward.vision_relevance.norm == "max"
     assert cfg.task_name == exp
     ablated = compose([f"experiment={exp}", "model.init_from=/x", "reward=relevance_only"])
