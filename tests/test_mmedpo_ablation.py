@@ -82,7 +82,7 @@ def test_no_finished_runs_is_an_error(abl, tmp_path):
 
 
 def test_commands_cover_every_variant_with_one_sweep_each(abl, tmp_path):
-    a = argparse.Namespace(quick=False, sft_dir=None, sft_steps=None, dpo_steps=None, lr=1e-3, seeds=[0, 1, 2],
+    a = argparse.Namespace(quick=False, sft_dir=None, sft_steps=None, sft_warmup=100, dpo_steps=None, lr=1e-3, seeds=[0, 1, 2],
                            train_records=100, test_records=50, launcher="submitit_slurm", overrides=["trainer.foo=1"])
     cmds = abl.commands(a, tmp_path)
     assert set(cmds["dpo"]) == set(abl.VARIANTS) and set(cmds["curate"]) == set(abl.PREF_SETS)
@@ -92,7 +92,7 @@ def test_commands_cover_every_variant_with_one_sweep_each(abl, tmp_path):
         assert f"data.root={tmp_path / 'pref' / pref}" in cmd and f"model.init_from={tmp_path / 'sft'}" in cmd
         assert "hydra/launcher=submitit_slurm" in cmd and cmd[-1] == "trainer.foo=1"
         assert "data.max_samples={val:64,test:50}" in cmd
-    assert "eval.split=val" in cmds["sft"] and "max_samples=50" in cmds["sft_eval"]
+    assert "eval.split=val" in cmds["sft"] and "model.vision_pretrain.steps=100" in cmds["sft"] and "max_samples=50" in cmds["sft_eval"]
     assert "builder.visual=null" in cmds["curate"]["text"] and "builder.text=null" in cmds["curate"]["visual"]
     assert "builder.visual.mode=global" in cmds["curate"]["global"]
     assert all(f"model.init_from={tmp_path / 'sft'}" in c for c in cmds["curate"].values())
