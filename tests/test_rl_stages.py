@@ -105,6 +105,15 @@ def test_unknown_loss_type_is_refused(tiny):
         GRPOModule(make(), TokenReward({1}), loss_type="gspo_typo")
 
 
+def test_ppo_score_baseline_default_and_refused_typo(tiny):
+    from unveil.stages.ppo import PPOModule
+
+    assert compose(["stage=ppo"]).stage.score_baseline == "group"  # per-prompt offsets never become advantages
+    dm, make = tiny
+    with pytest.raises(ValueError, match="score_baseline"):
+        PPOModule(make(), TokenReward({1}), score_baseline="groupmean")
+
+
 # --- rollouts and log-probs ----------------------------------------------------------------------
 def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
     from unveil.stages.grpo import GRPOModule
