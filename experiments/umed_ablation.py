@@ -57,8 +57,8 @@ def commands(a, out: Path) -> tuple[list[str], list[list[str]]]:
     elif a.sft_steps:
         sft.append(f"trainer.max_steps={a.sft_steps}")
     rls = []
-    for exp in ALGOS:  # one multirun per algorithm: an experiment file cannot itself be a swept value
-        rl = py + ["-m", f"experiment={exp}", f"reward={','.join(REWARDS)}", f"seed={','.join(map(str, a.seeds))}",
+    for exp in a.algos:  # one multirun per algorithm: an experiment file cannot itself be a swept value
+        rl = py + ["-m", f"experiment={exp}", f"reward={','.join(a.rewards)}", f"seed={','.join(map(str, a.seeds))}",
                    f"model.init_from={a.sft_dir or out / 'sft'}", f"hydra.sweep.dir={out / 'rl' / exp}",
                    "hydra.sweep.subdir=${hydra:runtime.choices.reward}/seed${seed}", *quick]
         if a.quick:
@@ -185,6 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="root of the SFT run and the RL sweep (default logs/umed_ablation[_quick])")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS), help="RL experiments to run")
+    ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS), help="reward presets to run")
     ap.add_argument("--launcher", default=None, help="Hydra launcher for the RL sweep, e.g. submitit_slurm (hydra/launcher=...)")
     ap.add_argument("--sft-dir", type=Path, default=None, help="reuse this SFT run instead of training one")
     ap.add_argument("--sft-steps", type=int, default=None)
