@@ -13,7 +13,7 @@ from PIL import Image
 
 from unveil.data.adapters import mau_jsonl
 from unveil.data.schema import IMAGE_PLACEHOLDER, validate_sample
-from unveil.data.synthetic.multi_image import MultiImageConfig, chance, generate_multi_image
+from unveil.data.synthetic.multi_image import COMPARISON, TEMPORAL, MultiImageConfig, chance, generate_multi_image
 from unveil.eval.evaluate import mcq_letter
 
 SPLITS = ("train", "val", "test")
@@ -214,11 +214,14 @@ def test_evaluate_reports_mcq_accuracy_per_ability(mim_setup, monkeypatch):
     from unveil.eval import evaluate as ev
 
     _, dm, bb = mim_setup
-    samples = dm.data["train"]
+    # the experiment's data has open twins; its training split also has the warm-up's
+    # localisation records, which SFT and evaluation never see
+    assert {s.task for s in dm.data["train"]} == {"mcq", "vqa_closed", "localize"}
+    assert {s.task for s in dm.data["test"]} == {"mcq", "vqa_closed"}
+    samples = [s for s in dm.data["train"] if s.task != "localize"]
     mcq = [s for s in samples if s.task == "mcq"]
     by_ability = Counter(s.meta["ability"] for s in mcq)
     assert set(by_ability) == {"comparison", "temporal", "coreference"}
-    assert {s.task for s in samples} == {"mcq", "vqa_closed"}  # the experiment's data has open twins
     wrong = {l: "B: x" if l == "A" else "A: x" for l in "ABCDE"}
     preds = {}
     # multiple choice: comparison all right, temporal all wrong, coreference every other one right
@@ -247,3 +250,59 @@ def test_evaluate_reports_mcq_accuracy_per_ability(mim_setup, monkeypatch):
     assert m["test/ability/comparison/closed_acc"] == 1.0 and m["test/ability/temporal/closed_acc"] == 0.0
     assert m["test/ability/comparison/n_studies"] == 0  # mcq samples are not localisation studies
     assert any(k.startswith("test/modality/") and k.endswith("/mcq_acc") for k in m)
+
+
+def test_localize_train_records_are_the_question_images_in_the_training_split_only(tmp_path):
+    kw = dict(n_patients=20, abilities={"comparison": 1, "temporal": 1, "coreference": 1}, seed=6)
+    a = generate_multi_image(MultiImageConfig(**kw), tmp_path / "a")
+    plain = {s: [json.loads(l) for l in open(a / f"{s}.jsonl")] for s in SPLITS}
+    d = generate_multi_image(MultiImageConfig(localize_train=True, **kw), tmp_path / "b")
+    both = {s: [json.loads(l) for l in open(d / f"{s}.jsonl")] for s in SPLITS}
+    for s in SPLITS:  # the questions (and their images) are unchanged
+        assert [r for r in both[s] if r["task"] != "localize"] == plain[s]
+    assert all(r["task"] != "localize" for s in ("val", "test") for r in both[s])
+    loc = [r for r in both["train"] if r["task"] == "localize"]
+    mcq = {r["id"]: r for r in both["train"] if r["task"] == "mcq"}
+    assert loc and len(loc) == sum(len(r["images"]) for r in mcq.values() if r["ability"] != "coreference")
+    normal = 0
+    for r in loc:
+        q = mcq[r["study_id"]]
+        i = q["images"].index(r["images"][0])
+        assert r["boxes"] == q["image_boxes"][i] and r["findings"] == q["image_findings"][i]
+        assert r["patient_id"] == q["patient_id"]
+        normal += not r["boxes"]
+        assert ("No abnormality" in r["answer"]) == (not r["boxes"])
+    assert 0 < normal < len(loc)  # new/resolved pairs and transient series give normal images too
+    samples = mau_jsonl.read(d / "train.jsonl", root=d)
+    assert all(validate_sample(s) == [] for s in samples)
+
+
+def test_fixed_option_order_letters_name_labels_and_answers_still_match_the_images(tmp_path):
+    kw = dict(n_patients=30, abilities={"comparison": 2, "temporal": 1, "coreference": 1}, seed=7)
+    raw = _records(generate_multi_image(MultiImageConfig(shuffle_options=False, **kw), tmp_path / "a"))
+    comp = [r for r in raw if r["ability"] == "comparison"]
+    assert {r["label"] for r in comp} == {"grown", "shrunk", "new", "resolved", "unchanged"}
+    for r in raw:
+        labels = {"comparison": list(COMPARISON), "temporal": list(TEMPORAL)}.get(r["ability"])
+        if labels is None:
+            labels = [f"image {i + 1}" for i in range(len(r["images"]))]
+            texts = labels
+        else:
+            texts = [{**COMPARISON, **TEMPORAL}[l] for l in labels]
+        assert list(r["options"].values()) == texts  # the same order in every question
+        letter = "ABCDE"[labels.index(r["label"])]
+        assert r["answer"] == f"{letter}: {texts[labels.index(r['label'])]}" == r["short_answer"]
+    for r in comp:  # the label is still what the two images show
+        prior, cur = r["image_boxes"]
+        assert {"new": not prior and cur, "resolved": prior and not cur, "unchanged": prior == cur and cur,
+                "grown": prior and cur and _area(cur[0]) > 2 * _area(prior[0]),
+                "shrunk": prior and cur and _area(prior[0]) > 2 * _area(cur[0])}[r["label"]]
+
+
+def test_vision_warm_up_runs_on_the_experiment_data(mim_setup):
+    from unveil.models.vision_pretrain import pretrain_vision_tower
+
+    cfg, dm, bb = mim_setup
+    assert cfg.data.synthetic.localize_train and cfg.model.vision_pretrain.steps > 0
+    stats = pretrain_vision_tower(bb, dm.data["train"], steps=2, batch_size=4, progress=False)
+    assert stats and all(v == v for k, v in stats.items() if k.endswith("cls_loss"))

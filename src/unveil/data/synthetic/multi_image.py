@@ -21,7 +21,10 @@ question as lines ``A: ...`` (Med-MIM style), ``answer`` = ``"B: <option text>"`
 ``short_answer``, which evaluation scores by option letter), ``task: mcq``, ``ability``,
 ``modality``, ``patient_id``, the current image's ``boxes``/``findings`` (``box_image`` says
 which image) and every image's boxes in ``image_boxes``. Option order is shuffled per record,
-so answer letters are uniform. Splits are by patient; everything is deterministic per seed.
+so answer letters are uniform (``shuffle_options=False``: the config's label order in every
+question). ``localize_train`` adds single-image localisation records of the question images to
+the training split, for the tiny model's vision warm-up. Splits are by patient; everything is
+deterministic per seed.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from unveil.data.schema import IMAGE_PLACEHOLDER
-from unveil.data.synthetic import anatomy, lesions
+from unveil.data.synthetic import anatomy, lesions, text
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,18 @@ class MultiImageConfig:
     # instead of Med-MIM's bare "<image><image>" at the start: the tags tell a causal LM which
     # image a token belongs to, which a small model trained from scratch otherwise learns slowly
     image_labels: bool = False
+    # training split only: also one single-image localisation record (task localize, the
+    # single-image generator's query/answer wording) per image of each comparison/temporal
+    # item. A tower built in code has no pretrained encoder; these boxes are what the vision
+    # warm-up (model.vision_pretrain) learns lesion features from. Val/test stay questions only.
+    localize_train: bool = False
+    # Shuffle the option order per record (letters uniform, the letter says nothing without the
+    # option lines). False: every question of an ability lists its options in the config's
+    # label order, so a letter always names the same answer; the images still decide it, and
+    # chance is the label distribution. The tiny model trained from scratch reads the answer off
+    # the images in CPU minutes but had not learnt to look a shuffled letter up after 800-1500
+    # steps (experiments/results/multi_image.md).
+    shuffle_options: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.15
     seed: int = 0
@@ -160,12 +175,13 @@ def _render(cfg: MultiImageConfig, bg: np.ndarray, lesion: Lesion | None, r: flo
     return (img * 255).astype(np.uint8), boxes
 
 
-def _options(rng, labels: list[str], texts: dict[str, str], answer: str) -> tuple[str, str, dict[str, str]]:
-    """Shuffled option lines ``A: ...``; returns (lines, "B: <text>", {letter: text}).
+def _options(rng, labels: list[str], texts: dict[str, str], answer: str,
+             shuffle: bool = True) -> tuple[str, str, dict[str, str]]:
+    """Option lines ``A: ...`` (shuffled unless told); returns (lines, "B: <text>", {letter: text}).
 
     The options dict has the shape the Med-MIM adapter puts in ``meta["options"]``.
     """
-    order = [labels[i] for i in rng.permutation(len(labels))]
+    order = [labels[i] for i in rng.permutation(len(labels))] if shuffle else list(labels)
     opts = {string.ascii_uppercase[i]: texts[l] for i, l in enumerate(order)}
     lines = "\n".join(f"{k}: {t}" for k, t in opts.items())
     k = string.ascii_uppercase[order.index(answer)]
@@ -203,7 +219,7 @@ def _comparison(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         arr, boxes = _render(cfg, bg, lesion, r, rng)
         images.append(arr)
         image_boxes.append(boxes)
-    lines, answer, opts = _options(rng, cfg.comparison_labels, COMPARISON, label)
+    lines, answer, opts = _options(rng, cfg.comparison_labels, COMPARISON, label, cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
     rec = {"query": _query(cfg, rng, COMPARISON_QUERIES, 2, lines, mod=mod), "answer": answer, "label": label,
            "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
@@ -231,7 +247,7 @@ def _temporal(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         arr, boxes = _render(cfg, bg, lesion, r, rng)
         images.append(arr)
         image_boxes.append(boxes)
-    lines, answer, opts = _options(rng, cfg.temporal_labels, TEMPORAL, label)
+    lines, answer, opts = _options(rng, cfg.temporal_labels, TEMPORAL, label, cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
     rec = {"query": _query(cfg, rng, TEMPORAL_QUERIES, 3, lines, mod=mod), "answer": answer, "label": label,
            "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
@@ -261,7 +277,7 @@ def _coreference(cfg, rng, modality, patient_seed) -> tuple[dict, list[np.ndarra
         image_boxes.append(boxes)
         image_findings.append([kind] * len(boxes))
     labels = [f"image {i + 1}" for i in range(n)]
-    lines, answer, opts = _options(rng, labels, {l: l for l in labels}, labels[k])
+    lines, answer, opts = _options(rng, labels, {l: l for l in labels}, labels[k], cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
     rec = {"query": _query(cfg, rng, COREFERENCE_QUERIES, n, lines, mod=mod, finding=target), "answer": answer,
            "label": labels[k], "options": opts, "image_boxes": image_boxes, "image_findings": image_findings,
@@ -284,6 +300,7 @@ def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> l
     modality = cfg.modalities[int(prng.integers(len(cfg.modalities)))]  # a patient keeps one modality
     bg_seed = [cfg.seed, p, 2]  # the patient's anatomy, shared by all longitudinal studies
     recs = []
+    localize = cfg.localize_train and _split_of(cfg, p) == "train"
     for ability in ABILITIES:
         for j in range(cfg.abilities.get(ability, 0)):
             sid = f"{pid}_{ability[:4]}{j}"
@@ -308,10 +325,19 @@ def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> l
             }
             recs.append(mcq)
             if cfg.open_questions:
-                text = rec["options"][answer[0]]
+                opt = rec["options"][answer[0]]
                 recs.append({**{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
-                             "id": f"{sid}-open", "query": query[: query.index("\nA: ")], "answer": text,
-                             "short_answer": text, "task": "vqa_closed"})
+                             "id": f"{sid}-open", "query": query[: query.index("\nA: ")], "answer": opt,
+                             "short_answer": opt, "task": "vqa_closed"})
+            if localize and ability != "coreference":
+                mod = anatomy.MODALITY_NAMES[modality]
+                for i, (rel, img_boxes) in enumerate(zip(rels, rec["image_boxes"])):
+                    img_findings = rec["image_findings"][i]
+                    recs.append({"id": f"{sid}-loc{i}", "images": [rel], "task": "localize",
+                                 "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
+                                 "answer": text.localize_answer(img_boxes, img_findings), "boxes": img_boxes,
+                                 "box_units": "normalized", "findings": img_findings, "ability": ability,
+                                 "modality": modality, "source": "synthetic_mim", "patient_id": pid, "study_id": sid})
     return recs
 
 
