@@ -52,11 +52,16 @@ def train(cfg: DictConfig) -> dict:
     warmup = dict(cfg.model.get("vision_pretrain") or {})
     warmup_stats = {}
     built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
-    if built_in_code and warmup.get("steps", 0) > 0 and not cfg.model.get("init_from") and not cfg.get("ckpt_path"):
+    fresh = not cfg.model.get("init_from") and not cfg.get("ckpt_path")
+    if built_in_code and warmup.get("steps", 0) > 0 and fresh:
         # a model built in code has no pretrained vision encoder: warm its tower up first
         from unveil.models.vision_pretrain import pretrain_vision_tower
-        warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"),
-                                             **warmup)
+        if any(s.task == "localize" and s.images for s in dm.data["train"]):
+            warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed,
+                                                 val_samples=dm.data.get("val"), **warmup)
+        else:
+            log.warning("model.vision_pretrain skipped: the training split has no 'localize' records to learn "
+                        "lesion features from, so the tower starts untrained")
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 
