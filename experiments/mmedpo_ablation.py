@@ -289,7 +289,7 @@ def main() -> None:
     if a.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
     cmds = commands(a, out)
-    shown = [shlex.join(["python", "experiments/mmedpo_ablation.py", *(x for x in sys.argv[1:] if x != "--collect-only")]),
+    shown = [shlex.join(["python", "experiments/mmedpo_ablation.py", *(x for x in sys.argv[1:] if x not in ("--collect-only", "--skip-existing"))]),
              "# which runs:"]
     todo = ([] if a.sft_dir else [("sft", cmds["sft"])]) + [("sft_eval", cmds["sft_eval"])] + [(f"curate/{k}", c) for k, c in cmds["curate"].items()] + \
            [(f"dpo/{k}", c) for k, c in cmds["dpo"].items()]
