@@ -95,7 +95,7 @@ def commands(a, out: Path) -> dict:
     if a.quick:
         data_small = ["data.synthetic.n_patients=24"]
         sft = py + ["unveil.train", "debug=fast", f"trainer.max_steps={a.sft_steps or 3}", f"hydra.run.dir={out / 'sft'}"]
-        caps = "max_samples={train:16,val:4}"
+        caps = "max_samples={train:16,val:12}"  # enough val studies with a lesion for visual pairs
         dpo_size = [f"trainer.max_steps={a.dpo_steps or 2}", f"trainer.val_check_interval={a.dpo_steps or 2}",
                     "data.batch_size=2", "data.eval_batch_size=8", "data.max_samples={val:4,test:12}",
                     "eval.max_new_tokens=24", "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false"]
