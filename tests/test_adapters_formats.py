@@ -23,15 +23,13 @@ from unveil.data.schema import IMAGE_PLACEHOLDER, validate_sample
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "formats"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "formats"
 MMEDPO_FILES = ("slake_dpo_weighted.sample.json", "vqa-rad_dpo_weighted.sample.json", "iuxray_dpo_weighted.sample.json")
 FORMATS = ("llava", "med_mim", "vqa_table", "mmedpo", "stllava_dpo")
 
 
 def _shared(name: str) -> Path:
-    p = SHARED / "mmedpo" / name
-    assert p.is_file(), (f"real MMedPO sample {p} is missing: the tests expect the shared/ folder beside the "
-                         f"repository (shared/formats/mmedpo/*.json)")
+    p = FIX / "mmedpo" / name  # copies of the real released records in shared/formats/mmedpo
+    assert p.is_file(), f"real MMedPO sample {p} is missing (copied from shared/formats/mmedpo/*.json)"
     return p
 
 
