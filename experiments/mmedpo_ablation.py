@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -42,6 +41,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
+from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 
 # preference set -> (curate overrides, description)
 PREF_SETS = {
@@ -185,20 +186,6 @@ def table_rows(sft_metrics: dict | None, runs: list[dict]) -> list[dict]:
     return rows
 
 
-def fmt(m: float, s: float = math.nan) -> str:
-    if not math.isfinite(m):
-        return "n/a"
-    return f"{m:.3f}" if not math.isfinite(s) else f"{m:.3f} ± {s:.3f}"
-
-
-def existing_reading(md: Path) -> str:
-    if not md.exists():
-        return ""
-    text = md.read_text()
-    marker = "\n## Reading\n"
-    return text.split(marker, 1)[1].strip() if marker in text else ""
-
-
 def pref_summaries(pref_dir: Path) -> list[str]:
     """One line per preference set from its curate summary.json (pairs written, mean raw weight, sources)."""
     lines = []
@@ -220,12 +207,7 @@ def write_tables(rows: list[dict], cmds: list[str], md: Path, csv_path: Path, no
     seeds = sorted({k.split("/seed", 1)[1] for r in rows for k in r if "/seed" in k}, key=lambda s: (len(s), s))
     fields = ["variant", "label", "pref", "weight_norm", "n_seeds", "seeds"] + \
              [f"{k}/{s}" for k in METRICS for s in ("mean", "std", *(f"seed{x}" for x in seeds))]
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r.get(k), float) and not math.isfinite(r[k]) else r.get(k, "")) for k in fields})
+    write_csv(rows, fields, csv_path)
 
     reading = existing_reading(md)
     lines = ["# MMedPO ablation (synthetic data, tiny LLaVA)", "", "Produced by:", "", "```"]

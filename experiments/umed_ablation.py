@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
+from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 ALGOS = {"umed_ppo": "PPO", "umed_grpo": "GRPO"}
 REWARDS = {  # reward preset -> row label (paper Table 6 wording)
     "relevance_only": "plain (relevance only)",
@@ -136,29 +137,10 @@ def table_rows(sft_metrics: dict | None, runs: list[dict], mods: list[str]) -> l
     return rows
 
 
-def fmt(m: float, s: float) -> str:
-    if not math.isfinite(m):
-        return "n/a"
-    return f"{m:.3f}" if not math.isfinite(s) else f"{m:.3f} ± {s:.3f}"
-
-
-def existing_reading(md: Path) -> str:
-    if not md.exists():
-        return ""
-    text = md.read_text()
-    marker = "\n## Reading\n"
-    return text.split(marker, 1)[1].strip() if marker in text else ""
-
-
 def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, csv_path: Path, note: str) -> None:
     cols = mods + ["average"]
     fields = ["algo", "variant", "reward", "n_seeds"] + [f"{m}/{c}/{s}" for m in METRICS for c in cols for s in ("mean", "std")]
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r.get(k), float) and not math.isfinite(r[k]) else r.get(k, "")) for k in fields})
+    write_csv(rows, fields, csv_path)
 
     reading = existing_reading(md)
     lines = ["# UMed-LVLM reward ablation (paper Table 6 shape)", "", "Produced by:", "", "```"]
