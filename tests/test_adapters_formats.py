@@ -138,6 +138,8 @@ def test_mmedpo_real_file_reports_missing_images_by_path():
     with pytest.raises(RecordError) as e:
         mmedpo.read(path)  # images are not shipped beside the sample file
     assert e.value.file == str(path) and e.value.record == 0 and e.value.field == "image"
+    # a JSON array position, not a line number: "file:0" would send the reader to a line
+    assert f"{path} record [0] field 'image'" in str(e.value) and f"{path}:0" not in str(e.value)
     assert "image not found" in str(e.value) and str((path.parent / "xmlab1" / "source.jpg").resolve()) in str(e.value)
 
 
@@ -460,7 +462,8 @@ def test_bad_record_names_file_record_and_field(tmp_path, fmt, kind, suffix, cha
     assert (err.file, err.record, err.field) == (str(path), record, field), str(err)
     msg = str(err)
     assert str(path) in msg and f"field '{field}'" in msg and text in msg, msg
-    assert (f":{record}" if isinstance(record, int) else repr(record)) in msg
+    # a line reads file:2, an array position file record [1] (file:1 would send the reader to a line)
+    assert (f"{path}:{record} " if suffix == ".jsonl" else f"{path} record [{record}] ") in msg
     # skip: the bad record is dropped and counted, the good ones load
     kept = adapters.read(fmt, path, root=root, on_bad_record="skip")
     assert len(kept) == 2 and base.collect.last_skipped == 1

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 
+class ArrayIndex(int):
+    """The 0-based position of a record in a JSON array. An int everywhere else, but an error
+    prints it as ``record [3]``: ``file.json:3`` would read as a line number."""
+
+
 class RecordError(ValueError):
     """A record that cannot become a Sample.
 
-    The message always reads ``<file>:<line or record> field '<field>': <what is wrong>`` so
-    a researcher can jump straight to the bad line.
+    The message reads ``<file>:<line> field '<field>': <what is wrong>`` for a JSONL line, and
+    ``<file> record [<index>] field ...`` for the 0-based position in a JSON array (an
+    :class:`ArrayIndex`), so a researcher can jump straight to the bad record.
     """
 
     def __init__(self, file: str | None, record: int | str | None, field: str | None, message: str):
         self.file, self.record, self.field, self.reason = file, record, field, message
         where = f"{file or '<memory>'}"
         if record is not None:
-            where += f":{record}" if isinstance(record, int) else f" record {record!r}"
+            if isinstance(record, ArrayIndex):
+                where += f" record [{int(record)}]"
+            elif isinstance(record, int):
+                where += f":{record}"
+            else:
+                where += f" record {record!r}"
         if field:
             where += f" field '{field}'"
         super().__init__(f"{where}: {message}")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from unveil.data.errors import RecordError
+from unveil.data.errors import ArrayIndex, RecordError
 from unveil.data.schema import Sample, validate_sample
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
             raise RecordError(str(path), e.lineno, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
         if not isinstance(data, list):
             raise RecordError(str(path), None, None, f"expected a JSON array of records, got {type(data).__name__}")
-        yield from enumerate(data)
+        for i, rec in enumerate(data):
+            yield ArrayIndex(i), rec
 
 
 def collect(
