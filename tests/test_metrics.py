@@ -39,11 +39,15 @@ def test_grounding_metrics_hand_computed():
     m.update_study(p("Abnormality detected. Region [1, 1, 5, 5]: mass."), [], [])
     # two GT boxes, one found
     m.update_study(p("Abnormality detected. Region [60, 60, 80, 80]: mass."), [[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]], ["mass", "cyst"])
+    # one GT box, answered with the right box and an invented second one: plain IoU 1, strict 1/2
+    extra = m.update_study(p("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [60, 60, 70, 70]: mass."), gt, ["nodule"])
+    assert extra["iou"] == pytest.approx(1.0) and extra["iou_strict"] == pytest.approx(0.5)
     r = m.compute()
-    assert r["iou"] == pytest.approx((1 + 1 / 3 + 0 + 0.5) / 4)
-    assert r["acc50"] == pytest.approx(2 / 5)
-    assert r["finding_acc"] == pytest.approx(2 / 5)
-    assert r["presence_acc"] == pytest.approx(4 / 6)
+    assert r["iou"] == pytest.approx((1 + 1 / 3 + 0 + 0.5 + 1) / 5)
+    assert r["iou_strict"] == pytest.approx((1 + 1 / 3 + 0 + 0.5 + 0.5) / 5)
+    assert r["acc50"] == pytest.approx(3 / 6)
+    assert r["finding_acc"] == pytest.approx(3 / 6)
+    assert r["presence_acc"] == pytest.approx(5 / 7)
     assert r["fpr_normal"] == pytest.approx(0.5) and r["invented_box_rate"] == pytest.approx(0.5)
     assert math.isnan(r["closed_acc"])
 

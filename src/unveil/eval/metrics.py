@@ -3,6 +3,9 @@
 Per study (a ``localize`` sample):
 - matched IoU: Hungarian matching of predicted to ground-truth boxes; each GT box scores the
   IoU of its match (0 if unmatched); averaged over the GT boxes of the study, then studies.
+- strict matched IoU (``iou_strict``): the same sum of matched IoUs divided by
+  max(#predicted, #GT), so every box beyond the GT count is a miss. Plain matched IoU does not
+  see extra boxes: a model (or an RL policy) that always emits two boxes loses nothing there.
 - acc@0.5: share of GT boxes whose matched IoU >= 0.5.
 - finding accuracy: share of GT boxes whose matched prediction names the right finding.
 - presence accuracy: predicted abnormal/normal equals truth (all studies).
@@ -23,7 +26,7 @@ from torchmetrics import Metric
 from unveil.data.boxes import match_boxes
 
 _STATES = [
-    "iou_sum", "n_abnormal", "hit50", "find_ok", "n_gt", "presence_ok", "n_studies",
+    "iou_sum", "iou_strict_sum", "n_abnormal", "hit50", "find_ok", "n_gt", "presence_ok", "n_studies",
     "fp", "invented", "n_normal", "closed_ok", "n_closed", "mcq_ok", "n_mcq",
 ]
 
@@ -56,10 +59,12 @@ class GroundingMetrics(Metric):
             ok[g] = float(pred.labels[p] is not None and pred.labels[p] == gt_findings[g])
         self.n_abnormal += 1
         self.iou_sum += float(per_gt.mean())
+        strict = float(per_gt.sum() / max(len(pred.boxes), len(gt_boxes)))
+        self.iou_strict_sum += strict
         self.n_gt += len(gt_boxes)
         self.hit50 += float((per_gt >= self.iou_threshold).sum())
         self.find_ok += float(ok.sum())
-        out.update(iou=float(per_gt.mean()), hit50=float((per_gt >= self.iou_threshold).mean()), finding_ok=float(ok.mean()))
+        out.update(iou=float(per_gt.mean()), iou_strict=strict, hit50=float((per_gt >= self.iou_threshold).mean()), finding_ok=float(ok.mean()))
         return out
 
     def update_closed(self, correct: bool) -> None:
@@ -79,6 +84,7 @@ class GroundingMetrics(Metric):
 
         return {
             "iou": ratio(self.iou_sum, self.n_abnormal),
+            "iou_strict": ratio(self.iou_strict_sum, self.n_abnormal),
             "acc50": ratio(self.hit50, self.n_gt),
             "finding_acc": ratio(self.find_ok, self.n_gt),
             "presence_acc": ratio(self.presence_ok, self.n_studies),
