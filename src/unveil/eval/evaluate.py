@@ -50,7 +50,9 @@ def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None,
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         texts = generate(backbone, batch, max_new_tokens=max_new_tokens)["texts"]
         for s, text in zip(chunk, texts):
-            rec = {"id": s.id, "task": s.task, "modality": s.modality, "prediction": text, "reference": s.target}
+            # image paths, so a notebook can draw the boxes (unveil.eval.runs.draw_study)
+            rec = {"id": s.id, "task": s.task, "modality": s.modality, "images": s.images, "prediction": text,
+                   "reference": s.target}
             groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
             targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
             if s.task == "localize":
