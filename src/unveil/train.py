@@ -49,6 +49,10 @@ def train(cfg: DictConfig) -> dict:
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.setup()
     backbone = build_backbone(cfg.model, peft=cfg.get("peft"), corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
+    if cfg.eval.enabled:  # a decoding this backbone cannot do fails now, not after training
+        from unveil.models.generation import coord_processor
+
+        coord_processor(backbone, cfg.eval.get("coord_decoding", "argmax"))
     warmup = dict(cfg.model.get("vision_pretrain") or {})
     warmup_stats = {}
     built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
@@ -85,7 +89,8 @@ def train(cfg: DictConfig) -> dict:
         if cfg.eval.enabled:
             split = cfg.eval.split
             metrics.update(evaluate(backbone, dm.data[split], out, prefix="test", batch_size=cfg.eval.batch_size,
-                                    max_new_tokens=cfg.eval.max_new_tokens, vocab=dm.findings()))
+                                    max_new_tokens=cfg.eval.max_new_tokens, vocab=dm.findings(),
+                                    coord_decoding=cfg.eval.get("coord_decoding", "argmax")))
             for lg in loggers:
                 lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=trainer.global_step)
             print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))

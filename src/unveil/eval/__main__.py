@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> float | None:
         samples = samples[: int(cfg.max_samples)]
     out = Path(cfg.paths.output_dir)
     metrics = evaluate(backbone, samples, out, prefix="test", batch_size=cfg.batch_size,
-                       max_new_tokens=cfg.max_new_tokens, vocab=dm.findings())
+                       max_new_tokens=cfg.max_new_tokens, vocab=dm.findings(), coord_decoding=cfg.coord_decoding)
     write_metrics(out / "metrics.json", metrics)
     print(f"\nMetrics of {cfg.ckpt_path} on the {cfg.split} split ({out}):\n" + format_table(metrics))
     return metrics.get("test/iou")

@@ -36,8 +36,11 @@ def findings_vocab(samples: list[Sample]) -> list[str]:
 
 def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None, prefix: str = "test",
              batch_size: int = 32, max_new_tokens: int = 48, vocab: list[str] | None = None,
-             group_by: tuple[str, ...] = ("modality", "ability"), progress: bool = True) -> dict[str, float]:
-    """Greedy generation on ``samples``; writes ``predictions.jsonl`` into out_dir."""
+             group_by: tuple[str, ...] = ("modality", "ability"), progress: bool = True,
+             coord_decoding: str = "argmax") -> dict[str, float]:
+    """Greedy generation on ``samples``; writes ``predictions.jsonl`` into out_dir.
+    ``coord_decoding="median"`` reads each box coordinate as the median grid value
+    (:func:`unveil.models.generation.generate`)."""
     vocab = vocab or findings_vocab(samples)
     collate = PromptCollator(backbone)
     metrics = GroupedMetrics()
@@ -48,7 +51,7 @@ def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None,
         chunk = samples[i: i + batch_size]
         batch = collate(chunk)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        texts = generate(backbone, batch, max_new_tokens=max_new_tokens)["texts"]
+        texts = generate(backbone, batch, max_new_tokens=max_new_tokens, coord_decoding=coord_decoding)["texts"]
         for s, text in zip(chunk, texts):
             # image paths, so a notebook can draw the boxes (unveil.eval.runs.draw_study)
             rec = {"id": s.id, "task": s.task, "modality": s.modality, "images": s.images, "prediction": text,

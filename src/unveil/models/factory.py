@@ -31,6 +31,7 @@ class Backbone:
     name: str
     structured_chat: bool = False  # HF templates want content lists; the tiny one plain strings
     extra: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived lookups (e.g. grid token ids)
 
     @property
     def tokenizer(self):

@@ -3,11 +3,18 @@
 G samples per prompt come from one ``generate`` call with KV cache
 (``num_return_sequences``); image placeholder tokens are suppressed so a policy can never
 emit them.
+
+Greedy decoding can read box coordinates as the *median* of the model's distribution over the
+grid values instead of its mode (``coord_decoding="median"``), for tokenizers where every grid
+value is one token (the tiny model's whole-number tokens). A coordinate is a regression target
+read out of a classifier: the mode of a broad, ragged distribution is a noisier estimate than its
+median (the mean falls between modes when the distribution has two).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
                     "pixel_attention_mask", "image_attention_mask", "mm_token_type_ids")
@@ -31,10 +38,60 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
 
 
+COORD_DECODING = ("argmax", "median")
+
+
+def grid_token_ids(tok, scale: int) -> list[int]:
+    """Token id of each grid value 0..scale, or a ValueError when a value is not one token."""
+    ids = []
+    for v in range(scale + 1):
+        enc = tok.encode(str(v), add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"coord_decoding=median needs every box-grid value as one token; this tokenizer "
+                             f"splits '{v}' into {len(enc)} tokens. Use coord_decoding=argmax with this backbone.")
+        ids.append(enc[0])
+    return ids
+
+
+class MedianCoordinate(LogitsProcessor):
+    """Where the greedy choice is a grid value, choose the median grid value instead (the
+    distribution renormalised over the grid tokens). Other positions are left alone."""
+
+    def __init__(self, grid_ids: list[int]):
+        self.ids = torch.tensor(grid_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = self.ids.to(scores.device)
+        rows = torch.isin(scores.argmax(-1), ids).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return scores
+        cdf = scores[rows][:, ids].float().softmax(-1).cumsum(-1)
+        median = (cdf < 0.5).sum(-1).clamp(max=len(ids) - 1)  # first value whose CDF reaches 1/2
+        out = scores.clone()
+        out[rows] = torch.finfo(scores.dtype).min
+        out[rows, ids[median]] = 0.0
+        return out
+
+
+def coord_processor(backbone, coord_decoding: str):
+    if coord_decoding not in COORD_DECODING:
+        raise ValueError(f"coord_decoding={coord_decoding!r}; expected one of {COORD_DECODING}")
+    if coord_decoding == "argmax":
+        return None
+    scale = getattr(backbone.box_format, "scale", None)
+    if scale is None:
+        raise ValueError(f"coord_decoding=median needs an integer-grid box format; {backbone.box_format.name} is not one")
+    key = ("grid_token_ids", scale)  # one tokenizer pass per backbone, not per batch
+    if key not in backbone.cache:
+        backbone.cache[key] = grid_token_ids(backbone.tokenizer, scale)
+    return MedianCoordinate(backbone.cache[key])
+
+
 @torch.no_grad()
 def generate(backbone, batch: dict, max_new_tokens: int = 48, do_sample: bool = False, num_return_sequences: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> dict:
-    """Returns prompt+completion ids, the completion ids/mask and decoded completion texts."""
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, coord_decoding: str = "argmax") -> dict:
+    """Returns prompt+completion ids, the completion ids/mask and decoded completion texts.
+    ``coord_decoding`` applies to greedy decoding only; sampling always samples."""
     model = backbone.model
     tok = backbone.tokenizer
     inputs = model_inputs(batch)
@@ -45,6 +102,9 @@ def generate(backbone, batch: dict, max_new_tokens: int = 48, do_sample: bool = 
     bad = backbone.image_token_ids
     if bad:
         kw["suppress_tokens"] = bad
+    proc = None if do_sample else coord_processor(backbone, coord_decoding)
+    if proc is not None:
+        kw["logits_processor"] = LogitsProcessorList([proc])
     was_training = model.training
     model.eval()
     out = model.generate(**inputs, **kw)
