@@ -64,3 +64,13 @@ def make_cfg(tmp_path):
         return compose(list(overrides), config_name=config_name, tmp=tmp_path)
 
     return _make
+
+
+def load_experiment(name: str):
+    """Import ``experiments/<name>.py`` (a script folder, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

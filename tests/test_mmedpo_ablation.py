@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def abl():
-    spec = importlib.util.spec_from_file_location("mmedpo_ablation", ROOT / "experiments" / "mmedpo_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("mmedpo_ablation")
 
 
 def _run(dir_: Path, seed: int, norm: str, metrics: dict) -> None:

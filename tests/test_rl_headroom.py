@@ -1,24 +1,15 @@
 """experiments/rl_headroom.py: per-study IoU as unveil.eval scores it, and the best-of-G bounds."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from conftest import compose
+from conftest import compose, load_experiment
 from unveil.data.boxes import IntGridFormat
 from unveil.data.schema import Sample
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def hr():
-    spec = importlib.util.spec_from_file_location("rl_headroom", ROOT / "experiments" / "rl_headroom.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("rl_headroom")
 
 
 def test_study_iou_hand_computed(hr):
