@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def abl():
     return load_experiment("mmedpo_ablation")

@@ -7,6 +7,7 @@ from conftest import compose, load_experiment
 from unveil.data.boxes import IntGridFormat
 from unveil.data.schema import Sample
 
+
 @pytest.fixture(scope="module")
 def hr():
     return load_experiment("rl_headroom")
