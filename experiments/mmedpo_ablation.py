@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
+from ablation_cli import add_common_args, add_tail_args, setup  # noqa: E402
 from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 
 # preference set -> (curate overrides, description)
@@ -257,19 +257,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DPO_LR, help="DPO learning rate (LoRA)")
     ap.add_argument("--train-records", type=int, default=TRAIN_RECORDS, help="training records the builders curate")
     ap.add_argument("--test-records", type=int, default=TEST_RECORDS, help="first N test records evaluated (SFT and DPO)")
-    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of each run")
-    ap.add_argument("--quick", action="store_true", help="smoke test: debug-size data, 1 seed, a few steps")
-    ap.add_argument("--collect-only", action="store_true")
+    add_common_args(ap)
     ap.add_argument("--skip-existing", action="store_true", help="skip stages whose output already exists (resume)")
-    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the DPO runs (after --)")
+    add_tail_args(ap, "DPO runs")
     a = ap.parse_args()
-    if a.quick:
-        a.seeds = a.seeds[:1]
-    out = (a.out or ROOT / "logs" / ("mmedpo_ablation_quick" if a.quick else "mmedpo_ablation")).resolve()
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+    out, env = setup(a, "mmedpo_ablation")
     cmds = commands(a, out)
     shown = [shlex.join(["python", "experiments/mmedpo_ablation.py", *(x for x in sys.argv[1:] if x not in ("--collect-only", "--skip-existing"))]),
              "# which runs:"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
+from ablation_cli import add_common_args, add_tail_args, setup  # noqa: E402
 from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 ALGOS = {"umed_ppo": "PPO", "umed_grpo": "GRPO"}
 REWARDS = {  # reward preset -> row label (paper Table 6 wording)
@@ -173,18 +173,10 @@ def main() -> None:
     ap.add_argument("--sft-dir", type=Path, default=None, help="reuse this SFT run instead of training one")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--rl-steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run")
-    ap.add_argument("--quick", action="store_true", help="smoke test: debug=fast data, 1 seed, a few steps")
-    ap.add_argument("--collect-only", action="store_true")
-    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the RL runs (after --)")
+    add_common_args(ap)
+    add_tail_args(ap, "RL runs")
     a = ap.parse_args()
-    if a.quick:
-        a.seeds = a.seeds[:1]
-    out = (a.out or ROOT / "logs" / ("umed_ablation_quick" if a.quick else "umed_ablation")).resolve()
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+    out, env = setup(a, "umed_ablation")
     sft_cmd, rl_cmds = commands(a, out)
     shown = [shlex.join(["python", "experiments/umed_ablation.py", *(x for x in sys.argv[1:] if x != "--collect-only")]), "# which runs:"]
     shown += [shlex.join(["python", *c[1:]]) for c in (rl_cmds if a.sft_dir else [sft_cmd, *rl_cmds])]
