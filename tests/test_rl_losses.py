@@ -12,6 +12,7 @@ from unveil.stages.losses import (
     clipped_surrogate,
     gae,
     group_advantages,
+    group_has_spread,
     grpo_loss,
     kl_k3,
     last_token_index,
@@ -50,6 +51,13 @@ def test_group_advantages_any_group_ids_and_degenerate_groups():
     assert torch.isfinite(adv).all()
     with pytest.raises(ValueError):
         group_advantages(r, g, "median")
+
+
+def test_group_has_spread_marks_groups_with_differing_rewards():
+    r = T([0.5, 0.5, 0.5, 0.1, 0.9, 1.0, 2.0, 7.0])
+    g = T([4, 4, 4, 1, 1, 0, 9, 9])  # equal rewards, differing, a singleton, differing
+    assert group_has_spread(r, g).tolist() == [False, False, False, True, True, False, True, True]
+    assert group_has_spread(T([1.0, 1.0 + 1e-8]), T([0, 0])).tolist() == [False, False]  # within tolerance
 
 
 # --- clipped surrogate, KL --------------------------------------------------------------------

@@ -270,6 +270,50 @@ def test_ppo_steps_value_head_saved(tiny, tmp_path):
     assert ckpt["global_step"] == 4  # optimiser steps: 2 rollout steps x 2 minibatches
 
 
+class OddGroupReward(TokenReward):
+    """The toy reward on odd-numbered prompts of a batch; 0 for every completion of the even ones."""
+
+    def __init__(self, target: set[int], constant: bool = False):
+        super().__init__(target)
+        self.constant = constant
+
+    def __call__(self, batch) -> RewardOutput:
+        out = super().__call__(batch)
+        r = torch.zeros_like(out.total) if self.constant else torch.where(batch.group.cpu() % 2 == 1, out.total, 0.0)
+        return RewardOutput(total=r, per_head={"toy": r}, stats={"reward/total/mean": float(r.mean())})
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_grpo_filter_zero_spread(tiny, tmp_path, constant):
+    """Groups whose completions all scored the same leave the update; a batch of only such groups
+    makes no optimiser step at all."""
+    import pytorch_lightning as pl
+
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+    bb = make()
+    vocab = len(bb.tokenizer)
+    reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids), constant)
+    module = GRPOModule(bb, reward, beta=0.0, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
+                        max_new_tokens=8, log_completions_every=0, filter_zero_spread=True)
+    before = [p.detach().clone() for p in bb.model.parameters()]
+    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    dm.batch_size = batch_size
+    changed = any(not torch.equal(a, b) for a, b in zip(before, bb.model.parameters()))
+    if constant:
+        assert trainer.global_step == 0 and not changed
+        assert float(trainer.callback_metrics["train/kept_frac"]) == 0.0
+    else:
+        assert trainer.global_step == 2 and changed
+        assert float(trainer.callback_metrics["train/kept_frac"]) == pytest.approx(0.5)  # the 2 odd prompts of 4
+
+
 # --- a toy task: RL raises the reward -------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_toy_reward(tiny, tmp_path, algo):

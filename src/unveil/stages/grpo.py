@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from unveil.stages.losses import LOSS_TYPES, group_advantages, grpo_loss
+from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
 from unveil.stages.rollout import completion_logprobs
 
@@ -33,6 +33,7 @@ class GRPOModule(RLStageModule):
         loss_type: str = "grpo",
         scale_rewards: str | None = None,
         num_iterations: int = 1,
+        filter_zero_spread: bool = False,
         **kw,
     ):
         super().__init__(backbone, rewards, optim, **kw)
@@ -46,6 +47,9 @@ class GRPOModule(RLStageModule):
         # Dr. GRPO removes the std scaling (it biases towards groups with small spread).
         self.scale_rewards = scale_rewards or ("none" if loss_type == "dr_grpo" else "group")
         self.num_iterations = max(1, int(num_iterations))
+        # DAPO's dynamic-sampling filter, without the refill: a group whose completions all scored
+        # the same has advantage 0 everywhere, so it only dilutes the loss and costs forward passes.
+        self.filter_zero_spread = bool(filter_zero_spread)
 
     @property
     def needs_reference(self) -> bool:
@@ -62,6 +66,13 @@ class GRPOModule(RLStageModule):
         advantages = group_advantages(ro.extra["reward"], ro.group, self.scale_rewards)
         ro.extra["advantages"] = advantages
         self.maybe_log_completions(ro, reward, advantages)
+        full = ro
+        if self.filter_zero_spread:
+            keep = torch.nonzero(group_has_spread(ro.extra["reward"], ro.group)).flatten()
+            if keep.numel() == 0:  # nothing to learn from this batch: no update, but log the rollout
+                self.log_step(full, reward, {"kept_frac": 0.0, "advantage_abs": 0.0})
+                return
+            ro = ro.select(keep.cpu())
 
         # log-probs of the sampling policy and of the reference (no grad). With one pass over the
         # rollouts the old policy is the current one: its log-probs are the detached current ones.
@@ -89,4 +100,6 @@ class GRPOModule(RLStageModule):
 
         metrics = mean_metrics(history)
         metrics["advantage_abs"] = float(advantages.abs().mean())
-        self.log_step(ro, reward, metrics)
+        if self.filter_zero_spread:
+            metrics["kept_frac"] = len(ro) / len(full)
+        self.log_step(full, reward, metrics)

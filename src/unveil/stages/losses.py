@@ -78,6 +78,17 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "g
     return adv
 
 
+def group_has_spread(rewards: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """``[N]`` bool: whether the completion's group holds rewards that differ by more than ``tol``.
+    A group without spread has zero group-relative advantage (DAPO's dynamic-sampling criterion)."""
+    r = rewards.float()
+    _, inv = torch.unique(group, return_inverse=True)
+    k = int(inv.max()) + 1 if inv.numel() else 0
+    hi = torch.full((k,), -float("inf"), device=r.device).scatter_reduce(0, inv, r, "amax")
+    lo = torch.full((k,), float("inf"), device=r.device).scatter_reduce(0, inv, r, "amin")
+    return (hi - lo)[inv] > tol
+
+
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref) on samples from pi: ``exp(d) - d - 1``, ``d = ref - logp``."""
     d = ref_logps - logps
