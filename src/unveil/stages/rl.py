@@ -10,6 +10,9 @@ counts optimiser steps, as in TRL. Gradient clipping is done here (``max_grad_no
 Validation samples ``val_num_generations`` completions per validation prompt, scores them with
 the same composite reward and logs ``val/reward/...``; ``val/loss`` is ``-val/reward/total/mean``
 so that the default checkpoint callback (min ``val/loss``) keeps the best-rewarded policy.
+
+Each training step also logs where its time went: ``time/generate_s``, ``time/reward_s``,
+``time/update_s`` (the rest: log-probs, reference, optimiser steps) and ``time/step_s``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +81,7 @@ class RLStageModule(StageModule):
         self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
         self.reference: ReferencePolicy | None = None
         self._rollout_steps = 0
+        self._times: dict[str, float] = {}
 
     # --- setup --------------------------------------------------------------------------------
     @property
@@ -95,11 +100,14 @@ class RLStageModule(StageModule):
 
     # --- rollout and rewards --------------------------------------------------------------------
     def rollout(self, batch: dict, num_generations: int | None = None) -> tuple[Rollout, RewardOutput]:
-        """G sampled completions per prompt and their rewards."""
+        """G sampled completions per prompt and their rewards (wall times kept for ``log_step``)."""
+        t0 = time.perf_counter()
         ro = sample_rollouts(self.backbone, batch, num_generations or self.num_generations, self.max_new_tokens,
                              self.temperature, self.top_p, self.top_k)
+        t1 = time.perf_counter()
         reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))
         ro.extra["reward"] = reward.total.to(self.device).float()
+        self._times = {"start": t0, "generate": t1 - t0, "reward": time.perf_counter() - t1}
         return ro, reward
 
     def minibatches(self, n: int) -> list[torch.Tensor]:
@@ -137,6 +145,12 @@ class RLStageModule(StageModule):
         eos = self.backbone.tokenizer.eos_token_id
         ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
         logs[f"{prefix}/truncated_frac"] = float((~ended).float().mean())  # no EOS within max_new_tokens
+        # where a step's time goes: sampling, reward heads, and the rest (log-probs, reference, updates)
+        t = getattr(self, "_times", None)
+        if t:
+            total_s = time.perf_counter() - t["start"]
+            logs.update({"time/generate_s": t["generate"], "time/reward_s": t["reward"],
+                         "time/update_s": max(0.0, total_s - t["generate"] - t["reward"]), "time/step_s": total_s})
         bar = {"reward/total/mean", f"{prefix}/loss", f"{prefix}/kl"}
         for k, v in logs.items():
             self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=n_prompts)
