@@ -316,6 +316,45 @@ def test_grpo_filter_zero_spread(tiny, tmp_path, constant):
         assert float(trainer.callback_metrics["train/kept_frac"]) == pytest.approx(0.5)  # the 2 odd prompts of 4
 
 
+def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
+    """Resuming from last.ckpt restores the policy and optimiser step, while the KL reference stays
+    the policy the stage started from (it is taken before the restore and never saved)."""
+    import copy
+
+    import pytorch_lightning as pl
+
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+
+    def fit(max_steps: int, ckpt_path=None):
+        torch.manual_seed(0)
+        bb = make()  # the same initial weights every time, as model.init_from gives
+        init = copy.deepcopy(bb.model.state_dict())
+        reward = TokenReward(set(range(len(bb.tokenizer) - 40, len(bb.tokenizer))) - set(bb.image_token_ids))
+        module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
+                            max_new_tokens=8, log_completions_every=0)
+        saved_bs, dm.batch_size, dm.collate_fn = dm.batch_size, 2, module.collator
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, accelerator="cpu",
+                             enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+        dm.batch_size = saved_bs
+        return trainer, module, init
+
+    trainer, module, _ = fit(2)
+    ckpt = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(k.startswith("reference") for k in state)  # no second model copy in the checkpoint
+    trained = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+    trainer, module, init = fit(3, ckpt_path=str(ckpt))
+    assert trainer.global_step == 3
+    ref = module.reference.copy.state_dict()
+    assert all(torch.equal(ref[k], init[k]) for k in init)  # the reference is the initial policy ...
+    assert any(not torch.equal(trained[k], init[k]) for k in init)  # ... not the restored one it resumed from
+
+
 # --- a toy task: RL raises the reward -------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_toy_reward(tiny, tmp_path, algo):
