@@ -164,6 +164,35 @@ def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
     assert torch.allclose(completion_logprobs(model, ro2).logps, gen_lp, atol=1e-4)
 
 
+def test_concat_rollouts_repads_and_keeps_logprobs(tiny):
+    """Two rollouts with different prompt and completion lengths, joined: same log-probs per
+    completion, distinct groups, extras carried."""
+    from unveil.stages.grpo import GRPOModule
+    from unveil.stages.rollout import concat_rollouts
+
+    dm, make = tiny
+    bb = make()
+    module = GRPOModule(bb, TokenReward({5}), beta=0.0)
+    train = dm.data["train"]
+    loc = [s for s in train if s.task == "localize"][:2]
+    closed = [s for s in train if s.task == "vqa_closed"][:1]
+    torch.manual_seed(0)
+    a = sample_rollouts(bb, module.collator(loc), 2, max_new_tokens=10)
+    b = sample_rollouts(bb, module.collator(closed), 3, max_new_tokens=4)
+    assert a.inputs["input_ids"].shape[1] != b.inputs["input_ids"].shape[1]
+    for r in (a, b):
+        r.extra["reward"] = torch.rand(len(r))
+    both = concat_rollouts([a, b], bb.tokenizer.pad_token_id)
+    assert len(both) == 7 and both.group.tolist() == [0, 0, 1, 1, 2, 2, 2]
+    assert torch.equal(both.extra["reward"], torch.cat([a.extra["reward"], b.extra["reward"]]))
+    assert [s.id for s in both.samples] == [s.id for s in a.samples + b.samples]
+    joined = completion_logprobs(bb.model, both).logps
+    for part, rows in ((a, slice(0, 4)), (b, slice(4, 7))):
+        own = completion_logprobs(bb.model, part).logps
+        assert torch.allclose(joined[rows, : own.shape[1]], own, atol=1e-4)
+        assert (joined[rows, own.shape[1]:] == 0).all()  # right padding of the shorter completions
+
+
 def test_position_ids_follow_left_padding():
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert position_ids_from_mask(am).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 0]]
@@ -273,15 +302,16 @@ def test_ppo_steps_value_head_saved(tiny, tmp_path):
 
 
 class OddGroupReward(TokenReward):
-    """The toy reward on odd-numbered prompts of a batch; 0 for every completion of the even ones."""
+    """Rewards 0, 1, 2, ... on the completions of the odd-numbered prompts of a batch (spread
+    always); 0 for every completion of the even ones, or of all prompts when ``constant``."""
 
     def __init__(self, target: set[int], constant: bool = False):
         super().__init__(target)
         self.constant = constant
 
     def __call__(self, batch) -> RewardOutput:
-        out = super().__call__(batch)
-        r = torch.zeros_like(out.total) if self.constant else torch.where(batch.group.cpu() % 2 == 1, out.total, 0.0)
+        g = batch.group.cpu()
+        r = torch.zeros(len(g)) if self.constant else torch.where(g % 2 == 1, torch.arange(len(g)).float(), 0.0)
         return RewardOutput(total=r, per_head={"toy": r}, stats={"reward/total/mean": float(r.mean())})
 
 
@@ -353,6 +383,44 @@ def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
     ref = module.reference.copy.state_dict()
     assert all(torch.equal(ref[k], init[k]) for k in init)  # the reference is the initial policy ...
     assert any(not torch.equal(trained[k], init[k]) for k in init)  # ... not the restored one it resumed from
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, constant):
+    """Half of each batch's groups have spread: two rollout batches make one update of a full batch.
+    With no spread at all, max_fill_batches batches pass and nothing is updated."""
+    import pytorch_lightning as pl
+
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+    bb = make()
+    vocab = len(bb.tokenizer)
+    reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids), constant)
+    module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
+                        max_new_tokens=8, log_completions_every=0, fill_batch=True, max_fill_batches=3)
+    sizes = []  # per rollout batch: completions updated on (None = no update)
+    pick = module.groups_with_spread
+
+    def recording(ro, n_prompts):
+        out = pick(ro, n_prompts)
+        sizes.append(None if out is None else len(out))
+        return out
+
+    module.groups_with_spread = recording
+    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    dm.batch_size = batch_size
+    if constant:
+        assert trainer.global_step == 0 and sizes == [None] * 4
+    else:
+        assert trainer.global_step == 2
+        assert sizes == [None, 16, None, 16]  # 2 + 2 groups of 4 completions, every second batch
+        assert float(trainer.callback_metrics["train/fill_batches"]) == 2.0
 
 
 # --- a toy task: RL raises the reward -------------------------------------------------------------------

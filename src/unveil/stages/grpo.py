@@ -18,7 +18,7 @@ import torch
 
 from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
-from unveil.stages.rollout import completion_logprobs
+from unveil.stages.rollout import completion_logprobs, concat_rollouts
 
 
 class GRPOModule(RLStageModule):
@@ -34,6 +34,8 @@ class GRPOModule(RLStageModule):
         scale_rewards: str | None = None,
         num_iterations: int = 1,
         filter_zero_spread: bool = False,
+        fill_batch: bool = False,
+        max_fill_batches: int = 3,
         **kw,
     ):
         super().__init__(backbone, rewards, optim, **kw)
@@ -49,7 +51,14 @@ class GRPOModule(RLStageModule):
         self.num_iterations = max(1, int(num_iterations))
         # DAPO's dynamic-sampling filter, without the refill: a group whose completions all scored
         # the same has advantage 0 everywhere, so it only dilutes the loss and costs forward passes.
-        self.filter_zero_spread = bool(filter_zero_spread)
+        self.filter_zero_spread = bool(filter_zero_spread or fill_batch)
+        # ... and with the refill: kept groups are held over further rollout batches until there are
+        # as many as a batch has prompts (at most max_fill_batches batches), then one update on them.
+        self.fill_batch = bool(fill_batch)
+        self.max_fill_batches = max(1, int(max_fill_batches))
+        self._pending: list = []
+        self._pending_batches = 0
+        self._kept_frac, self._fill_batches = 1.0, 1
 
     @property
     def needs_reference(self) -> bool:
@@ -57,6 +66,28 @@ class GRPOModule(RLStageModule):
 
     def logprobs(self, model, ro, **kw):
         return completion_logprobs(model, ro, self.temperature, chunk_size=self.forward_batch_size, **kw)
+
+    def groups_with_spread(self, ro, n_prompts: int):
+        """The completions to update on, from the groups with reward spread; None = no update yet."""
+        keep = torch.nonzero(group_has_spread(ro.extra["reward"], ro.group)).flatten().cpu()
+        self._kept_frac = keep.numel() / max(1, len(ro))
+        kept = ro.select(keep) if keep.numel() else None
+        if not self.fill_batch:
+            self._fill_batches = 1
+            return kept
+        if kept is not None:
+            self._pending.append(kept)
+        self._pending_batches += 1
+        held = sum(int(torch.unique(p.group).numel()) for p in self._pending)
+        if held < n_prompts and self._pending_batches < self.max_fill_batches:
+            return None
+        pending, self._fill_batches = self._pending, self._pending_batches
+        self._pending, self._pending_batches = [], 0
+        if not pending:
+            return None
+        merged = concat_rollouts(pending, self.backbone.tokenizer.pad_token_id)
+        first = torch.unique(merged.group)[:n_prompts]  # as DAPO: exactly a batch of groups, the rest dropped
+        return merged.select(torch.nonzero(torch.isin(merged.group, first)).flatten().cpu())
 
     def training_step(self, batch, batch_idx):
         # 1. rollout: G completions per prompt
@@ -68,11 +99,10 @@ class GRPOModule(RLStageModule):
         self.maybe_log_completions(ro, reward, advantages)
         full = ro
         if self.filter_zero_spread:
-            keep = torch.nonzero(group_has_spread(ro.extra["reward"], ro.group)).flatten()
-            if keep.numel() == 0:  # nothing to learn from this batch: no update, but log the rollout
-                self.log_step(full, reward, {"kept_frac": 0.0, "advantage_abs": 0.0})
+            ro = self.groups_with_spread(ro, n_prompts=len(batch["samples"]))
+            if ro is None:  # no group with spread (or still filling the batch): no update, but log the rollout
+                self.log_step(full, reward, {"kept_frac": self._kept_frac})
                 return
-            ro = ro.select(keep.cpu())
 
         # log-probs of the sampling policy and of the reference (no grad). With one pass over the
         # rollouts the old policy is the current one: its log-probs are the detached current ones.
@@ -101,5 +131,6 @@ class GRPOModule(RLStageModule):
         metrics = mean_metrics(history)
         metrics["advantage_abs"] = float(advantages.abs().mean())
         if self.filter_zero_spread:
-            metrics["kept_frac"] = len(ro) / len(full)
+            metrics["kept_frac"] = self._kept_frac
+            metrics["fill_batches"] = self._fill_batches
         self.log_step(full, reward, metrics)

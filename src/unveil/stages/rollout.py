@@ -112,6 +112,51 @@ class Rollout:
         )
 
 
+def _pad_to(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
+    pad = length - t.shape[1]
+    if pad <= 0:
+        return t
+    block = t.new_full((t.shape[0], pad, *t.shape[2:]), value)
+    return torch.cat([block, t] if left else [t, block], dim=1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several (each with its own groups): prompts re-padded on the left,
+    completions (and per-token extras) on the right, group ids kept distinct."""
+    if len(parts) == 1:
+        return parts[0]
+    seq_len = max(p.inputs["input_ids"].shape[1] for p in parts)
+    inputs = {}
+    for key in parts[0].inputs:
+        vs = [p.inputs[key] for p in parts]
+        if key == "input_ids":
+            vs = [_pad_to(v, seq_len, pad_token_id, left=True) for v in vs]
+        elif key == "attention_mask" or key in _PER_TOKEN:
+            vs = [_pad_to(v, seq_len, 0, left=True) for v in vs]
+        elif len({tuple(v.shape[1:]) for v in vs}) > 1:
+            raise ValueError(f"cannot concatenate rollouts: {key} shapes {[tuple(v.shape) for v in vs]} differ")
+        inputs[key] = torch.cat(vs, dim=0)
+    width = max(p.completion_ids.shape[1] for p in parts)
+    groups, offset = [], 0
+    for p in parts:
+        groups.append(p.group + offset)
+        offset += int(p.group.max()) + 1 if len(p) else 0
+    extra = {}
+    for key in parts[0].extra:
+        vs = [p.extra[key] for p in parts]
+        if torch.is_tensor(vs[0]):
+            extra[key] = torch.cat([_pad_to(v, width, 0, left=False) if v.dim() > 1 else v for v in vs], dim=0)
+        else:
+            extra[key] = [x for v in vs for x in v]
+    return Rollout(
+        inputs=inputs,
+        completion_ids=torch.cat([_pad_to(p.completion_ids, width, pad_token_id, left=False) for p in parts]),
+        completion_mask=torch.cat([_pad_to(p.completion_mask, width, 0, left=False) for p in parts]),
+        texts=[t for p in parts for t in p.texts], samples=[x for p in parts for x in p.samples],
+        group=torch.cat(groups), extra=extra,
+    )
+
+
 def sample_rollouts(backbone, batch: dict, num_generations: int, max_new_tokens: int = 48, temperature: float = 1.0,
                     top_p: float = 1.0, top_k: int = 0, do_sample: bool = True) -> Rollout:
     """G completions per prompt of a :class:`PromptCollator` batch, from one ``generate`` call."""
