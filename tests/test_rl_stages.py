@@ -270,6 +270,7 @@ def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
     assert 0 < metrics["train/completion_len"] <= 12
     assert 0 < metrics["time/generate_s"] < metrics["time/step_s"]  # the step's time, split by where it goes
     assert metrics["time/reward_s"] >= 0 and metrics["time/update_s"] > 0
+    assert 0 <= metrics["reward/total/zero_spread_frac"] <= 1
     rows = [json.loads(l) for l in (out / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == steps * 2 * 3  # every rollout step: both prompts x 3 completions
     assert {"prompt", "completion", "reference", "reward", "advantage", "reward/relevance", "reward/localization"} <= set(rows[0])

@@ -28,6 +28,7 @@ import torch
 
 from unveil.data.collate import PromptCollator
 from unveil.rewards.base import RewardOutput
+from unveil.rewards.composite import zero_spread_fraction
 from unveil.stages.base import StageModule
 from unveil.stages.rollout import ReferencePolicy, Rollout, sample_rollouts
 from unveil.stages.rollout import disable_dropout as _disable_dropout
@@ -136,11 +137,7 @@ class RLStageModule(StageModule):
         n_prompts = int(ro.group.max()) + 1 if len(ro) else 1
         logs = {k: v for k, v in reward.stats.items() if isinstance(v, float) and math.isfinite(v)}
         logs.update({f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
-        total = ro.extra["reward"]
-        _, inv = torch.unique(ro.group, return_inverse=True)
-        spread = torch.zeros(int(inv.max()) + 1, device=total.device).index_reduce_(0, inv, total, "amax", include_self=False) \
-            - torch.zeros(int(inv.max()) + 1, device=total.device).index_reduce_(0, inv, total, "amin", include_self=False)
-        logs["reward/total/zero_spread_frac"] = float((spread.abs() < 1e-6).float().mean())  # groups without signal
+        logs["reward/total/zero_spread_frac"] = zero_spread_fraction(ro.extra["reward"], ro.group)  # groups without signal
         logs[f"{prefix}/completion_len"] = float(ro.lengths.float().mean())
         eos = self.backbone.tokenizer.eos_token_id
         ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
