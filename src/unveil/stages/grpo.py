@@ -9,7 +9,10 @@ One training step = one batch of P prompts:
                 for ``num_iterations`` passes over ``num_minibatches`` minibatches (one optimiser
                 step each; the "old" policy is the one that sampled).
 
-Definitions match TRL's ``GRPOTrainer`` (see :mod:`unveil.stages.losses`).
+Definitions match TRL's ``GRPOTrainer`` (see :mod:`unveil.stages.losses`). Between 3 and 4,
+``filter_zero_spread`` drops groups whose rewards are all equal, and ``fill_batch`` refills the
+batch with groups from further rollouts: DAPO's dynamic sampling (its overlong-reward shaping is
+not implemented).
 """
 
 from __future__ import annotations
