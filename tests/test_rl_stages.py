@@ -424,6 +424,34 @@ def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, cons
         assert float(trainer.callback_metrics["train/fill_batches"]) == 2.0
 
 
+def test_grpo_dynamic_sampling_waits_for_every_rank(tiny):
+    """Under DDP all ranks must update at the same steps: a rank with nothing kept updates on its
+    whole (zero-advantage) rollout, and a full rank waits for the others up to max_fill_batches."""
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+    bb = make()
+    module = GRPOModule(bb, TokenReward({5}), beta=0.0)
+    loc = [s for s in dm.data["train"] if s.task == "localize"][:4]
+    torch.manual_seed(0)
+    ro = sample_rollouts(bb, module.collator(loc), 2, max_new_tokens=4)
+
+    def scored(values):
+        ro.extra["reward"] = torch.tensor(values, dtype=torch.float)
+        return ro
+
+    flat, half = [0.0] * 8, [0, 1, 0, 0, 0, 1, 0, 0]  # half: groups 0 and 2 have spread
+    module._all_ranks = lambda decision: decision  # one process
+    assert module.groups_with_spread(scored(flat), 4) is None
+    module._all_ranks = lambda decision: False  # another rank disagrees: it has spread / is not full yet
+    assert len(module.groups_with_spread(scored(flat), 4)) == 8  # update on everything, with zero advantages
+    module.fill_batch, module.max_fill_batches = True, 3
+    assert module.groups_with_spread(scored(half), 2) is None  # full here (2 groups), but the others are not
+    assert module.groups_with_spread(scored(half), 2) is None
+    out = module.groups_with_spread(scored(half), 2)  # max_fill_batches reached: every rank updates
+    assert out is not None and len(out) == 4 and module._fill_batches == 3  # 6 groups held, a batch of 2 kept
+
+
 # --- a toy task: RL raises the reward -------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_toy_reward(tiny, tmp_path, algo):

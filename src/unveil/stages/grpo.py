@@ -70,24 +70,39 @@ class GRPOModule(RLStageModule):
     def logprobs(self, model, ro, **kw):
         return completion_logprobs(model, ro, self.temperature, chunk_size=self.forward_batch_size, **kw)
 
+    def _all_ranks(self, decision: bool) -> bool:
+        """True only if every process agrees (under DDP all ranks must step together)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return decision
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=True))
+
     def groups_with_spread(self, ro, n_prompts: int):
-        """The completions to update on, from the groups with reward spread; None = no update yet."""
+        """The completions to update on, from the groups with reward spread; None = no update yet.
+
+        Under DDP every rank updates at the same steps: a rank with nothing kept then updates on
+        its whole rollout, whose zero advantages leave only the KL term."""
         keep = torch.nonzero(group_has_spread(ro.extra["reward"], ro.group)).flatten().cpu()
         self._kept_frac = keep.numel() / max(1, len(ro))
         kept = ro.select(keep) if keep.numel() else None
         if not self.fill_batch:
             self._fill_batches = 1
-            return kept
+            if not self._all_ranks(kept is None):
+                return kept if kept is not None else ro
+            return None
         if kept is not None:
             self._pending.append(kept)
         self._pending_batches += 1
         held = sum(int(torch.unique(p.group).numel()) for p in self._pending)
-        if held < n_prompts and self._pending_batches < self.max_fill_batches:
+        # every rank counts the same rollout batches, so max_fill_batches is reached together
+        if self._pending_batches < self.max_fill_batches and not self._all_ranks(held >= n_prompts):
             return None
         pending, self._fill_batches = self._pending, self._pending_batches
         self._pending, self._pending_batches = [], 0
-        if not pending:
+        if self._all_ranks(not pending):
             return None
+        if not pending:
+            return ro
         merged = concat_rollouts(pending, self.backbone.tokenizer.pad_token_id)
         first = torch.unique(merged.group)[:n_prompts]  # as DAPO: exactly a batch of groups, the rest dropped
         return merged.select(torch.nonzero(torch.isin(merged.group, first)).flatten().cpu())
