@@ -43,7 +43,9 @@ def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None,
     (:func:`unveil.models.generation.generate`)."""
     vocab = vocab or findings_vocab(samples)
     collate = PromptCollator(backbone)
-    metrics = GroupedMetrics()
+    # one process scores the whole split (under DDP, rank 0 after fit): never sync with other ranks,
+    # which are not evaluating and hold no such metrics
+    metrics = GroupedMetrics(sync_on_compute=False)
     records = []
     device = next(backbone.model.parameters()).device
     bar = tqdm(range(0, len(samples), batch_size), desc=f"eval {prefix}", disable=not progress)

@@ -192,9 +192,13 @@ class RLStageModule(StageModule):
     def validation_step(self, batch, batch_idx):
         ro, reward = self.rollout(batch, self.val_num_generations)
         n = len(batch["samples"])
+        # Per-head stats are NaN where a head does not apply, so the keys differ between batches and
+        # ranks: they are logged per rank. A synced log must be issued by every rank, in the same order.
         for k, v in reward.stats.items():
-            if isinstance(v, float) and math.isfinite(v):
-                self.log(f"val/{k}", v, on_epoch=True, batch_size=n, sync_dist=True)
+            if isinstance(v, float) and math.isfinite(v) and k != "reward/total/mean":
+                self.log(f"val/{k}", v, on_epoch=True, batch_size=n)
         total = float(reward.stats.get("reward/total/mean", float(reward.total.mean())))
+        total = total if math.isfinite(total) else 0.0
+        self.log("val/reward/total/mean", total, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("val/loss", -total, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("val/completion_len", float(ro.lengths.float().mean()), on_epoch=True, batch_size=n, sync_dist=True)
