@@ -302,6 +302,20 @@ def test_ppo_steps_value_head_saved(tiny, tmp_path):
     assert ckpt["global_step"] == 4  # optimiser steps: 2 rollout steps x 2 minibatches
 
 
+def fit_batches(module, dm, n_batches: int, tmp_path):
+    """One epoch of ``n_batches`` rollout batches of 4 prompts; returns the Trainer."""
+    import pytorch_lightning as pl
+
+    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=n_batches, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    dm.batch_size = batch_size
+    return trainer
+
+
 class OddGroupReward(TokenReward):
     """Rewards 0, 1, 2, ... on the completions of the odd-numbered prompts of a batch (spread
     always); 0 for every completion of the even ones, or of all prompts when ``constant``."""
@@ -320,8 +334,6 @@ class OddGroupReward(TokenReward):
 def test_grpo_filter_zero_spread(tiny, tmp_path, constant):
     """Groups whose completions all scored the same leave the update; a batch of only such groups
     makes no optimiser step at all."""
-    import pytorch_lightning as pl
-
     from unveil.stages.grpo import GRPOModule
 
     dm, make = tiny
@@ -331,13 +343,7 @@ def test_grpo_filter_zero_spread(tiny, tmp_path, constant):
     module = GRPOModule(bb, reward, beta=0.0, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
                         max_new_tokens=8, log_completions_every=0, filter_zero_spread=True)
     before = [p.detach().clone() for p in bb.model.parameters()]
-    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
-    pl.seed_everything(0)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=str(tmp_path))
-    trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    dm.batch_size = batch_size
+    trainer = fit_batches(module, dm, 2, tmp_path)
     changed = any(not torch.equal(a, b) for a, b in zip(before, bb.model.parameters()))
     if constant:
         assert trainer.global_step == 0 and not changed
@@ -390,8 +396,6 @@ def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
 def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, constant):
     """Half of each batch's groups have spread: two rollout batches make one update of a full batch.
     With no spread at all, max_fill_batches batches pass and nothing is updated."""
-    import pytorch_lightning as pl
-
     from unveil.stages.grpo import GRPOModule
 
     dm, make = tiny
@@ -409,13 +413,7 @@ def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, cons
         return out
 
     module.groups_with_spread = recording
-    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
-    pl.seed_everything(0)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=str(tmp_path))
-    trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    dm.batch_size = batch_size
+    trainer = fit_batches(module, dm, 4, tmp_path)
     if constant:
         assert trainer.global_step == 0 and sizes == [None] * 4
     else:
