@@ -76,17 +76,24 @@ def group_normalise(scores: torch.Tensor, group: torch.Tensor, norm: str) -> tor
     return out.float()
 
 
+def group_spread(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group (vectorised, run every step): max - min of its finite scores, whether it has any
+    finite score, and each completion's group index. Group ids may be any integers."""
+    _, inv = torch.unique(group, return_inverse=True)
+    k = int(inv.max()) + 1 if inv.numel() else 0
+    v = scores.float().to(inv.device)
+    ok = torch.isfinite(v)
+    hi = torch.full((k,), -float("inf"), device=v.device).scatter_reduce(0, inv, torch.where(ok, v, -float("inf")), "amax")
+    lo = torch.full((k,), float("inf"), device=v.device).scatter_reduce(0, inv, torch.where(ok, v, float("inf")), "amin")
+    finite = torch.zeros(k, dtype=torch.bool, device=v.device).scatter_reduce(0, inv, ok, "amax")
+    return torch.where(finite, hi - lo, torch.zeros_like(hi)), finite, inv
+
+
 def zero_spread_fraction(scores: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> float:
     """Fraction of groups (with >= 1 finite score) whose finite scores are all equal."""
-    n_groups, n_flat = 0, 0
-    for g in torch.unique(group):
-        v = scores[group == g]
-        v = v[torch.isfinite(v)]
-        if v.numel() == 0:
-            continue
-        n_groups += 1
-        n_flat += int(float(v.max() - v.min()) <= tol)
-    return n_flat / n_groups if n_groups else float("nan")
+    spread, finite, _ = group_spread(scores, group)
+    n = int(finite.sum())
+    return float(((spread <= tol) & finite).sum()) / n if n else float("nan")
 
 
 def _mean_std(v: torch.Tensor) -> tuple[float, float]:

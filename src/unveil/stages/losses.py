@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from unveil.rewards.composite import group_spread
+
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -81,12 +83,8 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "g
 def group_has_spread(rewards: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     """``[N]`` bool: whether the completion's group holds rewards that differ by more than ``tol``.
     A group without spread has zero group-relative advantage (DAPO's dynamic-sampling criterion)."""
-    r = rewards.float()
-    _, inv = torch.unique(group, return_inverse=True)
-    k = int(inv.max()) + 1 if inv.numel() else 0
-    hi = torch.full((k,), -float("inf"), device=r.device).scatter_reduce(0, inv, r, "amax")
-    lo = torch.full((k,), float("inf"), device=r.device).scatter_reduce(0, inv, r, "amin")
-    return (hi - lo)[inv] > tol
+    spread, _, inv = group_spread(rewards, group)
+    return spread[inv] > tol
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

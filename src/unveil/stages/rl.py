@@ -143,7 +143,7 @@ class RLStageModule(StageModule):
         ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
         logs[f"{prefix}/truncated_frac"] = float((~ended).float().mean())  # no EOS within max_new_tokens
         # where a step's time goes: sampling, reward heads, and the rest (log-probs, reference, updates)
-        t = getattr(self, "_times", None)
+        t = self._times
         if t:
             total_s = time.perf_counter() - t["start"]
             logs.update({"time/generate_s": t["generate"], "time/reward_s": t["reward"],
