@@ -17,6 +17,11 @@ softmax pool of the patch tokens, and the pooled token is added to every token. 
 warm-up it carries the first lesion's box-edge code (:mod:`unveil.models.coord_features`),
 so the language model can copy the box without first learning to attend to one patch of 64.
 
+Opt-in, ``slot_tokens=K``: K more detector pools, one per box in reading order, each emitted as
+its own token after the patch tokens (like a ViT's CLS token, but at the end). Added to every
+token, a second box's code gets mixed up with the first (tried: IoU fell); as a token at a
+fixed position, the language model can read "box k" from "slot k".
+
 Registered with transformers' Auto classes on import, so ``save_pretrained`` /
 ``from_pretrained`` of the whole LLaVA work offline without ``trust_remote_code``.
 """
@@ -34,12 +39,15 @@ class ConvVisionConfig(PretrainedConfig):
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, num_channels: int = 3, hidden_size: int = 96,
                  widths: tuple[int, ...] = (32, 48, 64), num_hidden_layers: int = 1, num_attention_heads: int = 4,
-                 detector_pool: bool = True, **kwargs):
+                 detector_pool: bool = True, slot_tokens: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
         self.hidden_size, self.widths = hidden_size, list(widths)
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.detector_pool = detector_pool
+        self.slot_tokens = int(slot_tokens)
+        if self.slot_tokens < 0:
+            raise ValueError(f"slot_tokens must be >= 0, got {slot_tokens}")
 
 
 class ConvVisionModel(PreTrainedModel):
@@ -75,6 +83,10 @@ class ConvVisionModel(PreTrainedModel):
         if config.detector_pool:
             self.objectness = nn.Linear(config.hidden_size, 1)
             self.pool_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        if config.slot_tokens:
+            self.slot_objectness = nn.Linear(config.hidden_size, config.slot_tokens)
+            self.slot_proj = nn.Linear(config.hidden_size, config.hidden_size)
+            self.slot_embedding = nn.Parameter(torch.zeros(1, config.slot_tokens, config.hidden_size))
         self.post_init()
 
     def _init_weights(self, module):
@@ -86,6 +98,10 @@ class ConvVisionModel(PreTrainedModel):
             if self.config.detector_pool:  # the pooled token starts as a plain copy
                 nn.init.eye_(self.pool_proj.weight)
                 nn.init.zeros_(self.pool_proj.bias)
+            if self.config.slot_tokens:  # a slot token starts as its pooled token plus "which slot"
+                nn.init.eye_(self.slot_proj.weight)
+                nn.init.zeros_(self.slot_proj.bias)
+                nn.init.normal_(self.slot_embedding, std=0.02)
 
     def encode(self, pixel_values: torch.Tensor):
         """Patch tokens before the pool, per-layer states, objectness logits (B, N) and pooled token (B, C)."""
@@ -108,11 +124,20 @@ class ConvVisionModel(PreTrainedModel):
         pooled = torch.einsum("bn,bnc->bc", logits.softmax(-1), x)
         return x, states, logits, pooled
 
+    def slots(self, x: torch.Tensor):
+        """Per-slot objectness logits (B, K, N) and pooled tokens (B, K, C) from the normed patch tokens."""
+        logits = self.slot_objectness(x).transpose(1, 2)
+        return logits, torch.einsum("bkn,bnc->bkc", logits.softmax(-1), x)
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
         x, states, logits, pooled = self.encode(pixel_values)
+        patches = x
         if logits is not None:
             x = x + self.pool_proj(pooled).unsqueeze(1)
-            states[-1] = x
+        if self.config.slot_tokens:
+            _, slot_pooled = self.slots(patches)
+            x = torch.cat([x, self.slot_proj(slot_pooled) + self.slot_embedding], dim=1)
+        states[-1] = x
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=tuple(states))
 
 

@@ -27,6 +27,9 @@ class TinyLlavaSpec:
     vocab_size: int = 384  # of the locally trained tokenizer
     # number tokens start from their value's Fourier code (src/unveil/models/coord_features.py)
     number_code: bool = True
+    # conv tower only: K extra image tokens after the patches, slot k pooling box k in reading
+    # order (src/unveil/models/conv_vision.py); 0 keeps the plain grid of patch tokens
+    slot_tokens: int = 0
 
 
 def build_processor(tokenizer, spec: TinyLlavaSpec):
@@ -38,7 +41,7 @@ def build_processor(tokenizer, spec: TinyLlavaSpec):
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0,
+        vision_feature_select_strategy="full", num_additional_image_tokens=spec.slot_tokens,
         chat_template=tokenizer.chat_template,
     )
 
@@ -50,7 +53,10 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
         from unveil.models.conv_vision import ConvVisionConfig
 
         vision = ConvVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.vision_hidden,
-                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads)
+                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                  slot_tokens=spec.slot_tokens)
+    elif spec.slot_tokens:
+        raise ValueError(f"model.spec.slot_tokens needs model.spec.vision=conv, got {spec.vision!r}")
     elif spec.vision == "siglip":
         vision = SiglipVisionConfig(
             hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
@@ -68,7 +74,7 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
     config = LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2 + spec.slot_tokens,
         vision_feature_select_strategy="full", vision_feature_layer=-1,
     )
     with torch.random.fork_rng():

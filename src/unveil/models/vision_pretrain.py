@@ -29,6 +29,34 @@ from unveil.models.coord_features import N_FREQ, fourier
 log = logging.getLogger(__name__)
 
 
+def _centres(grid: int):
+    centres = (torch.arange(grid) + 0.5) / grid
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    return cx.reshape(-1), cy.reshape(-1)
+
+
+def _box_patches(b, cx, cy, grid: int) -> torch.Tensor:
+    """[grid * grid] bool: patches whose centre is inside the box; a box smaller than a patch
+    still owns the patch holding its centre."""
+    x1, y1, x2, y2 = b
+    inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
+    inside[int(min(grid - 1, (y1 + y2) / 2 * grid)) * grid + int(min(grid - 1, (x1 + x2) / 2 * grid))] = True
+    return inside
+
+
+def slot_targets(samples, grid: int, slots: int):
+    """Per image and slot k: the patches of box k in reading order (B, K, N), its edges (B, K, 4)
+    and whether it exists (B, K). Reading order is the synthetic answers' (x1, then y1)."""
+    mask = torch.zeros(len(samples), slots, grid * grid, dtype=torch.bool)
+    box = torch.zeros(len(samples), slots, 4)
+    cx, cy = _centres(grid)
+    for i, s in enumerate(samples):
+        on_image = [b for k, b in enumerate(s.boxes) if not s.box_images or s.box_images[k] == 0]
+        for k, b in enumerate(sorted(on_image, key=lambda b: (b[0], b[1]))[:slots]):
+            mask[i, k], box[i, k] = _box_patches(b, cx, cy, grid), torch.tensor(list(b), dtype=torch.float32)
+    return mask, box, mask.any(-1)
+
+
 def patch_targets(samples, grid: int, classes: list[str]):
     """Per patch: class id (0 = background), the covering box (xyxy), whether it belongs to the
     first box in reading order; per image: that first box (zeros for a normal study)."""
@@ -36,9 +64,7 @@ def patch_targets(samples, grid: int, classes: list[str]):
     box = torch.zeros(len(samples), grid * grid, 4)
     first = torch.zeros(len(samples), grid * grid, dtype=torch.bool)
     first_box = torch.zeros(len(samples), 4)
-    centres = (torch.arange(grid) + 0.5) / grid
-    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-    cx, cy = cx.reshape(-1), cy.reshape(-1)
+    cx, cy = _centres(grid)
     for i, s in enumerate(samples):
         # larger boxes first, so a small lesion inside a big one keeps its own patches
         order = sorted(range(len(s.boxes)), key=lambda k: -(s.boxes[k][2] - s.boxes[k][0]) * (s.boxes[k][3] - s.boxes[k][1]))
@@ -48,10 +74,7 @@ def patch_targets(samples, grid: int, classes: list[str]):
             if s.box_images and s.box_images[k] != 0:
                 continue
             x1, y1, x2, y2 = s.boxes[k]
-            inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
-            # a box smaller than a patch still owns the patch holding its centre
-            j = int(min(grid - 1, (y1 + y2) / 2 * grid)) * grid + int(min(grid - 1, (x1 + x2) / 2 * grid))
-            inside[j] = True
+            inside = _box_patches(s.boxes[k], cx, cy, grid)
             label = classes.index(s.findings[k]) + 1 if s.findings and s.findings[k] in classes else 1
             cls[i, inside] = label
             box[i, inside] = torch.tensor([x1, y1, x2, y2])
@@ -105,6 +128,41 @@ def pooled_box_iou(tower, head_box, processor, samples, images, batch_size: int 
     return sum(ious) / len(ious)
 
 
+def slot_loss(tower, head_box, head_present, tokens, mask, boxes, present) -> torch.Tensor:
+    """Slot k points at box k's patches, pools what decodes to its edges, and says whether box k
+    exists. ``tokens``: the normed patch tokens (B, N, C); targets from :func:`slot_targets`."""
+    logits, pooled = tower.slots(tokens)  # (B, K, N), (B, K, C)
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits, mask.float(), pos_weight=torch.tensor(5.0, device=tokens.device))
+    loss = loss + nn.functional.binary_cross_entropy_with_logits(head_present(pooled).squeeze(-1), present.float())
+    if present.any():
+        loss = loss + 0.5 * code_loss(head_box(pooled[present]), boxes[present])
+    return loss
+
+
+@torch.no_grad()
+def slot_box_iou(tower, head_box, processor, samples, images, slots: int, batch_size: int = 64) -> list[float]:
+    """Per slot k: mean IoU of its decoded box against box k in reading order, where box k exists."""
+    from unveil.data.boxes import iou_matrix
+
+    chosen = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
+    was = tower.training
+    tower.eval()
+    device = next(tower.parameters()).device
+    grid = tower.config.image_size // tower.config.patch_size
+    ious: list[list[float]] = [[] for _ in range(slots)]
+    for i in range(0, len(chosen), batch_size):
+        chunk = chosen[i: i + batch_size]
+        pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
+        tokens = tower.encode(pv)[0]
+        pred = decode_code(head_box(tower.slots(tokens)[1])).cpu()  # (B, K, 4)
+        _, gt, present = slot_targets(chunk, grid, slots)
+        for b, k in present.nonzero().tolist():
+            ious[k].append(float(iou_matrix([pred[b, k].tolist()], [gt[b, k].tolist()])[0, 0]))
+    tower.train(was)
+    return [sum(v) / len(v) if v else float("nan") for v in ious]
+
+
 def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4, batch_size: int = 32,
                           seed: int = 0, progress: bool = True, val_samples=None) -> dict[str, float]:
     """Train ``backbone``'s vision tower in place; returns the final losses (and, given
@@ -120,6 +178,11 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     head_cls = nn.Linear(vcfg.hidden_size, len(classes) + 1)
     head_box = nn.Linear(vcfg.hidden_size, 4 * 2 * N_FREQ)
     params = list(tower.parameters()) + list(head_cls.parameters()) + list(head_box.parameters())
+    n_slots = int(getattr(vcfg, "slot_tokens", 0) or 0) if hasattr(tower, "slots") else 0
+    # does slot k hold a box? (a normal or one-box study leaves slots empty); thrown away too
+    head_present = nn.Linear(vcfg.hidden_size, 1) if n_slots else None
+    if head_present is not None:
+        params += list(head_present.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     from unveil.data.collate import ImageCache
@@ -130,6 +193,8 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     weight[1:] = 5.0
     device = next(tower.parameters()).device
     head_cls.to(device), head_box.to(device)
+    if head_present is not None:
+        head_present.to(device)
     pooling = bool(getattr(vcfg, "detector_pool", False)) and hasattr(tower, "encode")
     flags = [p.requires_grad for p in tower.parameters()]
     for p in tower.parameters():  # a tower frozen for SFT (model.freeze.vision) is still warmed up
@@ -141,7 +206,7 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
         batch = [pool[rng.randrange(len(pool))] for _ in range(batch_size)]
         pv = backbone.processor.image_processor([images(s.images[0]) for s in batch], return_tensors="pt")["pixel_values"].to(device)
         cls, box, first, first_box = (t.to(device) for t in patch_targets(batch, grid, classes))
-        if pooling:
+        if hasattr(tower, "encode"):  # the patch tokens alone, without slot tokens after them
             tokens, _, obj, pooled = tower.encode(pv)
         else:
             tokens, obj, pooled = tower(pv, output_hidden_states=True).hidden_states[-1], None, None
@@ -156,6 +221,8 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
             loss_obj = nn.functional.binary_cross_entropy_with_logits(obj, first.float(), pos_weight=torch.tensor(5.0, device=device))
             loss_pool = code_loss(head_box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
             loss = loss + loss_obj + 0.5 * loss_pool
+        if n_slots:
+            loss = loss + slot_loss(tower, head_box, head_present, tokens, *(t.to(device) for t in slot_targets(batch, grid, n_slots)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad()
@@ -166,5 +233,8 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
         p.requires_grad_(f)
     if val_samples and pooling:
         stats["vision_warmup/val_pool_iou"] = pooled_box_iou(tower, head_box, backbone.processor, val_samples, images)
+    if val_samples and n_slots:
+        for k, v in enumerate(slot_box_iou(tower, head_box, backbone.processor, val_samples, images, n_slots)):
+            stats[f"vision_warmup/val_slot{k + 1}_iou"] = v
     log.info("vision warm-up: %s", stats)
     return stats

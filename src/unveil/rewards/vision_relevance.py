@@ -12,7 +12,8 @@ tokens naming the finding put on the image-patch tokens inside the ground-truth 
 - ``Nbar``: image tokens whose patch centre lies inside a ground-truth box of that image (the
   patch holding the box centre when a box is smaller than a patch). The image tokens of a
   LLaVA-style model are a contiguous run of ``grid x grid`` tokens in row-major patch order per
-  image, ``grid = vision image_size // patch_size`` (a perfect-square run otherwise); Qwen2-VL
+  image, ``grid = vision image_size // patch_size`` (a perfect-square run otherwise), followed by
+  the conv tower's ``slot_tokens`` when it has any (they are not patches); Qwen2-VL
   grids come from ``image_grid_thw`` and the spatial merge size. Any other layout gives NaN.
 - the softmax runs over all keys (text, image and the attention sink), as the model computes it;
   the attention probabilities are averaged over the configured ``layers`` and ``heads`` (default:
@@ -219,6 +220,8 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
         size = size if isinstance(size, int) else size[0]
         patch = patch if isinstance(patch, int) else patch[0]
         g = int(size) // int(patch)
+    # tokens after each image's patches that are not patches (the conv tower's slot tokens)
+    extra = int(getattr(vc, "slot_tokens", 0) or 0) if vc is not None else 0
     merge = int(getattr(vc, "spatial_merge_size", 1) or 1) if vc is not None else 1
     out, ptr = [], 0
     for r in range(input_ids.shape[0]):
@@ -234,9 +237,9 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
             dims = [(int(h) // merge, int(w) // merge) for _t, h, w in thw.tolist()]
             if sum(int(t) * h * w for (t, _, _), (h, w) in zip(thw.tolist(), dims)) == k and all(int(t) == 1 for t, _, _ in thw.tolist()):
                 grids = dims
-        elif g and k % (g * g) == 0:
-            grids = [(g, g)] * (k // (g * g))
-        elif math.isqrt(k) ** 2 == k:
+        elif g and k % (g * g + extra) == 0:
+            grids = [(g, g)] * (k // (g * g + extra))
+        elif not extra and math.isqrt(k) ** 2 == k:
             grids = [(math.isqrt(k), math.isqrt(k))]
         if grids is None:
             out.append(None)
@@ -244,7 +247,7 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
         items, start = [], 0
         for gh, gw in grids:
             items.append((pos[start: start + gh * gw], gh, gw))
-            start += gh * gw
+            start += gh * gw + extra
         out.append(items)
     return out
 
