@@ -103,7 +103,8 @@ def commands(a, out: Path) -> dict:
     else:
         data_small = []
         steps = a.sft_steps or SFT_STEPS
-        sft = py + ["unveil.train", f"model.vision_pretrain.steps={a.sft_warmup}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+        # a short SFT that still invents boxes, on the plain patch grid the table was made with
+        sft = py + ["unveil.train", f"model.vision_pretrain.steps={a.sft_warmup}", "model.spec.slot_tokens=0", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                     "eval.split=val", f"hydra.run.dir={out / 'sft'}"]
         caps = f"max_samples={{train:{a.train_records},val:{VAL_RECORDS}}}"
         k = a.dpo_steps or DPO_STEPS
@@ -287,7 +288,7 @@ def main() -> None:
     note = ("Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
             "pipeline runs end to end." if a.quick else
             f"$OUT = `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`. SFT: the default recipe cut to "
-            f"{a.sft_warmup} vision warm-up steps (default 400) and {sft_steps} SFT steps (default 1,300; cosine schedule "
+            f"{a.sft_warmup} vision warm-up steps (default 800), no slot tokens and {sft_steps} SFT steps (default 1,300; cosine schedule "
             f"over those steps); "
             f"the default 1,300 steps invents no boxes on normal studies. Preference data from the first "
             f"{a.train_records} training records; DPO {a.dpo_steps or DPO_STEPS} steps x 8 pairs, LoRA r16, lr {a.lr}, "
