@@ -21,7 +21,8 @@ def test_build_save_load_offline(make_cfg, tmp_path, synthetic_dir):
         ids = batch["input_ids"][i][batch["labels"][i] != -100]
         assert bb.tokenizer.decode(ids, skip_special_tokens=True).strip() == s.target
     image_token = bb.base_model.config.image_token_index
-    assert int((batch["input_ids"][0] == image_token).sum()) == (cfg.model.spec.image_size // cfg.model.spec.patch_size) ** 2
+    patches = (cfg.model.spec.image_size // cfg.model.spec.patch_size) ** 2
+    assert int((batch["input_ids"][0] == image_token).sum()) == patches + cfg.model.spec.slot_tokens
     bb.save(tmp_path / "saved")
     from omegaconf import OmegaConf, open_dict
 
