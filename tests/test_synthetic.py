@@ -77,3 +77,33 @@ def test_refuses_to_overwrite_real_data(tmp_path):
     with pytest.raises(FileExistsError, match="did not write"):
         generate(SyntheticConfig(n_patients=4), tmp_path, progress=False)
     assert (tmp_path / "train.jsonl").read_text() == '{"id": "mine"}\n'
+
+
+
+def test_a_run_waits_for_a_set_another_run_is_writing(tmp_path):
+    """A multirun may start several runs on one set that is not generated yet. One writes it (holding
+    ``<set>.lock``); another must wait for it, not fail on its half-written files or rewrite them."""
+    import threading
+
+    from filelock import FileLock
+
+    out = tmp_path / "shared"
+    cfg = SyntheticConfig(n_patients=12, seed=4)
+    writer = FileLock(str(out) + ".lock")
+    writer.acquire()
+    (out / "images").mkdir(parents=True)
+    (out / "train.jsonl").write_text('{"id": "half-wri')  # the other run is mid-way through its files
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(path=generate(cfg, out, progress=False)), daemon=True)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not result  # waiting, not raising on the foreign-looking JSONL
+    (out / "train.jsonl").unlink()  # the writer finishes its set ...
+    from unveil.data.synthetic.generator import _generate
+
+    _generate(cfg, out, progress=False)
+    writer.release()  # ... and lets go
+    t.join(30)
+    assert result["path"] == out
+    info = json.loads((out / "info.json").read_text())
+    assert len(mau_jsonl.read(out / "train.jsonl")) == info["records"]["train"] > 0

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -111,6 +112,13 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = True) -
     Skips the work when out_dir already holds a finished set with the same fingerprint.
     """
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # runs of a sweep may start on one set at once: one writes it, the others wait, then reuse it
+    with FileLock(str(out) + ".lock"):
+        return _generate(cfg, out, progress)
+
+
+def _generate(cfg: SyntheticConfig, out: Path, progress: bool = True) -> Path:
     done = out / "info.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == cfg.fingerprint():
         return out

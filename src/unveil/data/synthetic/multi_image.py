@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from unveil.data.schema import IMAGE_PLACEHOLDER
@@ -359,6 +360,13 @@ def generate_multi_image(cfg: MultiImageConfig, out_dir: str | Path, progress: b
     Skips the work when out_dir already holds a finished set with the same fingerprint.
     """
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # runs of a sweep may start on one set at once: one writes it, the others wait, then reuse it
+    with FileLock(str(out) + ".lock"):
+        return _generate_multi_image(cfg, out, progress)
+
+
+def _generate_multi_image(cfg: MultiImageConfig, out: Path, progress: bool = False) -> Path:
     done = out / "info.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == cfg.fingerprint():
         return out
