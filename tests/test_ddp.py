@@ -21,3 +21,21 @@ def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/presence_acc" in metrics and "val/loss" in metrics
     assert 0 <= metrics["train/kept_frac"] <= 1
+
+
+def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
+    """DPO logs a fixed key set on every rank (margins, accuracies, weights), so it should sync
+    cleanly; this checks it, and that rank 0's test evaluation does not wait for rank 1."""
+    from test_dpo import _write_preference_set
+
+    data, out = tmp_path / "pref", tmp_path / "run"
+    _write_preference_set(synthetic_dir, data)
+    cmd = [sys.executable, "-m", "unveil.train", "debug=fast", "stage=dpo", "stage.weight_norm=mmedpo", "data=mau_jsonl",
+           f"data.root={data}", "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
+           "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
+           "data.max_samples.test=8", f"hydra.run.dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test/presence_acc" in metrics and "val/rewards/margins" in metrics
