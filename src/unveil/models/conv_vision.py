@@ -17,10 +17,11 @@ softmax pool of the patch tokens, and the pooled token is added to every token. 
 warm-up it carries the first lesion's box-edge code (:mod:`unveil.models.coord_features`),
 so the language model can copy the box without first learning to attend to one patch of 64.
 
-Opt-in, ``slot_tokens=K``: K more detector pools, one per box in reading order, each emitted as
-its own token after the patch tokens (like a ViT's CLS token, but at the end). Added to every
-token, a second box's code gets mixed up with the first (tried: IoU fell); as a token at a
-fixed position, the language model can read "box k" from "slot k".
+``slot_tokens=K`` (0 here; ``conf/model/tiny_llava.yaml`` sets 2): K more detector pools, one
+per box in reading order, each emitted as its own token after the patch tokens (like a ViT's CLS
+token, but at the end). Added to every token, a second box's code gets mixed up with the first
+(tried: IoU fell); as a token at a fixed position, the language model can read "box k" from
+"slot k".
 
 Registered with transformers' Auto classes on import, so ``save_pretrained`` /
 ``from_pretrained`` of the whole LLaVA work offline without ``trust_remote_code``.
