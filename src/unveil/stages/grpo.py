@@ -11,8 +11,8 @@ One training step = one batch of P prompts:
 
 Definitions match TRL's ``GRPOTrainer`` (see :mod:`unveil.stages.losses`). Between 3 and 4,
 ``filter_zero_spread`` drops groups whose rewards are all equal, and ``fill_batch`` refills the
-batch with groups from further rollouts: DAPO's dynamic sampling (its overlong-reward shaping is
-not implemented).
+batch with groups from further rollouts: DAPO's dynamic sampling. DAPO's overlong-reward shaping
+is a reward head (``reward=[<preset>,overlong]``, :mod:`unveil.rewards.overlong`).
 """
 
 from __future__ import annotations
