@@ -104,28 +104,33 @@ def code_loss(code: torch.Tensor, boxes: torch.Tensor, grid: int = 100, sigma: f
     return -(target * code_scores(code, grid).log_softmax(-1)).sum(-1).mean()
 
 
+def _abnormal_batches(tower, processor, samples, images, batch_size: int):
+    """(studies, tower.encode outputs) over up to 512 abnormal localisation studies, in eval mode."""
+    abnormal = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
+    was = tower.training
+    tower.eval()
+    device = next(tower.parameters()).device
+    try:
+        for i in range(0, len(abnormal), batch_size):
+            chunk = abnormal[i: i + batch_size]
+            pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
+            yield chunk, tower.encode(pv)
+    finally:
+        tower.train(was)
+
+
 @torch.no_grad()
 def pooled_box_iou(tower, head_box, processor, samples, images, batch_size: int = 64) -> float:
     """Mean IoU of the pooled token's decoded box against the first box, on abnormal studies."""
     from unveil.data.boxes import iou_matrix
 
-    abnormal = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
-    if not abnormal or not hasattr(tower, "encode"):
+    if not hasattr(tower, "encode"):
         return float("nan")
-    was = tower.training
-    tower.eval()
-    device = next(tower.parameters()).device
     ious = []
-    for i in range(0, len(abnormal), batch_size):
-        chunk = abnormal[i: i + batch_size]
-        pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
-        _, _, _, pooled = tower.encode(pv)
-        pred = decode_code(head_box(pooled)).cpu().tolist()
-        for s, p in zip(chunk, pred):
-            gt = min(s.boxes, key=lambda b: (b[0], b[1]))
-            ious.append(float(iou_matrix([p], [gt])[0, 0]))
-    tower.train(was)
-    return sum(ious) / len(ious)
+    for chunk, (_, _, _, pooled) in _abnormal_batches(tower, processor, samples, images, batch_size):
+        for s, p in zip(chunk, decode_code(head_box(pooled)).cpu().tolist()):
+            ious.append(float(iou_matrix([p], [min(s.boxes, key=lambda b: (b[0], b[1]))])[0, 0]))
+    return sum(ious) / len(ious) if ious else float("nan")
 
 
 def slot_loss(tower, head_box, head_present, tokens, mask, boxes, present) -> torch.Tensor:
@@ -145,21 +150,13 @@ def slot_box_iou(tower, head_box, processor, samples, images, slots: int, batch_
     """Per slot k: mean IoU of its decoded box against box k in reading order, where box k exists."""
     from unveil.data.boxes import iou_matrix
 
-    chosen = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
-    was = tower.training
-    tower.eval()
-    device = next(tower.parameters()).device
     grid = tower.config.image_size // tower.config.patch_size
     ious: list[list[float]] = [[] for _ in range(slots)]
-    for i in range(0, len(chosen), batch_size):
-        chunk = chosen[i: i + batch_size]
-        pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
-        tokens = tower.encode(pv)[0]
+    for chunk, (tokens, *_) in _abnormal_batches(tower, processor, samples, images, batch_size):
         pred = decode_code(head_box(tower.slots(tokens)[1])).cpu()  # (B, K, 4)
         _, gt, present = slot_targets(chunk, grid, slots)
         for b, k in present.nonzero().tolist():
             ious[k].append(float(iou_matrix([pred[b, k].tolist()], [gt[b, k].tolist()])[0, 0]))
-    tower.train(was)
     return [sum(v) / len(v) if v else float("nan") for v in ious]
 
 
