@@ -422,6 +422,55 @@ def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, cons
         assert float(trainer.callback_metrics["train/fill_batches"]) == 2.0
 
 
+def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
+    """A checkpoint taken while groups are held for the refill stores them (loadable with
+    weights_only=True); the resumed run updates on them together with the next batch's groups,
+    as the uninterrupted run does (sizes [None, 16] in the test above)."""
+    import pytorch_lightning as pl
+
+    from unveil.stages.grpo import GRPOModule
+
+    dm, make = tiny
+
+    def fit(epochs: int, ckpt_path=None):  # one rollout batch per epoch
+        bb = make()
+        vocab = len(bb.tokenizer)
+        reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids))
+        module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
+                            max_new_tokens=8, log_completions_every=0, fill_batch=True, max_fill_batches=3)
+        sizes, pick = [], module.groups_with_spread
+
+        def recording(ro, n_prompts):
+            out = pick(ro, n_prompts)
+            sizes.append(None if out is None else len(out))
+            return out
+
+        module.groups_with_spread = recording
+        saved, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+                             limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+        dm.batch_size = saved
+        return trainer, module, sizes
+
+    trainer, module, sizes = fit(1)
+    assert sizes == [None] and trainer.global_step == 0  # 2 groups with spread held, no update yet
+    held = module._pending[0]
+    trainer.save_checkpoint(tmp_path / "mid_refill.ckpt")
+    state = torch.load(tmp_path / "mid_refill.ckpt", map_location="cpu", weights_only=True)["grpo_fill_batch"]
+    assert state["batches"] == 1 and len(state["held"]) == 1 and len(state["held"][0]["texts"]) == 8
+    restored = type(held).from_state(state["held"][0])
+    assert restored.texts == held.texts and restored.samples == held.samples
+    assert torch.equal(restored.completion_ids, held.completion_ids) and torch.equal(restored.group, held.group)
+    assert torch.equal(restored.extra["advantages"], held.extra["advantages"])
+
+    trainer, module, sizes = fit(2, ckpt_path=str(tmp_path / "mid_refill.ckpt"))
+    assert sizes == [16] and trainer.global_step == 1  # the 2 held groups + 2 new ones: a full batch of 4
+    assert module._pending == [] and module._pending_batches == 0
+
+
 def test_grpo_dynamic_sampling_waits_for_every_rank(tiny):
     """Under DDP all ranks must update at the same steps: a rank with nothing kept updates on its
     whole (zero-advantage) rollout, and a full rank waits for the others up to max_fill_batches."""

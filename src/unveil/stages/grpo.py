@@ -21,7 +21,7 @@ import torch
 
 from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
-from unveil.stages.rollout import completion_logprobs, concat_rollouts
+from unveil.stages.rollout import Rollout, completion_logprobs, concat_rollouts
 
 
 class GRPOModule(RLStageModule):
@@ -103,9 +103,26 @@ class GRPOModule(RLStageModule):
             return None
         if not pending:
             return ro
-        merged = concat_rollouts(pending, self.backbone.tokenizer.pad_token_id)
+        device = ro.completion_ids.device  # groups restored from a checkpoint come back on the CPU
+        merged = concat_rollouts([p.to(device) for p in pending], self.backbone.tokenizer.pad_token_id)
         first = torch.unique(merged.group)[:n_prompts]  # as DAPO: exactly a batch of groups, the rest dropped
         return merged.select(torch.nonzero(torch.isin(merged.group, first)).flatten().cpu())
+
+    # The groups held for the refill are part of the run's state: a run resumed from a checkpoint
+    # taken mid-refill goes on with them, as if it had not stopped.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.fill_batch:
+            checkpoint["grpo_fill_batch"] = {"batches": self._pending_batches, "held": [p.state() for p in self._pending]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        held = checkpoint.get("grpo_fill_batch")
+        if held is None:
+            return
+        # every rank counts the same batches; the groups in the file are rank 0's (the file is rank 0's)
+        self._pending_batches = int(held["batches"])
+        self._pending = [Rollout.from_state(s) for s in held["held"]] if self.global_rank == 0 else []
 
     def training_step(self, batch, batch_idx):
         # 1. rollout: G completions per prompt

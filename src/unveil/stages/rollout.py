@@ -104,6 +104,34 @@ class Rollout:
             extra={k: (v[idx_t.to(v.device)] if torch.is_tensor(v) else [v[i] for i in il]) for k, v in self.extra.items()},
         )
 
+    def to(self, device) -> "Rollout":
+        """The same completions with every tensor on ``device``."""
+        move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+        return Rollout(
+            inputs={k: move(v) for k, v in self.inputs.items()}, completion_ids=move(self.completion_ids),
+            completion_mask=move(self.completion_mask), texts=list(self.texts), samples=list(self.samples),
+            group=move(self.group), extra={k: move(v) for k, v in self.extra.items()},
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors, strings and numbers (Samples as dicts) on the CPU: what a checkpoint
+        holds, and what ``torch.load(weights_only=True)`` gives back."""
+        ro = self.to("cpu")
+        return {
+            "inputs": dict(ro.inputs), "completion_ids": ro.completion_ids, "completion_mask": ro.completion_mask,
+            "texts": ro.texts, "samples": [s.to_dict() for s in ro.samples], "group": ro.group, "extra": dict(ro.extra),
+        }
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> "Rollout":
+        from unveil.data.schema import Sample
+
+        return Rollout(
+            inputs=dict(state["inputs"]), completion_ids=state["completion_ids"], completion_mask=state["completion_mask"],
+            texts=list(state["texts"]), samples=[Sample.from_dict(d) for d in state["samples"]], group=state["group"],
+            extra=dict(state["extra"]),
+        )
+
     def reward_batch(self, backbone=None, vocab: list[str] | None = None) -> RolloutBatch:
         return RolloutBatch(
             samples=self.samples, completions=self.texts, group=self.group,
