@@ -52,6 +52,25 @@ def test_grounding_metrics_hand_computed():
     assert math.isnan(r["closed_acc"])
 
 
+def test_compute_sees_updates_made_after_an_earlier_compute(recwarn):
+    """torchmetrics caches compute(); every typed update must drop that cache (a notebook that
+    computes, adds studies and computes again used to get the first figures back) and count as
+    an update (no 'compute called before update' warning)."""
+    m = GroundingMetrics()
+    gt = [[0.1, 0.1, 0.3, 0.3]]
+    m.update_closed(True)
+    m.update_study(p("Abnormality detected. Region [10, 10, 30, 30]: nodule."), gt, ["nodule"])
+    assert m.compute()["closed_acc"] == 1.0 and m.compute()["iou"] == pytest.approx(1.0)
+    m.update_closed(False)
+    m.update_mcq(True)
+    m.update_study(p("No abnormality detected."), gt, ["nodule"])
+    r = m.compute()
+    assert r["closed_acc"] == pytest.approx(0.5) and r["iou"] == pytest.approx(0.5) and r["mcq_acc"] == 1.0
+    assert not [w for w in recwarn if "before the ``update``" in str(w.message)]
+    with pytest.raises(ValueError, match="kind must be"):
+        m.update("boxes", [])
+
+
 def test_closed_and_mcq():
     assert closed_correct("Yes.", "yes") and closed_correct("nodule, small", "nodule") and not closed_correct("no", "yes")
     assert mcq_letter("B: grown") == "B" and mcq_letter("The answer is C.") == "C"

@@ -39,9 +39,35 @@ class GroundingMetrics(Metric):
         self.iou_threshold = iou_threshold
         for s in _STATES:
             self.add_state(s, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self._scores: dict = {}  # the last study's scores (update_study returns them)
 
+    # Every update goes through torchmetrics' wrapped ``update``, which counts updates and drops
+    # the cached result of ``compute`` (called directly, a second compute returned the first one's
+    # figures). The typed methods below are what callers use.
     def update_study(self, pred, gt_boxes, gt_findings) -> dict:
         """Add one localisation study; returns its per-study scores for the predictions file."""
+        self.update("study", pred, gt_boxes, gt_findings)
+        return self._scores
+
+    def update_closed(self, correct: bool) -> None:
+        self.update("closed", correct)
+
+    def update_mcq(self, correct: bool) -> None:
+        self.update("mcq", correct)
+
+    def update(self, kind: str, *args) -> None:
+        if kind == "study":
+            self._update_study(*args)
+        elif kind == "closed":
+            self.n_closed += 1
+            self.closed_ok += float(args[0])
+        elif kind == "mcq":
+            self.n_mcq += 1
+            self.mcq_ok += float(args[0])
+        else:
+            raise ValueError(f"GroundingMetrics.update: kind must be 'study', 'closed' or 'mcq', not {kind!r}")
+
+    def _update_study(self, pred, gt_boxes, gt_findings) -> None:
         abnormal = len(gt_boxes) > 0
         self.n_studies += 1
         self.presence_ok += float(pred.abnormal == abnormal)
@@ -50,7 +76,8 @@ class GroundingMetrics(Metric):
             self.n_normal += 1
             self.fp += float(pred.abnormal)
             self.invented += float(len(pred.boxes) > 0)
-            return out
+            self._scores = out
+            return
         pairs, m = match_boxes(pred.boxes, gt_boxes)
         per_gt = np.zeros(len(gt_boxes))
         ok = np.zeros(len(gt_boxes))
@@ -65,18 +92,7 @@ class GroundingMetrics(Metric):
         self.hit50 += float((per_gt >= self.iou_threshold).sum())
         self.find_ok += float(ok.sum())
         out.update(iou=float(per_gt.mean()), iou_strict=strict, hit50=float((per_gt >= self.iou_threshold).mean()), finding_ok=float(ok.mean()))
-        return out
-
-    def update_closed(self, correct: bool) -> None:
-        self.n_closed += 1
-        self.closed_ok += float(correct)
-
-    def update_mcq(self, correct: bool) -> None:
-        self.n_mcq += 1
-        self.mcq_ok += float(correct)
-
-    def update(self, *_, **__):  # torchmetrics API; use the typed update_* methods
-        raise NotImplementedError("use update_study / update_closed / update_mcq")
+        self._scores = out
 
     def compute(self) -> dict[str, float]:
         def ratio(a, b):
