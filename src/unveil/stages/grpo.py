@@ -103,8 +103,7 @@ class GRPOModule(RLStageModule):
             return None
         if not pending:
             return ro
-        device = ro.completion_ids.device  # groups restored from a checkpoint come back on the CPU
-        merged = concat_rollouts([p.to(device) for p in pending], self.backbone.tokenizer.pad_token_id)
+        merged = concat_rollouts(pending, self.backbone.tokenizer.pad_token_id)
         first = torch.unique(merged.group)[:n_prompts]  # as DAPO: exactly a batch of groups, the rest dropped
         return merged.select(torch.nonzero(torch.isin(merged.group, first)).flatten().cpu())
 
@@ -123,6 +122,11 @@ class GRPOModule(RLStageModule):
         # every rank counts the same batches; the groups in the file are rank 0's (the file is rank 0's)
         self._pending_batches = int(held["batches"])
         self._pending = [Rollout.from_state(s) for s in held["held"]] if self.global_rank == 0 else []
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # restored groups come back on the CPU; by now the module is on its device
+        self._pending = [p.to(self.device) for p in self._pending]
 
     def training_step(self, batch, batch_idx):
         # 1. rollout: G completions per prompt
