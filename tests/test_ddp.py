@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
     out = tmp_path / "run"
@@ -21,6 +23,36 @@ def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/presence_acc" in metrics and "val/loss" in metrics
     assert 0 <= metrics["train/kept_frac"] <= 1
+    # the checkpoint holds each rank's groups waiting for the refill (rank 0 alone writes it)
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["grpo_fill_batch"]
+    assert len(state["held_by_rank"]) == 2
+
+
+def _gather_held(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from unveil.utils.dist import all_gather_objects
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        held = [{"texts": [f"rank {rank}"] * (rank + 1), "group": torch.full((rank + 1,), rank)}]
+        torch.save(all_gather_objects(held), f"{out_dir}/gathered{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_objects_gives_every_rank_every_ranks_held_groups(tmp_path):
+    """What GRPO's checkpoint stores under DDP: the held groups of each rank, in rank order."""
+    import torch.multiprocessing as mp
+
+    from unveil.utils.dist import all_gather_objects
+
+    assert all_gather_objects({"x": 1}) == [{"x": 1}]  # no process group: just this process's
+    mp.spawn(_gather_held, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        gathered = torch.load(tmp_path / f"gathered{rank}.pt", weights_only=True)
+        assert [g[0]["texts"] for g in gathered] == [["rank 0"], ["rank 1", "rank 1"]]
+        assert torch.equal(gathered[1][0]["group"], torch.tensor([1, 1]))
 
 
 def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):

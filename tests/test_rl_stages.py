@@ -460,8 +460,10 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
     held = module._pending[0]
     trainer.save_checkpoint(tmp_path / "mid_refill.ckpt")
     state = torch.load(tmp_path / "mid_refill.ckpt", map_location="cpu", weights_only=True)["grpo_fill_batch"]
-    assert state["batches"] == 1 and len(state["held"]) == 1 and len(state["held"][0]["texts"]) == 8
-    restored = type(held).from_state(state["held"][0])
+    assert state["batches"] == 1 and len(state["held_by_rank"]) == 1  # one process: one rank's groups
+    (mine,) = state["held_by_rank"]
+    assert len(mine) == 1 and len(mine[0]["texts"]) == 8
+    restored = type(held).from_state(mine[0])
     assert restored.texts == held.texts and restored.samples == held.samples
     assert torch.equal(restored.completion_ids, held.completion_ids) and torch.equal(restored.group, held.group)
     assert torch.equal(restored.extra["advantages"], held.extra["advantages"])
@@ -469,6 +471,16 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
     trainer, module, sizes = fit(2, ckpt_path=str(tmp_path / "mid_refill.ckpt"))
     assert sizes == [16] and trainer.global_step == 1  # the 2 held groups + 2 new ones: a full batch of 4
     assert module._pending == [] and module._pending_batches == 0
+
+
+def test_held_groups_go_back_to_their_rank_and_none_are_lost_on_fewer_ranks():
+    from unveil.stages.grpo import held_for_rank
+
+    saved = [["a0", "a1"], ["b0"], [], ["d0"]]  # four ranks' held groups, as a checkpoint stores them
+    assert [held_for_rank(saved, r, 4) for r in range(4)] == saved
+    assert [held_for_rank(saved, r, 2) for r in range(2)] == [["a0", "a1"], ["b0", "d0"]]
+    assert held_for_rank(saved, 0, 1) == ["a0", "a1", "b0", "d0"]
+    assert held_for_rank([["a0"]], 1, 2) == []  # a rank the old run did not have starts empty
 
 
 def test_grpo_dynamic_sampling_waits_for_every_rank(tiny):

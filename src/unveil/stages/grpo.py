@@ -22,6 +22,13 @@ import torch
 from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
 from unveil.stages.rollout import Rollout, completion_logprobs, concat_rollouts
+from unveil.utils.dist import all_gather_objects
+
+
+def held_for_rank(held_by_rank: list[list], rank: int, world: int) -> list:
+    """The saved groups this rank resumes with. Saved rank r's go to rank r % world, so a run
+    resumed on fewer processes loses none (the refill drops what exceeds a batch, as it always does)."""
+    return [s for r, states in enumerate(held_by_rank) if r % world == rank for s in states]
 
 
 class GRPOModule(RLStageModule):
@@ -108,20 +115,24 @@ class GRPOModule(RLStageModule):
         return merged.select(torch.nonzero(torch.isin(merged.group, first)).flatten().cpu())
 
     # The groups held for the refill are part of the run's state: a run resumed from a checkpoint
-    # taken mid-refill goes on with them, as if it had not stopped.
+    # taken mid-refill goes on with them, as if it had not stopped. Under DDP each rank holds its
+    # own groups and only rank 0 writes the file, so the file gathers every rank's.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.fill_batch:
-            checkpoint["grpo_fill_batch"] = {"batches": self._pending_batches, "held": [p.state() for p in self._pending]}
+            held_by_rank = all_gather_objects([p.state() for p in self._pending])  # every rank saves
+            checkpoint["grpo_fill_batch"] = {"batches": self._pending_batches, "held_by_rank": held_by_rank}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         held = checkpoint.get("grpo_fill_batch")
         if held is None:
             return
-        # every rank counts the same batches; the groups in the file are rank 0's (the file is rank 0's)
-        self._pending_batches = int(held["batches"])
-        self._pending = [Rollout.from_state(s) for s in held["held"]] if self.global_rank == 0 else []
+        trainer = getattr(self, "_trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        by_rank = held["held_by_rank"] if "held_by_rank" in held else [held["held"]]  # older files: rank 0's only
+        self._pending_batches = int(held["batches"])  # every rank counts the same batches
+        self._pending = [Rollout.from_state(s) for s in held_for_rank(by_rank, rank, world)]
 
     def on_train_start(self) -> None:
         super().on_train_start()
