@@ -57,6 +57,12 @@ def train(cfg: DictConfig) -> dict:
     warmup_stats = {}
     built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
     fresh = not cfg.model.get("init_from") and not cfg.get("ckpt_path")
+    if built_in_code and warmup.get("steps", 0) > 0 and cfg.get("ckpt_path") and not cfg.model.get("init_from") \
+            and not str(cfg.stage.get("_target_", "")).endswith("SFTModule"):
+        # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
+        log.warning("resuming %s without model.init_from: the first run warmed the vision tower up before "
+                    "taking its reference model, the resumed run does not, so its reference differs. Start "
+                    "RL/DPO from model.init_from=<SFT run>, which a resume reloads.", cfg.stage.get("_target_"))
     if built_in_code and warmup.get("steps", 0) > 0 and fresh:
         # a model built in code has no pretrained vision encoder: warm its tower up first
         from unveil.models.vision_pretrain import pretrain_vision_tower

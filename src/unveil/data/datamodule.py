@@ -7,16 +7,22 @@ reads it back through the same adapter a real data set uses.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from unveil.data import adapters
 from unveil.data.adapters.base import collect
+from unveil.data.samplers import ResumableWeightedSampler
 from unveil.data.schema import Sample
+
+# torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader iterator: noise in every log
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +125,12 @@ class UnveilDataModule(pl.LightningDataModule):
         sampler, shuffle = None, train
         if train and self.task_weights:
             w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
-            sampler = WeightedRandomSampler(w, num_samples=len(ds), replacement=True, generator=torch.Generator().manual_seed(self.seed))
+            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed))
             shuffle = False
-        return DataLoader(
+        # the training loader's place in the epoch goes into checkpoints (Lightning saves a loader
+        # with state_dict), so a run resumed mid-epoch goes on with the next batch
+        loader = StatefulDataLoader if train else DataLoader
+        return loader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=shuffle, sampler=sampler,
             collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,

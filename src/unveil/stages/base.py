@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytorch_lightning as pl
 import torch
+
+from unveil.utils.dist import all_gather_objects
+from unveil.utils.rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 
 class StageModule(pl.LightningModule):
@@ -57,6 +63,24 @@ class StageModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only the trainable weights change under LoRA; keep checkpoints small and loadable
-        # with torch.load(weights_only=True) by storing plain tensors.
+        # hyper_parameters would pickle config objects: without them torch.load(weights_only=True)
+        # reads the file
         checkpoint.pop("hyper_parameters", None)
+        # The random streams, every rank's (RL sampling, dropout), so that a resumed run draws what
+        # the uninterrupted one would. Every rank dumps the checkpoint; rank 0 writes it.
+        checkpoint["rng_by_rank"] = all_gather_objects(rng_state())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng_by_rank")
+
+    def on_train_start(self) -> None:
+        # Restored here, not at load time: Lightning loads the checkpoint before building the
+        # dataloaders and the optimiser, which draw from the same streams in both runs only from now on.
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            if len(states) == world:
+                set_rng_state(states[rank])
+            else:
+                log.warning("checkpoint has the random state of %d processes, this run has %d: not restored, "
+                            "so sampling after the resume differs from the uninterrupted run", len(states), world)

@@ -1,0 +1,91 @@
+"""A run stopped mid-epoch and resumed from its checkpoint ends with the same weights as the run
+that never stopped: the data order goes on where it was (the training loader's state is in the
+checkpoint) and so do the random streams (sampling in RL, dropout, shuffling)."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import open_dict
+
+
+class SaveAtStep(pl.Callback):
+    """Writes a checkpoint after optimiser step ``step``, as ``every_n_train_steps`` would."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path, self.done = int(step), path, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.done:
+            trainer.save_checkpoint(self.path)
+            self.done = True
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(("stop", "stage"), [
+    (6, ["stage=sft", "trainer.max_steps=10"]),  # stops in the second epoch, whose order is not the first's
+    # no warm-up: a resumed run skips it, and without model.init_from GRPO's reference is the model as built
+    (3, ["stage=grpo", "reward=umed", "trainer.max_steps=5", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
+], ids=["sft", "grpo"])
+def test_resumed_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, stop, stage):
+    from unveil.train import train
+
+    # 4 batches per epoch, so the stop and the resume fall inside an epoch
+    common = ["debug=fast", *stage, "+data.max_samples.train=16", "eval.enabled=false", "trainer.val_check_interval=null",
+              "+trainer.check_val_every_n_epoch=100"]
+    snap = tmp_path / f"step{stop}.ckpt"
+    cfg = make_cfg(*common, f"+callbacks.snap._target_={__name__}.SaveAtStep", f"+callbacks.snap.step={stop}",
+                   f"+callbacks.snap.path={snap}")
+    train(cfg)
+    straight = cfg.paths.output_dir
+    cfg = make_cfg(*common, f"ckpt_path={snap}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "resumed")
+    train(cfg)
+
+    a, b = _weights(f"{straight}/checkpoints/last.ckpt"), _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], _weights(snap)[k])]
+    assert changed, "training after the checkpoint changed no weight: the comparison would be empty"
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after resuming, e.g. {differ[:3]}"
+
+
+def test_weighted_sampler_resumes_at_its_place_in_the_epoch_and_in_later_epochs():
+    """data.task_weights' sampler under the StatefulDataLoader: a loader restored from a state
+    taken mid-epoch yields the rest of that epoch and then the same later epochs."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from unveil.data.samplers import ResumableWeightedSampler
+
+    def loader():
+        w = torch.tensor([1.0, 1.0, 4.0, 0.0, 2.0, 1.0, 1.0, 3.0])
+        return StatefulDataLoader(list(range(8)), batch_size=2,
+                                  sampler=ResumableWeightedSampler(w, 8, torch.Generator().manual_seed(0)))
+
+    straight = loader()
+    epochs = [[b.tolist() for b in straight] for _ in range(3)]
+    assert epochs[0] != epochs[1] and all(3 not in b for e in epochs for b in e)  # new draws each epoch; weight 0 never drawn
+
+    first = loader()
+    assert [b.tolist() for b in first] == epochs[0]
+    it = iter(first)
+    seen = [next(it).tolist(), next(it).tolist()]  # half-way through the second epoch
+    state = first.state_dict()
+    resumed = loader()  # a new process: fresh generator, same seed
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in resumed]
+    assert seen + rest == epochs[1]
+    assert [b.tolist() for b in resumed] == epochs[2]
+
+
+def test_weighted_sampler_refuses_weights_it_cannot_draw_from():
+    from unveil.data.samplers import ResumableWeightedSampler
+
+    for bad in ([0.0, 0.0], [1.0, float("nan")], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="task_weights"):
+            ResumableWeightedSampler(torch.tensor(bad), 2, torch.Generator())
