@@ -55,28 +55,33 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, s
     assert not differ, f"{len(differ)} of {len(a)} tensors differ after resuming, e.g. {differ[:3]}"
 
 
-def test_weighted_sampler_resumes_at_its_place_in_the_epoch_and_in_later_epochs():
-    """data.task_weights' sampler under the StatefulDataLoader: a loader restored from a state
+@pytest.mark.parametrize("kind", ["shuffle", "task_weights"])
+def test_training_sampler_resumes_at_its_place_in_the_epoch_and_in_later_epochs(kind):
+    """The training loader's samplers under the StatefulDataLoader: a loader restored from a state
     taken mid-epoch yields the rest of that epoch and then the same later epochs."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from unveil.data.samplers import ResumableWeightedSampler
+    from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
 
-    def loader():
+    def loader():  # what the datamodule builds, in a new process: fresh generators, same seed
+        ds, g = list(range(8)), torch.Generator().manual_seed(0)
+        if kind == "shuffle":
+            return StatefulDataLoader(ds, batch_size=2, sampler=ResumableRandomSampler(ds, g), generator=g)
         w = torch.tensor([1.0, 1.0, 4.0, 0.0, 2.0, 1.0, 1.0, 3.0])
-        return StatefulDataLoader(list(range(8)), batch_size=2,
-                                  sampler=ResumableWeightedSampler(w, 8, torch.Generator().manual_seed(0)))
+        return StatefulDataLoader(ds, batch_size=2, sampler=ResumableWeightedSampler(w, 8, g))
 
     straight = loader()
     epochs = [[b.tolist() for b in straight] for _ in range(3)]
-    assert epochs[0] != epochs[1] and all(3 not in b for e in epochs for b in e)  # new draws each epoch; weight 0 never drawn
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    if kind == "task_weights":
+        assert all(3 not in b for e in epochs for b in e)  # weight 0: never drawn
 
     first = loader()
     assert [b.tolist() for b in first] == epochs[0]
     it = iter(first)
     seen = [next(it).tolist(), next(it).tolist()]  # half-way through the second epoch
     state = first.state_dict()
-    resumed = loader()  # a new process: fresh generator, same seed
+    resumed = loader()
     resumed.load_state_dict(state)
     rest = [b.tolist() for b in resumed]
     assert seen + rest == epochs[1]
@@ -89,3 +94,25 @@ def test_weighted_sampler_refuses_weights_it_cannot_draw_from():
     for bad in ([0.0, 0.0], [1.0, float("nan")], [1.0, -1.0]):
         with pytest.raises(ValueError, match="task_weights"):
             ResumableWeightedSampler(torch.tensor(bad), 2, torch.Generator())
+
+
+@pytest.mark.parametrize("n, batch", [(10, 5), (11, 4), (3, 8)])
+def test_resumable_samplers_draw_the_orders_torchs_samplers_drew(n, batch):
+    """Checkpointing the loader's place must not change which data a run sees: with the same seed,
+    every epoch's batches are those of torch's shuffled loader and WeightedRandomSampler, so
+    the recorded tables still come out of their commands."""
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
+
+    def epochs(loader):
+        return [[b.tolist() for b in loader] for _ in range(4)]
+
+    ds, w = list(range(n)), torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.1
+    g, mine = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ResumableRandomSampler(ds, mine), generator=mine)) \
+        == epochs(DataLoader(ds, batch_size=batch, shuffle=True, generator=g))
+    ours = ResumableWeightedSampler(w, n, torch.Generator().manual_seed(0))
+    theirs = WeightedRandomSampler(w, n, generator=torch.Generator().manual_seed(0))
+    assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ours)) == epochs(DataLoader(ds, batch_size=batch, sampler=theirs))

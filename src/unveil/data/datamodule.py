@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from unveil.data import adapters
 from unveil.data.adapters.base import collect
-from unveil.data.samplers import ResumableWeightedSampler
+from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
 from unveil.data.schema import Sample
 
 # torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader iterator: noise in every log
@@ -122,19 +122,18 @@ class UnveilDataModule(pl.LightningDataModule):
         if collate is None:
             raise RuntimeError("datamodule.collate_fn is unset: the stage module sets it from its backbone")
         ds = ListDataset(self.data[split])
-        sampler, shuffle = None, train
-        if train and self.task_weights:
-            w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
-            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed))
-            shuffle = False
+        common = dict(collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **common)
         # the training loader's place in the epoch goes into checkpoints (Lightning saves a loader
         # with state_dict), so a run resumed mid-epoch goes on with the next batch
-        loader = StatefulDataLoader if train else DataLoader
-        return loader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=shuffle, sampler=sampler,
-            collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.task_weights:
+            w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
+            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed))
+        else:
+            sampler = ResumableRandomSampler(ds, generator=gen)
+        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, generator=gen, **common)
 
     def train_dataloader(self):
         return self._loader("train", True, self.collate_fn)
