@@ -28,9 +28,10 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("stop", "stage"), [
     (6, ["stage=sft", "trainer.max_steps=10"]),  # stops in the second epoch, whose order is not the first's
+    (6, ["stage=sft", "trainer.max_steps=10", "data.num_workers=2"]),  # loader workers run ahead of the step
     # no warm-up: a resumed run skips it, and without model.init_from GRPO's reference is the model as built
     (3, ["stage=grpo", "reward=umed", "trainer.max_steps=5", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
-], ids=["sft", "grpo"])
+], ids=["sft", "sft-workers", "grpo"])
 def test_resumed_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, stop, stage):
     from unveil.train import train
 
