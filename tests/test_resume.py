@@ -31,7 +31,8 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
     (6, ["stage=sft", "trainer.max_steps=10", "data.num_workers=2"]),  # loader workers run ahead of the step
     # no warm-up: a resumed run skips it, and without model.init_from GRPO's reference is the model as built
     (3, ["stage=grpo", "reward=umed", "trainer.max_steps=5", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
-], ids=["sft", "sft-workers", "grpo"])
+    (4, ["stage=ppo", "reward=umed", "trainer.max_steps=8", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
+], ids=["sft", "sft-workers", "grpo", "ppo"])
 def test_resumed_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, stop, stage):
     from unveil.train import train
 
