@@ -118,3 +118,24 @@ def test_resumable_samplers_draw_the_orders_torchs_samplers_drew(n, batch):
     ours = ResumableWeightedSampler(w, n, torch.Generator().manual_seed(0))
     theirs = WeightedRandomSampler(w, n, generator=torch.Generator().manual_seed(0))
     assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ours)) == epochs(DataLoader(ds, batch_size=batch, sampler=theirs))
+
+
+def test_ckpt_path_last_starts_fresh_then_resumes_and_a_bad_path_fails_before_any_work(tmp_path, make_cfg):
+    from unveil.train import resolve_ckpt_path
+
+    run = tmp_path / "run"
+    assert resolve_ckpt_path(None, run) is None
+    assert resolve_ckpt_path("last", run) is None  # no checkpoint yet: a fresh start
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("last", run) == str(run / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path(str(run), tmp_path / "other") == str(run / "checkpoints" / "last.ckpt")  # a run dir
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), run)
+
+    from unveil.train import train
+
+    cfg = make_cfg("debug=fast", f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        train(cfg)
+    assert not (tmp_path / "data").exists()  # failed before generating data or building a model

@@ -32,6 +32,28 @@ def build_stage(cfg: DictConfig, backbone, datamodule):
     return hydra.utils.instantiate(stage_cfg, _partial_=True, _convert_="all")(**kwargs)
 
 
+def resolve_ckpt_path(value, output_dir: Path) -> str | None:
+    """What ``ckpt_path`` resumes from: a ``.ckpt`` file, a run dir (its ``checkpoints/last.ckpt``), or
+    ``last``: this run's own ``last.ckpt`` if it has one, else a fresh start, so that a preempted
+    sweep re-run with fixed run dirs picks every job up where it stopped. Checked before any work."""
+    if value in (None, ""):
+        return None
+    if str(value) == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("ckpt_path=last: resuming from %s", last)
+            return str(last)
+        log.info("ckpt_path=last: %s has no checkpoint yet, starting fresh", last.parent)
+        return None
+    path = Path(str(value))
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+        return str(path / "checkpoints" / "last.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: not a checkpoint file, a run dir with checkpoints/last.ckpt, "
+                                "or 'last'")
+    return str(path)
+
+
 def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
@@ -45,6 +67,7 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.setup()
@@ -56,8 +79,8 @@ def train(cfg: DictConfig) -> dict:
     warmup = dict(cfg.model.get("vision_pretrain") or {})
     warmup_stats = {}
     built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
-    fresh = not cfg.model.get("init_from") and not cfg.get("ckpt_path")
-    if built_in_code and warmup.get("steps", 0) > 0 and cfg.get("ckpt_path") and not cfg.model.get("init_from") \
+    fresh = not cfg.model.get("init_from") and not ckpt_path
+    if built_in_code and warmup.get("steps", 0) > 0 and ckpt_path and not cfg.model.get("init_from") \
             and not str(cfg.stage.get("_target_", "")).endswith("SFTModule"):
         # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
         log.warning("resuming %s without model.init_from: the first run warmed the vision tower up before "
@@ -85,7 +108,7 @@ def train(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
