@@ -139,3 +139,22 @@ def test_ckpt_path_last_starts_fresh_then_resumes_and_a_bad_path_fails_before_an
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         train(cfg)
     assert not (tmp_path / "data").exists()  # failed before generating data or building a model
+
+
+def test_last_ckpt_holds_the_final_step_when_it_falls_between_validations(make_cfg, tmp_path):
+    """debug=fast validates every 3 steps; a 5-step run's last.ckpt is step 5, the model it saved."""
+    from unveil.eval import load_for_eval
+    from unveil.train import train
+
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("debug=fast", "trainer.max_steps=5", "eval.enabled=false")
+    train(cfg)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as the CLI writes it
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    from_ckpt, _ = load_for_eval(run / "checkpoints" / "last.ckpt")
+    saved, _ = load_for_eval(run / "backbone")
+    a, b = from_ckpt.model.state_dict(), saved.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
