@@ -158,3 +158,38 @@ def test_last_ckpt_holds_the_final_step_when_it_falls_between_validations(make_c
     saved, _ = load_for_eval(run / "backbone")
     a, b = from_ckpt.model.state_dict(), saved.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_into_the_same_run_dir_keeps_the_curves_logged_before_the_checkpoint(make_cfg, tmp_path):
+    """Lightning's CSVLogger deletes metrics.csv when it opens a dir that has one. The resumed run
+    keeps the rows from before its checkpoint, so its curve is the uninterrupted run's, step for step."""
+    import csv
+
+    from unveil.train import train
+
+    def losses(path):
+        with open(path, newline="") as f:
+            return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    common = ["debug=fast", "trainer.max_steps=8", "trainer.log_every_n_steps=1", "eval.enabled=false"]
+    snap = tmp_path / "step4.ckpt"
+    train(make_cfg(*common, f"+callbacks.snap._target_={__name__}.SaveAtStep", "+callbacks.snap.step=4",
+                   f"+callbacks.snap.path={snap}"))
+    metrics = tmp_path / "run" / "csv" / "metrics.csv"
+    straight = losses(metrics)
+    assert [s for s, _ in straight] == list(range(8))
+
+    train(make_cfg(*common, f"ckpt_path={snap}"))  # the same run dir, as ckpt_path=last re-runs would be
+    assert losses(metrics) == straight
+
+
+def test_drop_replayed_keeps_the_latest_attempt_at_each_step():
+    """A chain of resumes that crashed before cleaning up: where the steps go back, the later rows win."""
+    from unveil.utils.csv_history import drop_replayed
+
+    attempts = [(0, range(0, 5)), (1, range(2, 6)), (2, range(3, 5))]
+    rows = [{"step": str(s), "train/loss": f"{a}"} for a, steps in attempts for s in steps]
+    rows.insert(3, {"step": "", "train/loss": "x"})  # a row without a step is kept where it stands
+    kept = drop_replayed(rows)
+    assert [(r["step"], r["train/loss"]) for r in kept if r["step"]] == \
+        [("0", "0"), ("1", "0"), ("2", "1"), ("3", "2"), ("4", "2")]

@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> dict:
 
     from unveil.eval.evaluate import evaluate, format_table
     from unveil.models.factory import build_backbone
+    from unveil.utils.csv_history import CSVHistory
     from unveil.utils.io import write_metrics
     from unveil.utils.secrets import scrub
 
@@ -99,6 +100,7 @@ def train(cfg: DictConfig) -> dict:
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    history = CSVHistory(loggers, resuming=bool(ckpt_path))  # a resume into this dir keeps its earlier curves
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
     # themselves; Lightning refuses gradient_clip_val under manual optimisation.
@@ -114,6 +116,7 @@ def train(cfg: DictConfig) -> dict:
     cb = trainer.checkpoint_callback
     if cb is not None and cb.save_last and cb.dirpath and not trainer.interrupted:
         trainer.save_checkpoint(Path(cb.dirpath) / "last.ckpt")  # every rank: the hooks gather
+    history.finish()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
