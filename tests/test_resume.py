@@ -193,3 +193,48 @@ def test_drop_replayed_keeps_the_latest_attempt_at_each_step():
     kept = drop_replayed(rows)
     assert [(r["step"], r["train/loss"]) for r in kept if r["step"]] == \
         [("0", "0"), ("1", "0"), ("2", "1"), ("3", "2"), ("4", "2")]
+
+
+def test_resumed_dpo_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, synthetic_dir):
+    """DPO on preference records (text and visual pairs), stopped after step 3 of 6."""
+    from test_dpo import _write_preference_set
+
+    from unveil.train import train
+
+    data = tmp_path / "pref"
+    _write_preference_set(synthetic_dir, data)
+    common = ["debug=fast", "stage=dpo", "data=mau_jsonl", f"data.root={data}", "data.synthetic=null", "data.batch_size=2",
+              "+data.max_samples.train=8", "trainer.max_steps=6", "model.vision_pretrain.steps=0", "eval.enabled=false",
+              "trainer.val_check_interval=null", "+trainer.check_val_every_n_epoch=100"]
+    snap = tmp_path / "step3.ckpt"
+    cfg = make_cfg(*common, f"+callbacks.snap._target_={__name__}.SaveAtStep", "+callbacks.snap.step=3",
+                   f"+callbacks.snap.path={snap}")
+    train(cfg)
+    straight = cfg.paths.output_dir
+    cfg = make_cfg(*common, f"ckpt_path={snap}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "resumed")
+    train(cfg)
+    a, b = _weights(f"{straight}/checkpoints/last.ckpt"), _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert any(not torch.equal(a[k], _weights(snap)[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_loader_workers_start_once_and_are_stopped_when_fit_ends(make_cfg, monkeypatch):
+    """torchdata's workers are stopped when fit ends (Lightning stops only torch's), and the final
+    last.ckpt is written while the loader still runs: asked for its state after fit, the loader
+    would start a new set of workers."""
+    import torchdata.stateful_dataloader.stateful_dataloader as sdl
+
+    from unveil.train import train
+
+    started, init = [], sdl._StatefulMultiProcessingDataLoaderIter.__init__
+
+    def recording(self, *args, **kwargs):
+        started.append(self)  # also keeps it from being collected, which would stop its workers
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(sdl._StatefulMultiProcessingDataLoaderIter, "__init__", recording)
+    train(make_cfg("debug=fast", "trainer.max_steps=5", "data.num_workers=2", "eval.enabled=false"))
+    assert len(started) == 1  # one epoch's worth of steps: one set of workers
+    assert started[0]._shutdown and not any(w.is_alive() for w in started[0]._workers)

@@ -110,12 +110,9 @@ def train(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    # ModelCheckpoint writes last.ckpt at validation only: when max_steps is not a multiple of
-    # val_check_interval (umed_sft: 1200 and 650) it would hold an earlier step than the run ended on
-    cb = trainer.checkpoint_callback
-    if cb is not None and cb.save_last and cb.dirpath and not trainer.interrupted:
-        trainer.save_checkpoint(Path(cb.dirpath) / "last.ckpt")  # every rank: the hooks gather
+    # our checkpoints hold plain tensors only (RNG states, held RL groups included), so resuming
+    # never unpickles code
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     history.finish()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

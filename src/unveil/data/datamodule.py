@@ -27,6 +27,17 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 log = logging.getLogger(__name__)
 
 
+def stop_loader_workers(loader) -> None:
+    """Stop a StatefulDataLoader's persistent workers. Lightning does this for torch's loaders
+    when fit ends, but only drops torchdata's iterator (it is not torch's class): its workers would
+    idle through evaluation, and a process that trains twice (tests, notebooks) waits 5 s per
+    worker when the orphaned iterator is collected."""
+    it = getattr(loader, "_iterator", None)
+    if isinstance(loader, StatefulDataLoader) and it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample]):
         self.samples = samples

@@ -73,6 +73,17 @@ class StageModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get("rng_by_rank")
 
+    def on_train_end(self) -> None:
+        from unveil.data.datamodule import stop_loader_workers
+
+        # ModelCheckpoint writes last.ckpt at validation only: when max_steps is not a multiple of
+        # val_check_interval (umed_sft: 1200 and 650) it would hold an earlier step than the run
+        # ended on. Saved here, inside fit, while the loader still has its place to save.
+        cb = self.trainer.checkpoint_callback
+        if cb is not None and cb.save_last and cb.dirpath:
+            self.trainer.save_checkpoint(f"{cb.dirpath}/last.ckpt", weights_only=False)  # all ranks: the hooks gather
+        stop_loader_workers(self.trainer.train_dataloader)  # before Lightning drops the iterator
+
     def on_train_start(self) -> None:
         # Restored here, not at load time: Lightning loads the checkpoint before building the
         # dataloaders and the optimiser, which draw from the same streams in both runs only from now on.
