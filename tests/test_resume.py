@@ -238,3 +238,20 @@ def test_training_loader_workers_start_once_and_are_stopped_when_fit_ends(make_c
     train(make_cfg("debug=fast", "trainer.max_steps=5", "data.num_workers=2", "eval.enabled=false"))
     assert len(started) == 1  # one epoch's worth of steps: one set of workers
     assert started[0]._shutdown and not any(w.is_alive() for w in started[0]._workers)
+
+
+def test_a_resumed_run_logs_on_to_its_wandb_run(make_cfg, tmp_path):
+    import hydra
+
+    from unveil.utils.wandb_run import previous_run_id, resume_kwargs
+
+    cfg = make_cfg("logger=wandb")
+    run = tmp_path / "run"
+    assert previous_run_id(run) is None and resume_kwargs(cfg.logger.wandb, True) == {}  # nothing to go on with
+    (run / "wandb" / "offline-run-20261202_143525-wth5k1ng").mkdir(parents=True)
+    (run / "wandb" / "latest-run").symlink_to("offline-run-20261202_143525-wth5k1ng")  # what wandb leaves
+    assert previous_run_id(run) == "wth5k1ng"
+    assert resume_kwargs(cfg.logger.wandb, True) == {"id": "wth5k1ng", "resume": "allow"}
+    assert resume_kwargs(cfg.logger.wandb, False) == {} and resume_kwargs(cfg.logger.csv, True) == {}
+    logger = hydra.utils.instantiate(cfg.logger.wandb, **resume_kwargs(cfg.logger.wandb, True))  # no wandb.init yet
+    assert logger._wandb_init["id"] == "wth5k1ng" and logger._wandb_init["resume"] == "allow"

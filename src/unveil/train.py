@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> dict:
     from unveil.utils.csv_history import CSVHistory
     from unveil.utils.io import write_metrics
     from unveil.utils.secrets import scrub
+    from unveil.utils.wandb_run import resume_kwargs
 
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
@@ -99,7 +100,8 @@ def train(cfg: DictConfig) -> dict:
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # a resume into this run dir logs on to the same wandb run
+    loggers = [hydra.utils.instantiate(c, **resume_kwargs(c, bool(ckpt_path))) for c in (cfg.get("logger") or {}).values()]
     history = CSVHistory(loggers, resuming=bool(ckpt_path))  # a resume into this dir keeps its earlier curves
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
