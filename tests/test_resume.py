@@ -255,3 +255,18 @@ def test_a_resumed_run_logs_on_to_its_wandb_run(make_cfg, tmp_path):
     assert resume_kwargs(cfg.logger.wandb, False) == {} and resume_kwargs(cfg.logger.csv, True) == {}
     logger = hydra.utils.instantiate(cfg.logger.wandb, **resume_kwargs(cfg.logger.wandb, True))  # no wandb.init yet
     assert logger._wandb_init["id"] == "wth5k1ng" and logger._wandb_init["resume"] == "allow"
+
+
+def test_ranks_take_disjoint_shares_of_one_order_padded_as_distributed_sampler_pads():
+    from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
+
+    ds = list(range(10))
+    shards = [list(ResumableRandomSampler(ds, torch.Generator().manual_seed(0), rank=r, world=4)) for r in range(4)]
+    assert [len(x) for x in shards] == [3, 3, 3, 3]  # 10 padded to 12
+    assert set(i for x in shards for i in x) == set(ds)  # every sample is seen
+    (alone,) = [list(ResumableRandomSampler(ds, torch.Generator().manual_seed(0)))]
+    assert [alone[i] for i in range(0, 10, 4)] == shards[0][:3] and shards[1] == [alone[1], alone[5], alone[9]]
+    w = torch.ones(10)
+    two = [list(ResumableWeightedSampler(w, 10, torch.Generator().manual_seed(0), rank=r, world=2)) for r in range(2)]
+    one = list(ResumableWeightedSampler(w, 10, torch.Generator().manual_seed(0)))
+    assert two[0] == one[0::2] and two[1] == one[1::2]

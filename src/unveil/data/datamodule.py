@@ -139,11 +139,14 @@ class UnveilDataModule(pl.LightningDataModule):
         # the training loader's place in the epoch goes into checkpoints (Lightning saves a loader
         # with state_dict), so a run resumed mid-epoch goes on with the next batch
         gen = torch.Generator().manual_seed(self.seed)
+        trainer = getattr(self, "trainer", None)
+        shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
         if self.task_weights:
             w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
-            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed))
+            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed),
+                                               **shard)
         else:
-            sampler = ResumableRandomSampler(ds, generator=gen)
+            sampler = ResumableRandomSampler(ds, generator=gen, **shard)
         return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, generator=gen, **common)
 
     def train_dataloader(self):

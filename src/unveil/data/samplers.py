@@ -9,30 +9,38 @@ far into it the loader got.
 - :class:`ResumableRandomSampler` (shuffling) draws the same orders as torch's ``RandomSampler``
   with the same generator, so runs keep the data order they had before checkpoints held it.
   (torchdata's own sampler draws its permutation before the loader draws its base seed from the
-  shared generator, which changes every order.) Being a ``RandomSampler``, Lightning still swaps
-  it for a ``DistributedSampler`` under DDP.
+  shared generator, which changes every order.)
 - :class:`ResumableWeightedSampler`: ``data.task_weights``, draws with replacement in proportion
   to the weights, as ``WeightedRandomSampler`` does.
+
+Under DDP each rank draws the same order from the same seed and takes its share (every
+``world``-th index, the order padded to a multiple of ``world`` as ``DistributedSampler`` pads).
+Both are ``DistributedSampler`` subclasses, so Lightning leaves them in place rather than putting
+its own sampler, which saves no place, in theirs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import RandomSampler, Sampler
+from torch.utils.data import DistributedSampler
 
 
 class _ResumableIterator:
     """Draws the epoch's order lazily, on the first ``next``, as torch's samplers do (the loader
     draws its base seed from the same generator in between)."""
 
-    def __init__(self, draw: Callable[[], list[int]], generator: torch.Generator,
+    def __init__(self, sampler: "_ShardedSampler", draw: Callable[[], list[int]],
                  finish: Callable[[], object] | None = None):
-        self.draw, self.generator, self.finish = draw, generator, finish
+        self.sampler, self.draw, self.generator, self.finish = sampler, draw, sampler.generator, finish
         self.generator_state: torch.Tensor | None = None
         self.order: list[int] | None = None
         self.yielded = 0
+
+    def _shard(self) -> list[int]:
+        return self.sampler.shard(self.draw())
 
     def __iter__(self):
         return self
@@ -40,7 +48,7 @@ class _ResumableIterator:
     def __next__(self) -> int:
         if self.order is None:
             self.generator_state = self.generator.get_state()
-            self.order = self.draw()
+            self.order = self._shard()
         if self.yielded >= len(self.order):
             if self.finish is not None and self.yielded == len(self.order):
                 self.yielded += 1  # once per epoch
@@ -55,33 +63,54 @@ class _ResumableIterator:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.generator_state, self.order, self.yielded = state["generator"], self.draw(), int(state["yielded"])
+        self.generator_state, self.order, self.yielded = state["generator"], self._shard(), int(state["yielded"])
 
 
-class ResumableRandomSampler(RandomSampler):
-    """``RandomSampler`` (no replacement) over ``data_source`` with a checkpointable place."""
+class _ShardedSampler(DistributedSampler):
+    """This rank's share of an order drawn from ``generator`` (all of it when ``world`` is 1)."""
 
-    def __init__(self, data_source, generator: torch.Generator):
-        super().__init__(data_source, generator=generator)
+    def __init__(self, data_source, generator: torch.Generator, rank: int = 0, world: int = 1):
+        # explicit rank and world: no process group is needed to build one
+        super().__init__(data_source, num_replicas=int(world), rank=int(rank), shuffle=True, drop_last=False)
+        self.data_source, self.generator = data_source, generator
+
+    def shard(self, order: list[int]) -> list[int]:
+        if self.num_replicas == 1:
+            return order
+        total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
+        padded = (order * math.ceil(total / max(1, len(order))))[:total]
+        return padded[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        return math.ceil(self._draws() / self.num_replicas)
+
+    def _draws(self) -> int:
+        return len(self.data_source)
+
+
+class ResumableRandomSampler(_ShardedSampler):
+    """A permutation of ``data_source`` per epoch (no replacement), with a checkpointable place."""
 
     def __iter__(self) -> Iterator[int]:
         perm = lambda: torch.randperm(len(self.data_source), generator=self.generator).tolist()  # noqa: E731
         # torch's sampler draws one more (empty) permutation when an epoch runs out: so do we
-        return _ResumableIterator(perm, self.generator, finish=perm)
+        return _ResumableIterator(self, perm, finish=perm)
 
 
-class ResumableWeightedSampler(Sampler[int]):
+class ResumableWeightedSampler(_ShardedSampler):
     """``WeightedRandomSampler(replacement=True)`` whose iterator saves and restores its place."""
 
-    def __init__(self, weights: torch.Tensor, num_samples: int, generator: torch.Generator):
+    def __init__(self, weights: torch.Tensor, num_samples: int, generator: torch.Generator, rank: int = 0,
+                 world: int = 1):
         w = torch.as_tensor(weights, dtype=torch.double)
         if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("data.task_weights: sample weights must be finite, >= 0 and not all 0")
-        self.weights, self.num_samples, self.generator = w, int(num_samples), generator
+        super().__init__(range(len(w)), generator, rank, world)
+        self.weights, self.draw_count = w, int(num_samples)
+
+    def _draws(self) -> int:
+        return self.draw_count
 
     def __iter__(self) -> Iterator[int]:
-        draw = lambda: torch.multinomial(self.weights, self.num_samples, True, generator=self.generator).tolist()  # noqa: E731
-        return _ResumableIterator(draw, self.generator)
-
-    def __len__(self) -> int:
-        return self.num_samples
+        draw = lambda: torch.multinomial(self.weights, self.draw_count, True, generator=self.generator).tolist()  # noqa: E731
+        return _ResumableIterator(self, draw)
