@@ -263,3 +263,12 @@ def test_ranks_take_disjoint_shares_of_one_order_padded_as_distributed_sampler_p
     two = [list(ResumableWeightedSampler(w, 10, torch.Generator().manual_seed(0), rank=r, world=2)) for r in range(2)]
     one = list(ResumableWeightedSampler(w, 10, torch.Generator().manual_seed(0)))
     assert two[0] == one[0::2] and two[1] == one[1::2]
+
+
+def test_drop_replayed_sees_a_restart_behind_a_row_without_a_step():
+    from unveil.utils.csv_history import drop_replayed
+
+    rows = [{"step": str(s), "v": "old"} for s in range(4)] + [{"step": "", "v": "hparams"}] + \
+           [{"step": str(s), "v": "new"} for s in range(2, 5)]
+    assert [(r["step"], r["v"]) for r in drop_replayed(rows)] == \
+        [("0", "old"), ("1", "old"), ("", "hparams"), ("2", "new"), ("3", "new"), ("4", "new")]

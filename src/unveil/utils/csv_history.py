@@ -16,11 +16,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _step(row: dict) -> int | None:
+def _step(row: dict) -> int:
+    """The row's step; -1 for a row without one (it stays wherever it stands)."""
     try:
         return int(float(row.get("step") or ""))
     except ValueError:
-        return None
+        return -1
 
 
 def _read(path: Path) -> tuple[list[str], list[dict]]:
@@ -39,10 +40,13 @@ def _write(path: Path, header: list[str], rows: list[dict]) -> None:
 def drop_replayed(rows: list[dict]) -> list[dict]:
     """Where the steps go back (an earlier resume that did not get to clean up), keep the later rows."""
     kept: list[dict] = []
+    last = -1
     for r in rows:
         s = _step(r)
-        if s is not None and kept and (_step(kept[-1]) or 0) > s:
-            kept = [k for k in kept if (_step(k) if _step(k) is not None else -1) < s]
+        if s >= 0:
+            if s < last:
+                kept = [k for k in kept if _step(k) < s]
+            last = s
         kept.append(r)
     return kept
 
@@ -75,11 +79,11 @@ class CSVHistory:
                 continue
             header, rows = _read(path)
             old, new = rows[:n_old], rows[n_old:]
-            steps = [s for s in map(_step, new) if s is not None]
+            steps = [s for s in map(_step, new) if s >= 0]
             if not steps:
                 continue
             first = min(steps)
-            kept = [r for r in old if (_step(r) if _step(r) is not None else -1) < first]
+            kept = [r for r in old if _step(r) < first]
             _write(path, header, kept + new)
             log.info("%s: kept %d rows from before the resume (steps < %d), dropped %d it logged again",
                      path, len(kept), first, len(old) - len(kept))
