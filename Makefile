@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install install-test clean bench
+.PHONY: demo test lint format install install-test clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,9 +28,18 @@ install-test: $(TSTAMP)
 demo: $(STAMP)
 	$(BIN)/python -m unveil.train $(ARGS)
 
-## Run the test suite.
-test: $(TSTAMP)
+## Lint and format check (ruff, settings in pyproject.toml), then the test suite.
+test: lint
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(TSTAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Format the tree in place (what `make lint` checks).
+format: $(TSTAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: $(TSTAMP)
 	$(BIN)/python experiments/bench_rl.py

@@ -41,9 +41,15 @@ def build(pairs: int):
     train = dm.data["train"]
     samples = []
     for i, s in enumerate(train[:pairs]):
-        other = next(t.target for t in train[i + 1:] + train if t.target != s.target)
-        samples.append(Sample(id=s.id, images=s.images, messages=s.messages,
-                              rejected=Rejected(messages=s.prompt_messages + [{"role": "assistant", "content": other}])))
+        other = next(t.target for t in train[i + 1 :] + train if t.target != s.target)
+        samples.append(
+            Sample(
+                id=s.id,
+                images=s.images,
+                messages=s.messages,
+                rejected=Rejected(messages=s.prompt_messages + [{"role": "assistant", "content": other}]),
+            )
+        )
     return bb, samples
 
 
@@ -66,10 +72,21 @@ def time_ours(bb, samples, warmup: int, steps: int, lr: float) -> list[tuple[flo
             times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
 
     loader = DataLoader(samples, batch_size=len(samples), shuffle=False, collate_fn=module.collator)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, max_epochs=-1,
-                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Timer()],
-                         default_root_dir=tempfile.mkdtemp())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=warmup + steps,
+        max_epochs=-1,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()],
+        default_root_dir=tempfile.mkdtemp(),
+    )
     trainer.fit(module, train_dataloaders=loader)
     return times[warmup:]
 
@@ -83,8 +100,14 @@ def time_trl(bb, samples, warmup: int, steps: int, lr: float) -> list[tuple[floa
     rows = []
     for s in samples:
         prompt = bb.render(s.prompt_messages, add_generation_prompt=True)
-        rows.append({"images": [Image.open(p).convert("RGB") for p in s.images], "prompt": prompt,
-                     "chosen": bb.render(s.messages)[len(prompt):], "rejected": bb.render(s.rejected.messages)[len(prompt):]})
+        rows.append(
+            {
+                "images": [Image.open(p).convert("RGB") for p in s.images],
+                "prompt": prompt,
+                "chosen": bb.render(s.messages)[len(prompt) :],
+                "rejected": bb.render(s.rejected.messages)[len(prompt) :],
+            }
+        )
     times: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
 
     class Timer(TrainerCallback):
@@ -94,14 +117,36 @@ def time_trl(bb, samples, warmup: int, steps: int, lr: float) -> list[tuple[floa
         def on_step_end(self, args, state, control, **kw):
             times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
 
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(samples), max_steps=warmup + steps,
-                     learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-                     bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], save_strategy="no",
-                     logging_steps=10**6, disable_tqdm=True, max_length=None, beta=0.1, loss_type=["sigmoid"],
-                     dataloader_num_workers=0)
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=len(samples),
+        max_steps=warmup + steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        max_length=None,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        dataloader_num_workers=0,
+    )
     model = copy.deepcopy(bb.model)
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(bb.model).eval(), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=bb.processor, callbacks=[Timer()])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(bb.model).eval(),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=bb.processor,
+        callbacks=[Timer()],
+    )
     trainer.train()
     return times[warmup:]
 
@@ -120,13 +165,19 @@ def main() -> None:
     bb, samples = build(a.pairs)
     ours = time_ours(bb, samples, a.warmup, a.steps, a.lr)
     trl = time_trl(bb, samples, a.warmup, a.steps, a.lr)
-    print(f"pairs/step={a.pairs} rows/step={2 * a.pairs} fp32 cpu threads={a.threads} steps={len(ours)}/{len(trl)} (after {a.warmup} warm-up)")
+    print(
+        f"pairs/step={a.pairs} rows/step={2 * a.pairs} fp32 cpu threads={a.threads} "
+        f"steps={len(ours)}/{len(trl)} (after {a.warmup} warm-up)"
+    )
     medians = {}
     for name, t in (("ours (stage=dpo, Lightning)", ours), ("TRL DPOTrainer", trl)):
         wall, cpu = [w for w, _ in t], [c for _, c in t]
         medians[name] = statistics.median(wall)
-        print(f"{name:28s} median {1000 * medians[name]:7.1f} ms/step wall [min {1000 * min(wall):.1f}, max {1000 * max(wall):.1f}]"
-              f"  median {1000 * statistics.median(cpu):7.1f} ms/step cpu")
+        print(
+            f"{name:28s} median {1000 * medians[name]:7.1f} ms/step wall "
+            f"[min {1000 * min(wall):.1f}, max {1000 * max(wall):.1f}]"
+            f"  median {1000 * statistics.median(cpu):7.1f} ms/step cpu"
+        )
     m_ours, m_trl = medians.values()
     print(f"ratio={m_ours / m_trl:.3f}")
 

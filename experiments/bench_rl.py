@@ -18,7 +18,8 @@ processes images inside its step, so here our collator runs inside the timed ste
 warm-up steps the median step time of each is printed, and on the last line ``ratio=<ours/TRL>``
 (< 1: ours is faster).
 
-    python experiments/bench_rl.py [--prompts 4] [--generations 4] [--tokens 24] [--warmup 2] [--steps 10] [--threads 1]
+    python experiments/bench_rl.py [--prompts 4] [--generations 4] [--tokens 24] \
+        [--warmup 2] [--steps 10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ STRUCTURED_TEMPLATE = (
     "{% if m['role'] == 'system' %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{{ '\\n' }}"
     "{% elif m['role'] == 'user' %}USER: {% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
-    "{% elif m['role'] == 'assistant' %}ASSISTANT: {% for p in m['content'] %}{{ p['text'] }}{% endfor %}{{ '</s>\\n' }}"
+    "{% elif m['role'] == 'assistant' %}ASSISTANT: "
+    "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{{ '</s>\\n' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
@@ -80,8 +82,11 @@ class TokenReward:
         from unveil.rewards.base import RewardOutput
 
         r = self.score(batch.completion_ids, batch.completion_mask.float()).cpu()
-        return RewardOutput(total=r, per_head={"token": r}, stats={"reward/token/mean": float(r.mean()),
-                                                                    "reward/total/mean": float(r.mean())})
+        return RewardOutput(
+            total=r,
+            per_head={"token": r},
+            stats={"reward/token/mean": float(r.mean()), "reward/total/mean": float(r.mean())},
+        )
 
     def trl(self, completion_ids, **kw) -> list[float]:  # TRL: reward function over token id lists
         return [float(torch.isin(torch.tensor(c), self.ids).float().mean()) if c else 0.0 for c in completion_ids]
@@ -104,9 +109,20 @@ def time_ours(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]
         def log_step(self, ro, reward, metrics, prefix="train"):
             lengths.append(float(ro.lengths.float().mean()))
 
-    module = Bench(bb, reward, optim={"lr": a.lr, "weight_decay": 0.0, "scheduler": "constant"},
-                   num_generations=a.generations, max_new_tokens=a.tokens, temperature=1.0, beta=0.04, epsilon=0.2,
-                   loss_type="grpo", num_iterations=1, max_grad_norm=1.0, log_completions_every=0)
+    module = Bench(
+        bb,
+        reward,
+        optim={"lr": a.lr, "weight_decay": 0.0, "scheduler": "constant"},
+        num_generations=a.generations,
+        max_new_tokens=a.tokens,
+        temperature=1.0,
+        beta=0.04,
+        epsilon=0.2,
+        loss_type="grpo",
+        num_iterations=1,
+        max_grad_norm=1.0,
+        log_completions_every=0,
+    )
     times: list[tuple[float, float]] = []
 
     class Timer(pl.Callback):
@@ -117,11 +133,22 @@ def time_ours(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]
             times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
 
     loader = DataLoader(samples, batch_size=len(samples), shuffle=False, collate_fn=list)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=a.warmup + a.steps, max_epochs=-1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=a.warmup + a.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()],
+        default_root_dir=tempfile.mkdtemp(),
+    )
     trainer.fit(module, train_dataloaders=loader)
-    return times[a.warmup:], statistics.mean(lengths)
+    return times[a.warmup :], statistics.mean(lengths)
 
 
 def time_trl(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]:
@@ -135,11 +162,14 @@ def time_trl(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]:
     processor.chat_template = STRUCTURED_TEMPLATE
     rows = []
     for s in samples:
-        msgs = [{**m, "content": m["content"].replace("<image>\n", "").replace("<image>", "")} for m in s.prompt_messages]
+        msgs = [
+            {**m, "content": m["content"].replace("<image>\n", "").replace("<image>", "")} for m in s.prompt_messages
+        ]
         rows.append({"prompt": msgs, "image": Image.open(s.images[0]).convert("RGB")})
         # TRL's rendering of the prompt = ours, token for token
-        theirs = processor.apply_chat_template(prepare_multimodal_messages(msgs, images=[rows[-1]["image"]]),
-                                               add_generation_prompt=True, tokenize=False)
+        theirs = processor.apply_chat_template(
+            prepare_multimodal_messages(msgs, images=[rows[-1]["image"]]), add_generation_prompt=True, tokenize=False
+        )
         ours = bb.render(s.prompt_messages, add_generation_prompt=True)
         assert theirs == ours, (theirs, ours)
 
@@ -158,19 +188,49 @@ def time_trl(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]:
                 lengths.append(float(logs["completions/mean_length"]))
 
     n = len(samples) * a.generations
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, num_generations=a.generations,
-                      max_completion_length=a.tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.04, epsilon=0.2,
-                      loss_type="grpo", scale_rewards="group", num_iterations=1, max_steps=a.warmup + a.steps,
-                      learning_rate=a.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-                      optim="adamw_torch", bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
-                      save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-                      disable_dropout=True, log_completions=False, seed=0)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=n,
+        num_generations=a.generations,
+        max_completion_length=a.tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.04,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        num_iterations=1,
+        max_steps=a.warmup + a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        log_completions=False,
+        seed=0,
+    )
     model = copy.deepcopy(bb.model)  # loaded from `path`: TRL builds its reference model from there
-    trainer = GRPOTrainer(model=model, reward_funcs=reward.trl, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=processor, callbacks=[Timer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward.trl,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        callbacks=[Timer()],
+    )
     trainer.remove_callback(PrinterCallback)  # logging_steps=1 feeds the length metric; do not print every log
     trainer.train()
-    return times[a.warmup:], statistics.mean(lengths) if lengths else float("nan")
+    return times[a.warmup :], statistics.mean(lengths) if lengths else float("nan")
 
 
 def main() -> None:
@@ -195,14 +255,20 @@ def main() -> None:
     ours, len_ours = time_ours(bb, samples, a, reward)
     torch.manual_seed(0)
     trl, len_trl = time_trl(bb, samples, a, reward)
-    print(f"prompts/step={a.prompts} G={a.generations} completions/step={a.prompts * a.generations} max_new_tokens={a.tokens} "
-          f"fp32 cpu threads={a.threads} steps={len(ours)}/{len(trl)} (after {a.warmup} warm-up)")
+    print(
+        f"prompts/step={a.prompts} G={a.generations} completions/step={a.prompts * a.generations} "
+        f"max_new_tokens={a.tokens} "
+        f"fp32 cpu threads={a.threads} steps={len(ours)}/{len(trl)} (after {a.warmup} warm-up)"
+    )
     medians = {}
     for name, t, length in (("ours (stage=grpo, Lightning)", ours, len_ours), ("TRL GRPOTrainer", trl, len_trl)):
         wall, cpu = [w for w, _ in t], [c for _, c in t]
         medians[name] = statistics.median(wall)
-        print(f"{name:30s} median {1000 * medians[name]:7.1f} ms/step wall [min {1000 * min(wall):.1f}, max {1000 * max(wall):.1f}]"
-              f"  median {1000 * statistics.median(cpu):7.1f} ms/step cpu  mean completion length {length:.1f}")
+        print(
+            f"{name:30s} median {1000 * medians[name]:7.1f} ms/step wall "
+            f"[min {1000 * min(wall):.1f}, max {1000 * max(wall):.1f}]"
+            f"  median {1000 * statistics.median(cpu):7.1f} ms/step cpu  mean completion length {length:.1f}"
+        )
     m_ours, m_trl = medians.values()
     print(f"ratio={m_ours / m_trl:.3f}")
 

@@ -20,7 +20,8 @@
    SFT, then one row per variant, mean +- std over seeds, per-seed values in the CSV. The exact
    commands head the Markdown; its "Reading" section is kept on re-collection.
 
-    python experiments/mmedpo_ablation.py [--seeds 0 1 2] [--launcher submitit_slurm] [--threads N] [-- extra DPO overrides]
+    python experiments/mmedpo_ablation.py [--seeds 0 1 2] [--launcher submitit_slurm] [--threads N] \
+        [-- extra DPO overrides]
     python experiments/mmedpo_ablation.py --quick          # smoke test: debug-size data, 1 seed, a few steps
     python experiments/mmedpo_ablation.py --collect-only --out <dir>
 """
@@ -76,9 +77,9 @@ SFT_WARMUP = 100
 SFT_STEPS = 300
 DPO_STEPS = 100
 DPO_LR = 2e-4
-TRAIN_RECORDS = 1200     # curated input records of the training split (-> text + visual pairs)
+TRAIN_RECORDS = 1200  # curated input records of the training split (-> text + visual pairs)
 VAL_RECORDS = 64
-TEST_RECORDS = 1200      # first records of the test split, the same for SFT and every DPO run
+TEST_RECORDS = 1200  # first records of the test split, the same for SFT and every DPO run
 
 
 def run(cmd: list[str], env: dict) -> float:
@@ -95,38 +96,86 @@ def commands(a, out: Path) -> dict:
     sft_dir = a.sft_dir or out / "sft"
     if a.quick:
         data_small = ["data.synthetic.n_patients=24"]
-        sft = py + ["unveil.train", "debug=fast", f"trainer.max_steps={a.sft_steps or 3}", f"hydra.run.dir={out / 'sft'}"]
+        sft = py + [
+            "unveil.train",
+            "debug=fast",
+            f"trainer.max_steps={a.sft_steps or 3}",
+            f"hydra.run.dir={out / 'sft'}",
+        ]
         caps = "max_samples={train:16,val:12}"  # enough val studies with a lesion for visual pairs
-        dpo_size = [f"trainer.max_steps={a.dpo_steps or 2}", f"trainer.val_check_interval={a.dpo_steps or 2}",
-                    "data.batch_size=2", "data.eval_batch_size=8", "data.max_samples={val:4,test:12}",
-                    "eval.max_new_tokens=24", "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false"]
+        dpo_size = [
+            f"trainer.max_steps={a.dpo_steps or 2}",
+            f"trainer.val_check_interval={a.dpo_steps or 2}",
+            "data.batch_size=2",
+            "data.eval_batch_size=8",
+            "data.max_samples={val:4,test:12}",
+            "eval.max_new_tokens=24",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_model_summary=false",
+        ]
     else:
         data_small = []
         steps = a.sft_steps or SFT_STEPS
         # a short SFT that still invents boxes, on the plain patch grid the table was made with
-        sft = py + ["unveil.train", f"model.vision_pretrain.steps={a.sft_warmup}", "model.spec.slot_tokens=0", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                    "eval.split=val", f"hydra.run.dir={out / 'sft'}"]
+        sft = py + [
+            "unveil.train",
+            f"model.vision_pretrain.steps={a.sft_warmup}",
+            "model.spec.slot_tokens=0",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "eval.split=val",
+            f"hydra.run.dir={out / 'sft'}",
+        ]
         caps = f"max_samples={{train:{a.train_records},val:{VAL_RECORDS}}}"
         k = a.dpo_steps or DPO_STEPS
         # localize pairs drawn 3x as often as closed-question pairs, as the SFT default samples them
-        dpo_size = [f"trainer.max_steps={k}", f"trainer.val_check_interval={k}", "data.batch_size=8",
-                    "data.task_weights={localize:3.0}",
-                    "data.eval_batch_size=64", f"data.max_samples={{val:{VAL_RECORDS},test:{test_cap}}}"]
+        dpo_size = [
+            f"trainer.max_steps={k}",
+            f"trainer.val_check_interval={k}",
+            "data.batch_size=8",
+            "data.task_weights={localize:3.0}",
+            "data.eval_batch_size=64",
+            f"data.max_samples={{val:{VAL_RECORDS},test:{test_cap}}}",
+        ]
     # the SFT row: the same test records as every DPO run
-    sft_eval = py + ["unveil.eval", f"ckpt_path={sft_dir}", "split=test", f"max_samples={12 if a.quick else test_cap}",
-                     *(["max_new_tokens=24", "batch_size=8"] if a.quick else ["batch_size=64"]),
-                     f"hydra.run.dir={out / 'sft_test'}"]
+    sft_eval = py + [
+        "unveil.eval",
+        f"ckpt_path={sft_dir}",
+        "split=test",
+        f"max_samples={12 if a.quick else test_cap}",
+        *(["max_new_tokens=24", "batch_size=8"] if a.quick else ["batch_size=64"]),
+        f"hydra.run.dir={out / 'sft_test'}",
+    ]
     curate = {}
     for name, (ovr, _) in PREF_SETS.items():
-        curate[name] = py + ["unveil.curate", *ovr, f"model.init_from={sft_dir}", f"out_dir={out / 'pref' / name}",
-                             "seed=0", caps, "progress=false", "num_threads=1",
-                             f"hydra.run.dir={out / 'pref' / name / 'hydra'}", *data_small]
+        curate[name] = py + [
+            "unveil.curate",
+            *ovr,
+            f"model.init_from={sft_dir}",
+            f"out_dir={out / 'pref' / name}",
+            "seed=0",
+            caps,
+            "progress=false",
+            "num_threads=1",
+            f"hydra.run.dir={out / 'pref' / name / 'hydra'}",
+            *data_small,
+        ]
     dpo = {}
     for row, (_, pref, norm) in VARIANTS.items():
-        cmd = py + ["unveil.train", "-m", "experiment=mmedpo_dpo", f"data.root={out / 'pref' / pref}",
-                    f"stage.weight_norm={norm}", f"stage.optim.lr={a.lr}", f"seed={','.join(map(str, a.seeds))}",
-                    f"model.init_from={sft_dir}", "data.num_workers=0", *dpo_size,
-                    f"hydra.sweep.dir={out / 'dpo' / row}", "hydra.sweep.subdir=seed${seed}"]
+        cmd = py + [
+            "unveil.train",
+            "-m",
+            "experiment=mmedpo_dpo",
+            f"data.root={out / 'pref' / pref}",
+            f"stage.weight_norm={norm}",
+            f"stage.optim.lr={a.lr}",
+            f"seed={','.join(map(str, a.seeds))}",
+            f"model.init_from={sft_dir}",
+            "data.num_workers=0",
+            *dpo_size,
+            f"hydra.sweep.dir={out / 'dpo' / row}",
+            "hydra.sweep.subdir=seed${seed}",
+        ]
         if a.launcher:
             cmd.append(f"hydra/launcher={a.launcher}")
         dpo[row] = cmd + list(a.overrides)
@@ -144,9 +193,16 @@ def load_runs(dpo_dir: Path) -> list[dict]:
         seed = cfg.get("seed")
         if seed is None and m.parent.name.startswith("seed"):
             seed = int(m.parent.name[4:])
-        runs.append({"variant": variant, "seed": seed, "metrics": json.loads(m.read_text()), "dir": str(m.parent),
-                     "weight_norm": (cfg.get("stage") or {}).get("weight_norm"),
-                     "data_root": (cfg.get("data") or {}).get("root")})
+        runs.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "metrics": json.loads(m.read_text()),
+                "dir": str(m.parent),
+                "weight_norm": (cfg.get("stage") or {}).get("weight_norm"),
+                "data_root": (cfg.get("data") or {}).get("root"),
+            }
+        )
     return runs
 
 
@@ -165,8 +221,14 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def table_rows(sft_metrics: dict | None, runs: list[dict]) -> list[dict]:
     rows = []
     if sft_metrics is not None:
-        row = {"variant": "sft", "label": "SFT (start of every DPO run)", "pref": "", "weight_norm": "", "n_seeds": 1,
-               "seeds": ""}
+        row = {
+            "variant": "sft",
+            "label": "SFT (start of every DPO run)",
+            "pref": "",
+            "weight_norm": "",
+            "n_seeds": 1,
+            "seeds": "",
+        }
         for k in METRICS:
             row[f"{k}/mean"], row[f"{k}/std"] = metric(sft_metrics, k), math.nan
         rows.append(row)
@@ -176,8 +238,14 @@ def table_rows(sft_metrics: dict | None, runs: list[dict]) -> list[dict]:
         if not rs:
             continue
         label, pref, norm = VARIANTS.get(v, (v, "", rs[0].get("weight_norm") or ""))
-        row = {"variant": v, "label": label, "pref": pref, "weight_norm": norm, "n_seeds": len(rs),
-               "seeds": " ".join(str(r["seed"]) for r in rs)}
+        row = {
+            "variant": v,
+            "label": label,
+            "pref": pref,
+            "weight_norm": norm,
+            "n_seeds": len(rs),
+            "seeds": " ".join(str(r["seed"]) for r in rs),
+        }
         for k in METRICS:
             vals = [metric(r["metrics"], k) for r in rs]
             row[f"{k}/mean"], row[f"{k}/std"] = mean_std(vals)
@@ -195,19 +263,32 @@ def pref_summaries(pref_dir: Path) -> list[str]:
         if not f.exists():
             continue
         sp = json.loads(f.read_text())["splits"].get("train", {})
-        src = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in sorted(sp.items())
-                        if k.startswith(("hallucination/source", "hallucination/rule/", "lesion_noise/", "hallucination/model_fallback")))
-        lines.append(f"| `{name}` | {desc} | {sp.get('read', 0)} | {sp.get('written', 0)} | "
-                     f"{sp.get('weight_mean', float('nan')):.3f} | {src} |")
+        src = ", ".join(
+            f"{k.split('/', 1)[1]} {v}"
+            for k, v in sorted(sp.items())
+            if k.startswith(
+                ("hallucination/source", "hallucination/rule/", "lesion_noise/", "hallucination/model_fallback")
+            )
+        )
+        lines.append(
+            f"| `{name}` | {desc} | {sp.get('read', 0)} | {sp.get('written', 0)} | "
+            f"{sp.get('weight_mean', float('nan')):.3f} | {src} |"
+        )
     if lines:
-        lines = ["| set | pairs | train records read | train pairs | mean raw weight | sources |", "|---|---|---|---|---|---|"] + lines
+        lines = [
+            "| set | pairs | train records read | train pairs | mean raw weight | sources |",
+            "|---|---|---|---|---|---|",
+        ] + lines
     return lines
 
 
-def write_tables(rows: list[dict], cmds: list[str], md: Path, csv_path: Path, note: str, pref_lines: list[str] = ()) -> None:
+def write_tables(
+    rows: list[dict], cmds: list[str], md: Path, csv_path: Path, note: str, pref_lines: list[str] = ()
+) -> None:
     seeds = sorted({k.split("/seed", 1)[1] for r in rows for k in r if "/seed" in k}, key=lambda s: (len(s), s))
-    fields = ["variant", "label", "pref", "weight_norm", "n_seeds", "seeds"] + \
-             [f"{k}/{s}" for k in METRICS for s in ("mean", "std", *(f"seed{x}" for x in seeds))]
+    fields = ["variant", "label", "pref", "weight_norm", "n_seeds", "seeds"] + [
+        f"{k}/{s}" for k in METRICS for s in ("mean", "std", *(f"seed{x}" for x in seeds))
+    ]
     write_csv(rows, fields, csv_path)
 
     reading = existing_reading(md)
@@ -215,17 +296,32 @@ def write_tables(rows: list[dict], cmds: list[str], md: Path, csv_path: Path, no
     lines += cmds + ["```", "", note, ""]
     if pref_lines:
         lines += ["## Preference data (train split, from `summary.json` of each curate run)", "", *pref_lines, ""]
-    lines += ["## Test split, mean ± std over seeds (the SFT row is one run)", "",
-              "| variant | seeds | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines += [
+        "## Test split, mean ± std over seeds (the SFT row is one run)",
+        "",
+        "| variant | seeds | " + " | ".join(METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['n_seeds']} | " + " | ".join(fmt(r[f'{k}/mean'], r[f'{k}/std']) for k in METRICS) + " |")
-    lines += ["", "## Per seed: invented-box rate / closed VQA acc / matched IoU", "",
-              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        lines.append(
+            f"| {r['label']} | {r['n_seeds']} | "
+            + " | ".join(fmt(r[f"{k}/mean"], r[f"{k}/std"]) for k in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Per seed: invented-box rate / closed VQA acc / matched IoU",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for r in rows:
         if r["variant"] == "sft":
             continue
-        cells = [" / ".join(fmt(r.get(f"{k}/seed{s}", math.nan)) for k in ("invented_box_rate", "closed_acc", "iou"))
-                 for s in seeds]
+        cells = [
+            " / ".join(fmt(r.get(f"{k}/seed{s}", math.nan)) for k in ("invented_box_rate", "closed_acc", "iou"))
+            for s in seeds
+        ]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## Reading", ""]
     if reading:
@@ -235,7 +331,10 @@ def write_tables(rows: list[dict], cmds: list[str], md: Path, csv_path: Path, no
 
 
 def collect(out: Path, sft_test: Path, cmds: list[str], md: Path, csv_path: Path, note: str) -> list[dict]:
-    """Rows of the SFT evaluation (``sft_test/metrics.json``) and of every DPO run under ``<out>/dpo``; writes md + csv."""
+    """Rows of the SFT evaluation (``sft_test/metrics.json``) and of every DPO run under ``<out>/dpo``.
+
+    Writes md + csv.
+    """
     sft_metrics = json.loads((sft_test / "metrics.json").read_text()) if (sft_test / "metrics.json").exists() else None
     runs = load_runs(out / "dpo")
     if not runs:
@@ -246,28 +345,54 @@ def collect(out: Path, sft_test: Path, cmds: list[str], md: Path, csv_path: Path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None, help="root of the SFT run, preference sets and DPO sweeps "
-                                                           "(default logs/mmedpo_ablation[_quick])")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="root of the SFT run, preference sets and DPO sweeps (default logs/mmedpo_ablation[_quick])",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--launcher", default=None, help="Hydra launcher for the DPO sweeps, e.g. submitit_slurm (hydra/launcher=...)")
+    ap.add_argument(
+        "--launcher", default=None, help="Hydra launcher for the DPO sweeps, e.g. submitit_slurm (hydra/launcher=...)"
+    )
     ap.add_argument("--sft-dir", type=Path, default=None, help="reuse this SFT run instead of training one")
-    ap.add_argument("--sft-steps", type=int, default=None, help=f"SFT steps (default {SFT_STEPS}; 400 vision warm-up steps first)")
-    ap.add_argument("--sft-warmup", type=int, default=SFT_WARMUP, help=f"vision warm-up steps before SFT (default {SFT_WARMUP})")
+    ap.add_argument(
+        "--sft-steps", type=int, default=None, help=f"SFT steps (default {SFT_STEPS}; 400 vision warm-up steps first)"
+    )
+    ap.add_argument(
+        "--sft-warmup", type=int, default=SFT_WARMUP, help=f"vision warm-up steps before SFT (default {SFT_WARMUP})"
+    )
     ap.add_argument("--dpo-steps", type=int, default=None, help=f"DPO steps per run (default {DPO_STEPS})")
     ap.add_argument("--lr", type=float, default=DPO_LR, help="DPO learning rate (LoRA)")
     ap.add_argument("--train-records", type=int, default=TRAIN_RECORDS, help="training records the builders curate")
-    ap.add_argument("--test-records", type=int, default=TEST_RECORDS, help="first N test records evaluated (SFT and DPO)")
+    ap.add_argument(
+        "--test-records", type=int, default=TEST_RECORDS, help="first N test records evaluated (SFT and DPO)"
+    )
     add_common_args(ap)
     ap.add_argument("--skip-existing", action="store_true", help="skip stages whose output already exists (resume)")
     add_tail_args(ap, "DPO runs")
     a = ap.parse_args()
     out, env = setup(a, "mmedpo_ablation")
     cmds = commands(a, out)
-    shown = [shlex.join(["python", "experiments/mmedpo_ablation.py", *(x for x in sys.argv[1:] if x not in ("--collect-only", "--skip-existing"))]),
-             "# which runs:"]
-    todo = ([] if a.sft_dir else [("sft", cmds["sft"])]) + [("sft_eval", cmds["sft_eval"])] + [(f"curate/{k}", c) for k, c in cmds["curate"].items()] + \
-           [(f"dpo/{k}", c) for k, c in cmds["dpo"].items()]
+    shown = [
+        shlex.join(
+            [
+                "python",
+                "experiments/mmedpo_ablation.py",
+                *(x for x in sys.argv[1:] if x not in ("--collect-only", "--skip-existing")),
+            ]
+        ),
+        "# which runs:",
+    ]
+    todo = (
+        ([] if a.sft_dir else [("sft", cmds["sft"])])
+        + [("sft_eval", cmds["sft_eval"])]
+        + [(f"curate/{k}", c) for k, c in cmds["curate"].items()]
+        + [(f"dpo/{k}", c) for k, c in cmds["dpo"].items()]
+    )
     shown += [shlex.join(["python", *c[1:]]).replace(str(out), "$OUT") for _, c in todo]
 
     timing_file = out / "timing.json"
@@ -275,8 +400,9 @@ def main() -> None:
     if not a.collect_only:
         out.mkdir(parents=True, exist_ok=True)
         for name, cmd in todo:
-            done = {"sft": out / "sft" / "metrics.json", "sft_eval": out / "sft_test" / "metrics.json"}.get(name) or \
-                (out / "pref" / name.split("/")[1] / "summary.json" if name.startswith("curate/") else None)
+            done = {"sft": out / "sft" / "metrics.json", "sft_eval": out / "sft_test" / "metrics.json"}.get(name) or (
+                out / "pref" / name.split("/")[1] / "summary.json" if name.startswith("curate/") else None
+            )
             if a.skip_existing and done is not None and done.exists():
                 continue
             timing[name] = round(run(cmd, env), 1)
@@ -285,17 +411,22 @@ def main() -> None:
     name = "mmedpo_ablation_quick" if a.quick else "mmedpo_ablation"
     total = sum(timing.values())
     sft_steps = a.sft_steps or (3 if a.quick else SFT_STEPS)
-    note = ("Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
-            "pipeline runs end to end." if a.quick else
-            f"$OUT = `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`. SFT: the default recipe cut to "
-            f"{a.sft_warmup} vision warm-up steps (default 800), no slot tokens and {sft_steps} SFT steps (default 1,300; cosine schedule "
-            f"over those steps); "
-            f"the default 1,300 steps invents no boxes on normal studies. Preference data from the first "
-            f"{a.train_records} training records; DPO {a.dpo_steps or DPO_STEPS} steps x 8 pairs, LoRA r16, lr {a.lr}, "
-            f"beta 0.1, seeds {a.seeds}. Test metrics on the first {a.test_records} records of the synthetic test split "
-            f"(the same records for every row).")
+    note = (
+        "Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
+        "pipeline runs end to end."
+        if a.quick
+        else f"$OUT = `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`. SFT: the default recipe cut to "
+        f"{a.sft_warmup} vision warm-up steps (default 800), no slot tokens and {sft_steps} SFT steps "
+        f"(default 1,300; cosine schedule over those steps); "
+        f"the default 1,300 steps invents no boxes on normal studies. Preference data from the first "
+        f"{a.train_records} training records; DPO {a.dpo_steps or DPO_STEPS} steps x 8 pairs, LoRA r16, lr {a.lr}, "
+        f"beta 0.1, seeds {a.seeds}. Test metrics on the first {a.test_records} records of the synthetic test split "
+        f"(the same records for every row)."
+    )
     if timing:
-        note += " Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + f"; total {total / 60:.1f} min."
+        note += (
+            " Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + f"; total {total / 60:.1f} min."
+        )
     collect(out, out / "sft_test", shown, a.results / f"{name}.md", a.results / f"{name}.csv", note)
 
 

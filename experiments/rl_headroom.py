@@ -47,15 +47,23 @@ def headroom(backbone, samples, vocab, G: int, temperature: float, batch_size: i
     from unveil.models.generation import generate
 
     collate, out = PromptCollator(backbone), collections.defaultdict(lambda: collections.defaultdict(list))
-    size = backbone.extra.get("model_image_size")  # as unveil.eval parses: boxes in the model's pixels, for real backbones
+    size = backbone.extra.get(
+        "model_image_size"
+    )  # as unveil.eval parses: boxes in the model's pixels, for real backbones
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i: i + batch_size]
+        chunk = samples[i : i + batch_size]
         batch = collate(chunk)
         greedy = generate(backbone, batch, max_new_tokens=max_new_tokens)["texts"]
-        sampled = generate(backbone, batch, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=G,
-                           temperature=temperature)["texts"]
+        sampled = generate(
+            backbone,
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            num_return_sequences=G,
+            temperature=temperature,
+        )["texts"]
         for j, s in enumerate(chunk):
-            scores = [study_iou(t, s, backbone.box_format, vocab, size) for t in sampled[j * G:(j + 1) * G]]
+            scores = [study_iou(t, s, backbone.box_format, vocab, size) for t in sampled[j * G : (j + 1) * G]]
             row = out[len(s.boxes)]
             row["greedy"].append(study_iou(greedy[j], s, backbone.box_format, vocab, size))
             row["sampled"].append(float(np.mean(scores)))
@@ -82,18 +90,24 @@ def main() -> None:
     backbone, dm = load_for_eval(a.runs[0])
     models = [(a.runs[0], backbone)] + [(r, load_for_eval(r)[0]) for r in a.runs[1:]]
     samples = [s for s in dm.data[a.split] if s.task == "localize" and s.boxes][: a.n]
-    lines = [f"Best-of-G headroom on {len(samples)} abnormal localisation studies of `{a.split}` (the data of "
-             f"`{a.runs[0]}`), G={a.G} (matched IoU; `best` picks with the ground truth, an upper bound for a "
-             "GT-scored reward).", "",
-             "| run | T | GT boxes | studies | greedy | sampled (mean of G) | best of G |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Best-of-G headroom on {len(samples)} abnormal localisation studies of `{a.split}` (the data of "
+        f"`{a.runs[0]}`), G={a.G} (matched IoU; `best` picks with the ground truth, an upper bound for a "
+        "GT-scored reward).",
+        "",
+        "| run | T | GT boxes | studies | greedy | sampled (mean of G) | best of G |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run, bb in models:
         for t in a.temperatures:
             torch.manual_seed(a.seed)
             res = headroom(bb, samples, dm.findings(), a.G, t)
             pooled = {k: sum((r[k] for r in res.values()), []) for k in ("greedy", "sampled", "best")}
             for k, r in sorted(res.items()) + [("all", pooled)]:
-                lines.append(f"| `{run}` | {t} | {k} | {len(r['greedy'])} | {np.mean(r['greedy']):.3f} | "
-                             f"{np.mean(r['sampled']):.3f} | {np.mean(r['best']):.3f} |")
+                lines.append(
+                    f"| `{run}` | {t} | {k} | {len(r['greedy'])} | {np.mean(r['greedy']):.3f} | "
+                    f"{np.mean(r['sampled']):.3f} | {np.mean(r['best']):.3f} |"
+                )
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
 from ablation_cli import add_common_args, add_tail_args, setup  # noqa: E402
 from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
+
 ALGOS = {"umed_ppo": "PPO", "umed_grpo": "GRPO"}
 REWARDS = {  # reward preset -> row label (paper Table 6 wording)
     "relevance_only": "plain (relevance only)",
@@ -59,9 +60,16 @@ def commands(a, out: Path) -> tuple[list[str], list[list[str]]]:
         sft.append(f"trainer.max_steps={a.sft_steps}")
     rls = []
     for exp in a.algos:  # one multirun per algorithm: an experiment file cannot itself be a swept value
-        rl = py + ["-m", f"experiment={exp}", f"reward={','.join(a.rewards)}", f"seed={','.join(map(str, a.seeds))}",
-                   f"model.init_from={a.sft_dir or out / 'sft'}", f"hydra.sweep.dir={out / 'rl' / exp}",
-                   "hydra.sweep.subdir=${hydra:runtime.choices.reward}/seed${seed}", *quick]
+        rl = py + [
+            "-m",
+            f"experiment={exp}",
+            f"reward={','.join(a.rewards)}",
+            f"seed={','.join(map(str, a.seeds))}",
+            f"model.init_from={a.sft_dir or out / 'sft'}",
+            f"hydra.sweep.dir={out / 'rl' / exp}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.reward}/seed${seed}",
+            *quick,
+        ]
         if a.quick:
             rl += [f"trainer.max_steps={a.rl_steps or 2}", "stage.max_new_tokens=24", "stage.log_completions_every=1"]
         elif a.rl_steps:
@@ -81,8 +89,15 @@ def load_runs(rl_dir: Path) -> list[dict]:
             continue
         cfg = yaml.safe_load((hyd / "config.yaml").read_text())
         choices = yaml.safe_load((hyd / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
-        runs.append({"experiment": choices.get("experiment"), "reward": choices.get("reward"), "seed": cfg.get("seed"),
-                     "metrics": json.loads(m.read_text()), "dir": str(m.parent)})
+        runs.append(
+            {
+                "experiment": choices.get("experiment"),
+                "reward": choices.get("reward"),
+                "seed": cfg.get("seed"),
+                "metrics": json.loads(m.read_text()),
+                "dir": str(m.parent),
+            }
+        )
     return runs
 
 
@@ -139,19 +154,31 @@ def table_rows(sft_metrics: dict | None, runs: list[dict], mods: list[str]) -> l
 
 def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, csv_path: Path, note: str) -> None:
     cols = mods + ["average"]
-    fields = ["algo", "variant", "reward", "n_seeds"] + [f"{m}/{c}/{s}" for m in METRICS for c in cols for s in ("mean", "std")]
+    fields = ["algo", "variant", "reward", "n_seeds"] + [
+        f"{m}/{c}/{s}" for m in METRICS for c in cols for s in ("mean", "std")
+    ]
     write_csv(rows, fields, csv_path)
 
     reading = existing_reading(md)
     lines = ["# UMed-LVLM reward ablation (paper Table 6 shape)", "", "Produced by:", "", "```"]
-    lines += cmds + ["```", "", note, "",
-                     "Rows: SFT, then each RL algorithm with the reward presets of `conf/reward/`. Columns: one per "
-                     "modality of the test split and their average (the average is taken per seed, then mean ± std "
-                     "over seeds; the SFT row is one run). Metrics from each run's `metrics.json` "
-                     "(`test/modality/<modality>/<metric>`).", ""]
+    lines += cmds + [
+        "```",
+        "",
+        note,
+        "",
+        "Rows: SFT, then each RL algorithm with the reward presets of `conf/reward/`. Columns: one per "
+        "modality of the test split and their average (the average is taken per seed, then mean ± std "
+        "over seeds; the SFT row is one run). Metrics from each run's `metrics.json` "
+        "(`test/modality/<modality>/<metric>`).",
+        "",
+    ]
     for metric, title in METRICS.items():
-        lines += [f"## {title} (`{metric}`)", "", "| algorithm | variant | seeds | " + " | ".join(cols) + " |",
-                  "|---|---|---|" + "---|" * len(cols)]
+        lines += [
+            f"## {title} (`{metric}`)",
+            "",
+            "| algorithm | variant | seeds | " + " | ".join(cols) + " |",
+            "|---|---|---|" + "---|" * len(cols),
+        ]
         for r in rows:
             cells = [fmt(r[f"{metric}/{c}/mean"], r[f"{metric}/{c}/std"]) for c in cols]
             lines.append(f"| {r['algo']} | {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
@@ -164,12 +191,21 @@ def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, c
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None, help="root of the SFT run and the RL sweep (default logs/umed_ablation[_quick])")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="root of the SFT run and the RL sweep (default logs/umed_ablation[_quick])",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS), help="RL experiments to run")
     ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS), help="reward presets to run")
-    ap.add_argument("--launcher", default=None, help="Hydra launcher for the RL sweep, e.g. submitit_slurm (hydra/launcher=...)")
+    ap.add_argument(
+        "--launcher", default=None, help="Hydra launcher for the RL sweep, e.g. submitit_slurm (hydra/launcher=...)"
+    )
     ap.add_argument("--sft-dir", type=Path, default=None, help="reuse this SFT run instead of training one")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--rl-steps", type=int, default=None)
@@ -178,7 +214,10 @@ def main() -> None:
     a = ap.parse_args()
     out, env = setup(a, "umed_ablation")
     sft_cmd, rl_cmds = commands(a, out)
-    shown = [shlex.join(["python", "experiments/umed_ablation.py", *(x for x in sys.argv[1:] if x != "--collect-only")]), "# which runs:"]
+    shown = [
+        shlex.join(["python", "experiments/umed_ablation.py", *(x for x in sys.argv[1:] if x != "--collect-only")]),
+        "# which runs:",
+    ]
     shown += [shlex.join(["python", *c[1:]]) for c in (rl_cmds if a.sft_dir else [sft_cmd, *rl_cmds])]
 
     if not a.collect_only:
@@ -195,8 +234,12 @@ def main() -> None:
     mods = modalities(runs + ([{"metrics": sft_metrics}] if sft_metrics else []))
     rows = table_rows(sft_metrics, runs, mods)
     name = "umed_ablation_quick" if a.quick else "umed_ablation"
-    note = ("Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
-            "pipeline runs end to end." if a.quick else f"{len(runs)} RL runs, seeds {a.seeds}.")
+    note = (
+        "Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
+        "pipeline runs end to end."
+        if a.quick
+        else f"{len(runs)} RL runs, seeds {a.seeds}."
+    )
     write_tables(rows, mods, shown, a.results / f"{name}.md", a.results / f"{name}.csv", note)
 
 

@@ -18,8 +18,15 @@ def root(tmp_path):
 
 
 def good(**kw):
-    r = {"id": "r1", "images": ["images/a.png"], "query": "Where is it?", "answer": "Region [10, 20, 30, 40]: nodule.",
-         "boxes": [[0.1, 0.2, 0.3, 0.4]], "findings": ["nodule"], "modality": "ct"}
+    r = {
+        "id": "r1",
+        "images": ["images/a.png"],
+        "query": "Where is it?",
+        "answer": "Region [10, 20, 30, 40]: nodule.",
+        "boxes": [[0.1, 0.2, 0.3, 0.4]],
+        "findings": ["nodule"],
+        "modality": "ct",
+    }
     r.update(kw)
     return r
 
@@ -45,7 +52,7 @@ def test_good_record(root):
 
 
 def test_malformed_line_names_file_and_line(root):
-    p = write(root, good(), good(id="r2"), raw_lines=['{"id": "r3", "images": [']) 
+    p = write(root, good(), good(id="r2"), raw_lines=['{"id": "r3", "images": ['])
     e = error_of(p, root)
     assert e.file == str(p) and e.record == 3
     assert f"{p}:3" in str(e) and "malformed JSON" in str(e)
@@ -100,7 +107,12 @@ def test_skip_policy_counts(root, caplog):
 
 def test_preference_fields(root):
     Image.new("RGB", (200, 100), "white").save(root / "images" / "noised.png")
-    (s,) = mau_jsonl.read(write(root, good(rejected={"answer": "No abnormality detected.", "images": ["images/noised.png"]}, weight=0.4)), root=root)
+    (s,) = mau_jsonl.read(
+        write(
+            root, good(rejected={"answer": "No abnormality detected.", "images": ["images/noised.png"]}, weight=0.4)
+        ),
+        root=root,
+    )
     assert s.rejected.messages[-1]["content"] == "No abnormality detected."
     assert s.rejected.images[0].endswith("noised.png") and s.weight == 0.4
 

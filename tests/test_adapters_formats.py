@@ -23,7 +23,11 @@ from unveil.data.schema import IMAGE_PLACEHOLDER, validate_sample
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "formats"
-MMEDPO_FILES = ("slake_dpo_weighted.sample.json", "vqa-rad_dpo_weighted.sample.json", "iuxray_dpo_weighted.sample.json")
+MMEDPO_FILES = (
+    "slake_dpo_weighted.sample.json",
+    "vqa-rad_dpo_weighted.sample.json",
+    "iuxray_dpo_weighted.sample.json",
+)
 FORMATS = ("llava", "med_mim", "vqa_table", "mmedpo", "stllava_dpo")
 
 
@@ -69,8 +73,11 @@ def test_every_adapter_is_registered_with_a_data_config():
 def test_the_datamodule_call_reads_each_format():
     """What UnveilDataModule.setup does per split (without importing Lightning: it is slow to load)."""
     calls = {
-        "llava": "llava/instruct.json", "med_mim": "med_mim/MedMIM_Held_in_Temporal.json",
-        "vqa_table": "vqa/pathvqa.csv", "mmedpo": "mmedpo/visual_pairs.json", "stllava_dpo": "stllava/dpo.json",
+        "llava": "llava/instruct.json",
+        "med_mim": "med_mim/MedMIM_Held_in_Temporal.json",
+        "vqa_table": "vqa/pathvqa.csv",
+        "mmedpo": "mmedpo/visual_pairs.json",
+        "stllava_dpo": "stllava/dpo.json",
     }
     for fmt, rel in calls.items():
         samples = adapters.read(fmt, FIX / rel, root=FIX, on_bad_record="raise", check_images=True)
@@ -206,14 +213,17 @@ def test_llava_med_eval_jsonl():
 # ==========================================================================================
 # Med-MIM
 # ==========================================================================================
-@pytest.mark.parametrize("name,ability,held_out", [
-    ("MedMIM_Held_in_Temporal.json", "temporal", False),
-    ("MedMIM_Held_in_Reasoning.json", "reasoning", False),
-    ("MedMIM_Held_in_Comparison.json", "comparison", False),
-    ("MedMIM_Held_in_Coreference.json", "coreference", False),
-    ("MedMIM_Held_out_ODIR.json", "held_out_odir", True),
-    ("MedMIM_Held_out_RAD.json", "held_out_rad", True),
-])
+@pytest.mark.parametrize(
+    "name,ability,held_out",
+    [
+        ("MedMIM_Held_in_Temporal.json", "temporal", False),
+        ("MedMIM_Held_in_Reasoning.json", "reasoning", False),
+        ("MedMIM_Held_in_Comparison.json", "comparison", False),
+        ("MedMIM_Held_in_Coreference.json", "coreference", False),
+        ("MedMIM_Held_out_ODIR.json", "held_out_odir", True),
+        ("MedMIM_Held_out_RAD.json", "held_out_rad", True),
+    ],
+)
 def test_med_mim_ability_from_file_name(name, ability, held_out):
     samples = med_mim.read(FIX / "med_mim" / name, root=FIX)
     _all_valid(samples)
@@ -242,7 +252,9 @@ def test_med_mim_ids_made_unique_and_paths_with_spaces():
     assert [s.meta["orig_id"] for s in cor] == ["EMBED-7", "EMBED-7"]
     assert len({s.id for s in cor}) == 2 and all(s.id.startswith("coreference/EMBED-7") for s in cor)
     odir = med_mim.read(FIX / "med_mim" / "MedMIM_Held_out_ODIR.json", root=FIX)[0]
-    assert odir.meta["orig_id"] == "VQA_RAD-0" and odir.id.startswith("held_out_odir/")  # mislabelled ids stay traceable
+    assert odir.meta["orig_id"] == "VQA_RAD-0" and odir.id.startswith(
+        "held_out_odir/"
+    )  # mislabelled ids stay traceable
     assert odir.images[0] == str(FIX / "Training Images" / "12_left.jpg") and Path(odir.images[0]).exists()
     assert odir.modality == "fundus" and odir.answer == "B: diabetic retinopathy"
     rad = med_mim.read(FIX / "med_mim" / "MedMIM_Held_out_RAD.json", root=FIX)[0]
@@ -271,8 +283,10 @@ def test_slake_json_language_filter_and_modality():
     assert [s.id for s in en] == ["0", "2", "3"] and vqa_table.read.last_filtered == 1
     _all_valid(en)
     a, b, c = en
-    assert a.messages == [{"role": "user", "content": "<image>\nWhich organ is abnormal?"},
-                          {"role": "assistant", "content": "Lung"}]
+    assert a.messages == [
+        {"role": "user", "content": "<image>\nWhich organ is abnormal?"},
+        {"role": "assistant", "content": "Lung"},
+    ]
     assert a.task == "vqa_open" and a.answer == "Lung" and a.modality == "xray"
     assert b.task == "vqa_closed" and b.answer == "Yes" and b.modality == "ct"
     assert c.modality == "mri" and c.meta["content_type"] == "Modality" and c.meta["q_lang"] == "en"
@@ -307,11 +321,17 @@ def test_parquet_with_image_bytes_and_custom_columns(tmp_path):
     import pyarrow.parquet as pq
 
     img1, img2 = _png_bytes(value=10), _png_bytes(value=200)
-    table = pa.table({
-        "image": [{"bytes": img1, "path": "a.png"}, {"bytes": img2, "path": None}, {"bytes": img1, "path": "a.png"}],
-        "q": ["is this normal?", "what organ is shown?", "is there a lesion?"],
-        "a": ["no", "liver", "yes"],
-    })
+    table = pa.table(
+        {
+            "image": [
+                {"bytes": img1, "path": "a.png"},
+                {"bytes": img2, "path": None},
+                {"bytes": img1, "path": "a.png"},
+            ],
+            "q": ["is this normal?", "what organ is shown?", "is there a lesion?"],
+            "a": ["no", "liver", "yes"],
+        }
+    )
     path = tmp_path / "pathvqa.parquet"
     pq.write_table(table, path)
     cache = tmp_path / "cache"
@@ -334,8 +354,10 @@ def test_parquet_raw_bytes_default_cache_and_paths(tmp_path):
     s = vqa_table.read(tmp_path / "b.parquet")[0]
     assert Path(s.images[0]).parent == tmp_path / ".image_cache" and Path(s.images[0]).exists()
     _png(tmp_path / "imgs" / "x.png")
-    pq.write_table(pa.table({"img_name": ["x.png"], "question": ["q?"], "answer": ["left"],
-                             "answer_type": ["OPEN"]}), tmp_path / "c.parquet")
+    pq.write_table(
+        pa.table({"img_name": ["x.png"], "question": ["q?"], "answer": ["left"], "answer_type": ["OPEN"]}),
+        tmp_path / "c.parquet",
+    )
     s = vqa_table.read(tmp_path / "c.parquet", image_dir="imgs")[0]
     assert s.images == [str(tmp_path / "imgs" / "x.png")] and s.task == "vqa_open"
 
@@ -345,7 +367,9 @@ def test_undecodable_image_bytes_are_a_record_error(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"image": [_png_bytes(), b"not an image"], "question": ["a?", "b?"], "answer": ["yes", "no"]}), path)
+    pq.write_table(
+        pa.table({"image": [_png_bytes(), b"not an image"], "question": ["a?", "b?"], "answer": ["yes", "no"]}), path
+    )
     with pytest.raises(RecordError) as e:
         vqa_table.read(path, image_cache=tmp_path / "c")
     assert (e.value.file, e.value.record, e.value.field) == (str(path), 1, "image") and "undecodable" in str(e.value)
@@ -382,15 +406,33 @@ def _good(fmt: str) -> dict:
     conv = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": " yes"}]
     return {
         "llava": {"id": "a", "image": "img.png", "conversations": conv},
-        "llava_eval": {"question_id": 1, "image": "img.png", "text": "Q?\n<image>", "gpt4_answer": "A.",
-                       "domain": {"ct_scan": True}, "type": "conversation"},
-        "med_mim": {"id": "x", "images": ["img.png", "img.png"], "source": "s_vqa",
-                    "conversation": [{"role": "user", "content": "<image><image>Q?"}, {"role": "assistant", "content": "no"}]},
+        "llava_eval": {
+            "question_id": 1,
+            "image": "img.png",
+            "text": "Q?\n<image>",
+            "gpt4_answer": "A.",
+            "domain": {"ct_scan": True},
+            "type": "conversation",
+        },
+        "med_mim": {
+            "id": "x",
+            "images": ["img.png", "img.png"],
+            "source": "s_vqa",
+            "conversation": [{"role": "user", "content": "<image><image>Q?"}, {"role": "assistant", "content": "no"}],
+        },
         "vqa_table": {"qid": 1, "img_name": "img.png", "question": "Q?", "answer": "yes", "answer_type": "CLOSED"},
-        "mmedpo": {"id": 1, "image": "img.png", "conversations": conv, "rejected_conversations": conv[:1] + [
-            {"from": "gpt", "value": " no"}], "weighted_score": 0.5},
-        "stllava_dpo": {"image": "img.png", "chosen_conversations": conv,
-                        "reject_conversations": conv[:1] + [{"from": "gpt", "value": "no"}]},
+        "mmedpo": {
+            "id": 1,
+            "image": "img.png",
+            "conversations": conv,
+            "rejected_conversations": conv[:1] + [{"from": "gpt", "value": " no"}],
+            "weighted_score": 0.5,
+        },
+        "stllava_dpo": {
+            "image": "img.png",
+            "chosen_conversations": conv,
+            "reject_conversations": conv[:1] + [{"from": "gpt", "value": "no"}],
+        },
     }[fmt]
 
 
@@ -435,14 +477,35 @@ BAD = [
     ("mmedpo", "mmedpo", ".json", ("weighted_score", KeyError), "weighted_score", "missing"),
     ("mmedpo", "mmedpo", ".json", ("weighted_score", "0.5"), "weighted_score", "finite number"),
     ("mmedpo", "mmedpo", ".json", ("weighted_score", -0.1), "weighted_score", ">= 0"),
-    ("mmedpo", "mmedpo", ".json", ("rejected_conversations.0.value", "<image>\nOther?"), "rejected_conversations", "differ"),
+    (
+        "mmedpo",
+        "mmedpo",
+        ".json",
+        ("rejected_conversations.0.value", "<image>\nOther?"),
+        "rejected_conversations",
+        "differ",
+    ),
     ("mmedpo", "mmedpo", ".json", ("rejected_image", "noised/none.png"), "rejected_image", "image not found"),
     ("mmedpo", "mmedpo", ".json", ("rejected_image", "../x.png"), "rejected_image", "escapes the data root"),
     ("mmedpo", "mmedpo", ".json", ("rejected_noised", 2), "rejected_noised", "0 or 1"),
     ("mmedpo", "mmedpo", ".json", ("conversations.0.value", "Q without image"), "conversations", "0 '<image>'"),
     ("stllava_dpo", "stllava_dpo", ".json", ("reject_conversations", KeyError), "reject_conversations", "missing"),
-    ("stllava_dpo", "stllava_dpo", ".json", ("chosen_conversations.1.from", "bot"), "chosen_conversations[1].from", "unknown"),
-    ("stllava_dpo", "stllava_dpo", ".json", ("reject_conversations.0.value", "Q?"), "reject_conversations", "0 '<image>'"),
+    (
+        "stllava_dpo",
+        "stllava_dpo",
+        ".json",
+        ("chosen_conversations.1.from", "bot"),
+        "chosen_conversations[1].from",
+        "unknown",
+    ),
+    (
+        "stllava_dpo",
+        "stllava_dpo",
+        ".json",
+        ("reject_conversations.0.value", "Q?"),
+        "reject_conversations",
+        "0 '<image>'",
+    ),
     ("stllava_dpo", "stllava_dpo", ".json", ("image", 5), "image", "expected a path"),
 ]
 

@@ -33,16 +33,46 @@ ARCHS = ["llava15", "qwen2_vl", "qwen25_vl", "idefics3", "smolvlm"]
 # lead + answer + end-of-turn (+ the template's newline after it, trained on as Qwen's and
 # SmolVLM's own fine-tuning scripts do).
 EXPECT = {
-    "llava15": dict(model="LlavaForConditionalGeneration", processor="LlavaProcessor", box="int100",
-                    lead=" ", tail="</s>", image_token="<image>"),
-    "qwen2_vl": dict(model="Qwen2VLForConditionalGeneration", processor="Qwen2VLProcessor", box="qwen2vl",
-                     lead="", tail="<|im_end|>\n", image_token="<|image_pad|>"),
-    "qwen25_vl": dict(model="Qwen2_5_VLForConditionalGeneration", processor="Qwen2_5_VLProcessor", box="qwen25_abs",
-                      lead="", tail="<|im_end|>\n", image_token="<|image_pad|>"),
-    "idefics3": dict(model="Idefics3ForConditionalGeneration", processor="Idefics3Processor", box="int100",
-                     lead=" ", tail="<end_of_utterance>\n", image_token="<image>"),
-    "smolvlm": dict(model="SmolVLMForConditionalGeneration", processor="SmolVLMProcessor", box="int100",
-                    lead=" ", tail="<end_of_utterance>\n", image_token="<image>"),
+    "llava15": dict(
+        model="LlavaForConditionalGeneration",
+        processor="LlavaProcessor",
+        box="int100",
+        lead=" ",
+        tail="</s>",
+        image_token="<image>",
+    ),
+    "qwen2_vl": dict(
+        model="Qwen2VLForConditionalGeneration",
+        processor="Qwen2VLProcessor",
+        box="qwen2vl",
+        lead="",
+        tail="<|im_end|>\n",
+        image_token="<|image_pad|>",
+    ),
+    "qwen25_vl": dict(
+        model="Qwen2_5_VLForConditionalGeneration",
+        processor="Qwen2_5_VLProcessor",
+        box="qwen25_abs",
+        lead="",
+        tail="<|im_end|>\n",
+        image_token="<|image_pad|>",
+    ),
+    "idefics3": dict(
+        model="Idefics3ForConditionalGeneration",
+        processor="Idefics3Processor",
+        box="int100",
+        lead=" ",
+        tail="<end_of_utterance>\n",
+        image_token="<image>",
+    ),
+    "smolvlm": dict(
+        model="SmolVLMForConditionalGeneration",
+        processor="SmolVLMProcessor",
+        box="int100",
+        lead=" ",
+        tail="<end_of_utterance>\n",
+        image_token="<image>",
+    ),
 }
 # LLaVA-Med v1.5 and Mantis-LLaVA: the llava15 architecture with their own conversation formats.
 TEMPLATE_VARIANTS = {"llava_med": dict(lead=" ", tail=" </s>"), "mantis": dict(lead=" ", tail="</s>")}
@@ -54,8 +84,6 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=["debug=fast", *overrides])
-
-
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +137,12 @@ def test_builds_the_real_architecture_and_processor_offline(make_backbone, arch)
     assert sum(p.numel() for p in bb.model.parameters()) < 2_000_000
     tok = bb.tokenizer
     # the family's special tokens are single tokens, the image token is the model's
-    specials = {"llava15": ["<image>", "</s>"], "qwen2_vl": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|box_start|>"],
-                "idefics3": ["<fake_token_around_image>", "<end_of_utterance>", "<global-img>", "<row_1_col_1>"],
-                "smolvlm": ["<|im_start|>", "<fake_token_around_image>", "<row_2_col_2>"]}
+    specials = {
+        "llava15": ["<image>", "</s>"],
+        "qwen2_vl": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|box_start|>"],
+        "idefics3": ["<fake_token_around_image>", "<end_of_utterance>", "<global-img>", "<row_1_col_1>"],
+        "smolvlm": ["<|im_start|>", "<fake_token_around_image>", "<row_2_col_2>"],
+    }
     for t in specials.get(arch, specials["qwen2_vl"]):
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
     cfg = bb.base_model.config
@@ -119,9 +150,12 @@ def test_builds_the_real_architecture_and_processor_offline(make_backbone, arch)
     assert image_id == tok.convert_tokens_to_ids(e["image_token"])
     assert image_id in bb.image_token_ids and tok.eos_token_id not in bb.image_token_ids
     prompt = bb.render([{"role": "user", "content": "<image>\nWhere?"}], add_generation_prompt=True)
-    marker = {"llava15": "USER: <image>\nWhere? ASSISTANT:", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>Where?",
-              "idefics3": "<|begin_of_text|>User:<image>Where?<end_of_utterance>\nAssistant:",
-              "smolvlm": "<|im_start|>User:<image>Where?<end_of_utterance>\nAssistant:"}
+    marker = {
+        "llava15": "USER: <image>\nWhere? ASSISTANT:",
+        "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>Where?",
+        "idefics3": "<|begin_of_text|>User:<image>Where?<end_of_utterance>\nAssistant:",
+        "smolvlm": "<|im_start|>User:<image>Where?<end_of_utterance>\nAssistant:",
+    }
     assert marker.get(arch, marker["qwen2_vl"]) in prompt
     if arch.startswith("qwen"):
         assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>system\n" in prompt
@@ -134,10 +168,15 @@ def test_save_and_load_back_as_model_hf_offline(make_backbone, dm, tmp_path, arc
 
     bb = make_backbone(arch)
     bb.save(tmp_path / "saved")
-    over = [f"model.name_or_path={tmp_path / 'saved'}", "model.local_files_only=true", "model.dtype=float32",
-            f"model.box_format={bb.box_format.name}", "model.freeze.vision=false"]
+    over = [
+        f"model.name_or_path={tmp_path / 'saved'}",
+        "model.local_files_only=true",
+        "model.dtype=float32",
+        f"model.box_format={bb.box_format.name}",
+        "model.freeze.vision=false",
+    ]
     if "model_image_size" in bb.extra:
-        over.append("+model.extra.model_image_size=[%d,%d]" % tuple(bb.extra["model_image_size"]))
+        over.append("+model.extra.model_image_size=[{},{}]".format(*bb.extra["model_image_size"]))
     c = compose(["model=hf", *over])
     loaded = build_backbone(c.model, peft=c.peft)
     assert type(loaded.base_model) is type(bb.base_model) and type(loaded.processor) is type(bb.processor)
@@ -157,7 +196,10 @@ def test_save_and_load_back_as_model_hf_offline(make_backbone, dm, tmp_path, arc
     from unveil.data.collate import PromptCollator
 
     prompts = PromptCollator(loaded)(samples)
-    out1, out2 = generate(bb, PromptCollator(bb)(samples), max_new_tokens=4), generate(loaded, prompts, max_new_tokens=4)
+    out1, out2 = (
+        generate(bb, PromptCollator(bb)(samples), max_new_tokens=4),
+        generate(loaded, prompts, max_new_tokens=4),
+    )
     assert torch.equal(out1["sequences"], out2["sequences"]) and out1["texts"] == out2["texts"]
     # image placeholder tokens are never generated
     assert not set(out2["completion_ids"].flatten().tolist()) & set(loaded.image_token_ids)
@@ -167,7 +209,10 @@ def test_save_and_load_back_as_model_hf_offline(make_backbone, dm, tmp_path, arc
 @pytest.mark.parametrize("arch", ARCHS + list(TEMPLATE_VARIANTS))
 def test_sft_labels_are_exactly_the_answer_in_the_models_box_format(make_backbone, dm, arch):
     if arch in TEMPLATE_VARIANTS:
-        bb, e = make_backbone("llava15", f"model.spec.chat_template={arch}"), {**EXPECT["llava15"], **TEMPLATE_VARIANTS[arch]}
+        bb, e = (
+            make_backbone("llava15", f"model.spec.chat_template={arch}"),
+            {**EXPECT["llava15"], **TEMPLATE_VARIANTS[arch]},
+        )
     else:
         bb, e = make_backbone(arch), EXPECT[arch]
     samples = localize_samples(dm)
@@ -197,7 +242,7 @@ def test_qwen25_absolute_boxes_are_on_the_grid_the_processor_produces(make_backb
     batch = SFTCollator(bb)(localize_samples(dm))
     patch = bb.processor.image_processor.patch_size
     w, h = bb.extra["model_image_size"]
-    for t, gh, gw in batch["image_grid_thw"].tolist():
+    for _t, gh, gw in batch["image_grid_thw"].tolist():
         assert (gw * patch, gh * patch) == (w, h)
 
 
@@ -223,8 +268,11 @@ def test_evaluation_reads_boxes_in_the_models_format(make_backbone, dm, monkeypa
 
     bb = make_backbone(arch)
     samples = [s for s in localize_samples(dm) if s.boxes]
-    monkeypatch.setattr(ev, "generate", lambda b, batch, **kw: {
-        "texts": [backbone_messages(b, s)[-1]["content"] for s in batch["samples"]]})
+    monkeypatch.setattr(
+        ev,
+        "generate",
+        lambda b, batch, **kw: {"texts": [backbone_messages(b, s)[-1]["content"] for s in batch["samples"]]},
+    )
     metrics = ev.evaluate(bb, samples, progress=False)
     assert metrics["test/iou"] > 0.85 and metrics["test/presence_acc"] == 1.0, metrics
 
@@ -234,9 +282,15 @@ def test_two_image_sample_through_the_sft_collator(make_backbone, dm, arch):
     bb = make_backbone(arch)
     one = localize_samples(dm, 1)[0]
     paths = sorted({p for s in dm.data["train"] for p in s.images})[:2]
-    two = Sample(id="mim-0", images=paths, task="compare", messages=[
-        {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
-        {"role": "assistant", "content": "The second image, at [10, 20, 30, 40]."}])
+    two = Sample(
+        id="mim-0",
+        images=paths,
+        task="compare",
+        messages=[
+            {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
+            {"role": "assistant", "content": "The second image, at [10, 20, 30, 40]."},
+        ],
+    )
     batch = SFTCollator(bb)([two, one])
     e = EXPECT[arch]
     ids = batch["input_ids"]
@@ -260,7 +314,9 @@ def test_two_image_sample_through_the_sft_collator(make_backbone, dm, arch):
     out = bb.model(**model_inputs(batch), labels=batch["labels"])
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    vision = [p for n, p in bb.model.named_parameters() if any(k in n for k in ("vision_tower", "visual", "vision_model"))]
+    vision = [
+        p for n, p in bb.model.named_parameters() if any(k in n for k in ("vision_tower", "visual", "vision_model"))
+    ]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision)  # the images reach the loss
     bb.model.zero_grad(set_to_none=True)
 
@@ -276,8 +332,15 @@ def test_lora_targets_the_language_model_of_each_architecture(make_backbone, arc
     assert trainable and all("lora_" in n for n in trainable)
 
 
-REAL = {"llava15": "llava15", "llava_med": "llava15", "mantis": "llava15", "qwen2_vl": "qwen2_vl",
-        "qwen25_vl": "qwen25_vl", "idefics3": "idefics3", "smolvlm": "smolvlm"}
+REAL = {
+    "llava15": "llava15",
+    "llava_med": "llava15",
+    "mantis": "llava15",
+    "qwen2_vl": "qwen2_vl",
+    "qwen25_vl": "qwen25_vl",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
+}
 
 
 @pytest.mark.parametrize("name", list(REAL))
@@ -311,9 +374,18 @@ def test_freezing_qwen_vision_keeps_its_merger_trainable(make_backbone):
 
 # --- steps through train() ----------------------------------------------------------------------
 def run_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
-    return [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "+trainer.enable_progress_bar=false",
-            "logger=none", "~callbacks", "+trainer.enable_checkpointing=false", "data.batch_size=4", "data.eval_batch_size=4",
-            "data.max_samples.val=4", f"paths.output_dir={tmp_path / 'run'}"]
+    return [
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "+trainer.enable_progress_bar=false",
+        "logger=none",
+        "~callbacks",
+        "+trainer.enable_checkpointing=false",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.max_samples.val=4",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -352,7 +424,7 @@ def test_rollout_tokens_rescore_as_greedy_with_left_padded_prompts(make_backbone
         inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
     T = ids.shape[1]
     with torch.no_grad():
-        logp = bb.model(**inputs).logits[:, -(T + 1):-1].float().log_softmax(-1)
+        logp = bb.model(**inputs).logits[:, -(T + 1) : -1].float().log_softmax(-1)
         stage_logps = completion_logprobs(bb.model, ro).logps
     chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logp[..., bb.image_token_ids] = -math.inf  # generation suppresses them
@@ -372,8 +444,10 @@ def write_preference_set(src: Path, dst: Path, n: int = 8) -> None:
             for rel in r["images"]:
                 (dst / rel).write_bytes((src / rel).read_bytes())
             if i % 2:
-                r["rejected"] = {"answer": next(o["answer"] for o in recs[i + 1:] + recs if o["answer"] != r["answer"]),
-                                 "images": None}
+                r["rejected"] = {
+                    "answer": next(o["answer"] for o in recs[i + 1 :] + recs if o["answer"] != r["answer"]),
+                    "images": None,
+                }
             else:
                 noised = []
                 for rel in r["images"]:
@@ -391,8 +465,19 @@ def test_dpo_step_through_train(arch, dm, tmp_path):
 
     data = tmp_path / "pref"
     write_preference_set(Path(dm.root), data)
-    cfg = compose([f"model=tiny_{arch}", "stage=dpo", "data=mau_jsonl", f"data.root={data}", "data.synthetic=null", "data.num_workers=0",
-                   "eval.enabled=false", "stage.optim.warmup_ratio=0", *run_overrides(tmp_path)])
+    cfg = compose(
+        [
+            f"model=tiny_{arch}",
+            "stage=dpo",
+            "data=mau_jsonl",
+            f"data.root={data}",
+            "data.synthetic=null",
+            "data.num_workers=0",
+            "eval.enabled=false",
+            "stage.optim.warmup_ratio=0",
+            *run_overrides(tmp_path),
+        ]
+    )
     metrics = train(cfg)
     for k in ("train/loss", "val/loss", "val/rewards/margins"):
         assert math.isfinite(metrics[k]), (k, metrics)
@@ -405,9 +490,21 @@ def test_dpo_step_through_train(arch, dm, tmp_path):
 def test_grpo_step_through_train(arch, tmp_path):
     from unveil.train import train
 
-    cfg = compose([f"model=tiny_{arch}", "stage=grpo", "reward=umed", "eval.enabled=false", "data.train_tasks=[localize,vqa_closed]",
-                   "stage.num_generations=2", "stage.max_new_tokens=8", "stage.log_completions_every=1",
-                   *run_overrides(tmp_path, steps=1), "data.batch_size=2", "data.max_samples.val=2"])
+    cfg = compose(
+        [
+            f"model=tiny_{arch}",
+            "stage=grpo",
+            "reward=umed",
+            "eval.enabled=false",
+            "data.train_tasks=[localize,vqa_closed]",
+            "stage.num_generations=2",
+            "stage.max_new_tokens=8",
+            "stage.log_completions_every=1",
+            *run_overrides(tmp_path, steps=1),
+            "data.batch_size=2",
+            "data.max_samples.val=2",
+        ]
+    )
     metrics = train(cfg)
     for k in ("train/loss", "train/kl", "reward/total/mean", "reward/localization/mean", "val/reward/total/mean"):
         assert k in metrics and math.isfinite(metrics[k]), (k, metrics)

@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unveil.data.boxes import AbsolutePixelFormat, IntGridFormat, Qwen2VLFormat, get_box_format, iou_matrix, match_boxes
+from unveil.data.boxes import (
+    AbsolutePixelFormat,
+    IntGridFormat,
+    Qwen2VLFormat,
+    get_box_format,
+    iou_matrix,
+    match_boxes,
+)
 
 coord = st.floats(0, 1, allow_nan=False)
 
@@ -17,8 +24,15 @@ def boxes(draw):
     return [x1, y1, x2, y2]
 
 
-@pytest.mark.parametrize("fmt,tol,size", [(IntGridFormat(100), 0.005, None), (IntGridFormat(1000), 0.0005, None),
-                                          (Qwen2VLFormat(), 0.0005, None), (AbsolutePixelFormat(), 1 / 448 * 0.5, (448, 336))])
+@pytest.mark.parametrize(
+    "fmt,tol,size",
+    [
+        (IntGridFormat(100), 0.005, None),
+        (IntGridFormat(1000), 0.0005, None),
+        (Qwen2VLFormat(), 0.0005, None),
+        (AbsolutePixelFormat(), 1 / 448 * 0.5, (448, 336)),
+    ],
+)
 @given(b=boxes())
 @settings(max_examples=60, deadline=None)
 def test_round_trip(fmt, tol, size, b):

@@ -4,23 +4,37 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import CONF, ROOT, compose
 
 # Options that need a value the user must supply (a data root, a checkpoint to start from).
 REQUIRED = {
-    ("data", "mau_jsonl"): ["data.root=/tmp/x"], ("data", "llava"): ["data.root=/tmp/x"],
-    ("data", "med_mim"): ["data.root=/tmp/x"], ("data", "vqa_table"): ["data.root=/tmp/x"],
-    ("data", "mmedpo"): ["data.root=/tmp/x"], ("data", "stllava_dpo"): ["data.root=/tmp/x"],
+    ("data", "mau_jsonl"): ["data.root=/tmp/x"],
+    ("data", "llava"): ["data.root=/tmp/x"],
+    ("data", "med_mim"): ["data.root=/tmp/x"],
+    ("data", "vqa_table"): ["data.root=/tmp/x"],
+    ("data", "mmedpo"): ["data.root=/tmp/x"],
+    ("data", "stllava_dpo"): ["data.root=/tmp/x"],
     ("model", "hf"): ["model.name_or_path=/tmp/x"],
-    ("experiment", "umed_ppo"): ["model.init_from=/tmp/x"], ("experiment", "umed_grpo"): ["model.init_from=/tmp/x"],
+    ("experiment", "umed_ppo"): ["model.init_from=/tmp/x"],
+    ("experiment", "umed_grpo"): ["model.init_from=/tmp/x"],
     ("experiment", "mmedpo_dpo"): ["model.init_from=/tmp/x", "data.root=/tmp/x"],
     ("experiment", "stllava_dpo"): ["model.init_from=/tmp/x", "data.root=/tmp/x"],
 }
-TRAIN_GROUPS = ["data", "model", "peft", "stage", "reward", "trainer", "logger", "callbacks", "paths", "experiment", "debug"]
+TRAIN_GROUPS = [
+    "data",
+    "model",
+    "peft",
+    "stage",
+    "reward",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+    "debug",
+]
 
 
 def options(group: str) -> list[str]:
@@ -68,7 +82,9 @@ def test_secrets_never_enter_the_logged_config(monkeypatch):
     assert cfg.logger.wandb.offline is False  # key present -> online
     logged = json.dumps(scrub(OmegaConf.to_container(cfg, resolve=True)))
     assert "sk-very-secret" not in logged
-    assert scrub({"judge": {"api_key": "abc", "api_key_env": "OPENAI_API_KEY"}}) == {"judge": {"api_key": "***", "api_key_env": "OPENAI_API_KEY"}}
+    assert scrub({"judge": {"api_key": "abc", "api_key_env": "OPENAI_API_KEY"}}) == {
+        "judge": {"api_key": "***", "api_key_env": "OPENAI_API_KEY"}
+    }
     monkeypatch.delenv("WANDB_API_KEY")
     assert compose(["logger=wandb"]).logger.wandb.offline is True
 

@@ -31,8 +31,17 @@ def test_number_rows_are_smooth_in_value(tmp_path):
 
     tok = train_tokenizer(["Region [12, 30, 25, 44]: nodule."] * 5, 300, tmp_path)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     assert init_number_rows(model, tok) == 101
     rows = model.get_output_embeddings().weight[[tok.convert_tokens_to_ids(str(v)) for v in range(101)]]
     rows = torch.nn.functional.normalize(rows, dim=-1)
@@ -45,8 +54,14 @@ def test_number_rows_are_smooth_in_value(tmp_path):
 def test_patch_targets_point_at_the_first_box_in_reading_order():
     from unveil.data.schema import Sample
 
-    s = Sample(id="a", images=["x.png"], messages=[{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
-               boxes=[[0.6, 0.1, 0.9, 0.4], [0.1, 0.5, 0.3, 0.8]], findings=["mass", "cyst"], task="localize")
+    s = Sample(
+        id="a",
+        images=["x.png"],
+        messages=[{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+        boxes=[[0.6, 0.1, 0.9, 0.4], [0.1, 0.5, 0.3, 0.8]],
+        findings=["mass", "cyst"],
+        task="localize",
+    )
     cls, box, first, first_box = patch_targets([s], 8, ["cyst", "mass"])
     assert torch.allclose(first_box[0], torch.tensor([0.1, 0.5, 0.3, 0.8]))  # leftmost, not listed first
     assert first[0].any() and (cls[0][first[0]] == 1).all()  # cyst patches

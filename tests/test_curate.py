@@ -44,8 +44,17 @@ def run_curate(data_root: Path, out: Path, *overrides: str, cache: Path | None =
     from unveil.curate.__main__ import curate
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("curate", overrides=[f"data.root={data_root}", "data.synthetic=null", f"out_dir={out}",
-                                           "progress=false", *([f"paths.cache_dir={cache}"] if cache else []), *overrides])
+        cfg = compose(
+            "curate",
+            overrides=[
+                f"data.root={data_root}",
+                "data.synthetic=null",
+                f"out_dir={out}",
+                "progress=false",
+                *([f"paths.cache_dir={cache}"] if cache else []),
+                *overrides,
+            ],
+        )
     return curate(cfg)
 
 
@@ -58,23 +67,47 @@ def test_cli_hallucination_rules_reads_back(synthetic_dir, tmp_path):
     out = tmp_path / "hal"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "unveil.curate", "builder=hallucination", "builder.sampler=rules", f"data.root={synthetic_dir}",
-         "data.synthetic=null", f"out_dir={out}", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "unveil.curate",
+            "builder=hallucination",
+            "builder.sampler=rules",
+            f"data.root={synthetic_dir}",
+            "data.synthetic=null",
+            f"out_dir={out}",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written" in proc.stdout and "builder=hallucination" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     src = mau_jsonl.read(synthetic_dir / "train.jsonl", root=synthetic_dir)
     got = read_back(out)
-    assert summary["splits"]["train"]["read"] == len(src) and summary["splits"]["train"]["written"] == len(got) == len(src)
+    assert summary["splits"]["train"]["read"] == len(src) and summary["splits"]["train"]["written"] == len(got) == len(
+        src
+    )
     assert summary["splits"]["test"]["mode"] == "passthrough" and len(read_back(out, "test")) > 0
     by_id = {s.id: s for s in src}
     for s in got:
         ref = by_id[s.id.removesuffix("-txt")]
-        assert s.target == ref.target and s.images == [str(out / Path(p).relative_to(synthetic_dir)) for p in ref.images]
+        assert s.target == ref.target and s.images == [
+            str(out / Path(p).relative_to(synthetic_dir)) for p in ref.images
+        ]
         assert s.rejected is not None and s.rejected.images is None
         assert s.rejected.messages[-1]["content"] != s.target
-        assert s.meta["curate_source"] == "rules" and s.meta["curate_rule"] in ("wrong_finding", "mirror", "wrong_box", "negation")
+        assert s.meta["curate_source"] == "rules" and s.meta["curate_rule"] in (
+            "wrong_finding",
+            "mirror",
+            "wrong_box",
+            "negation",
+        )
     # images are linked into the output, so the directory is self-contained
     assert all(Path(p).is_file() and str(out) in p for s in got for p in s.images)
 
@@ -82,9 +115,19 @@ def test_cli_hallucination_rules_reads_back(synthetic_dir, tmp_path):
 def test_hallucination_with_model_sampler(synthetic_dir, tmp_path, cache_dir):
     """Tiny untrained model: answers are noise, but every pick is the judge's lowest-scoring sample."""
     out = tmp_path / "halm"
-    summary = run_curate(synthetic_dir, out, "builder=hallucination", "builder.sampler=model", "builder.num_samples=3",
-                         "builder.max_new_tokens=8", "max_samples=4", "build_splits=[train]", "passthrough=false",
-                         "num_threads=1", cache=cache_dir)
+    summary = run_curate(
+        synthetic_dir,
+        out,
+        "builder=hallucination",
+        "builder.sampler=model",
+        "builder.num_samples=3",
+        "builder.max_new_tokens=8",
+        "max_samples=4",
+        "build_splits=[train]",
+        "passthrough=false",
+        "num_threads=1",
+        cache=cache_dir,
+    )
     got = read_back(out)
     assert len(got) == 4 and summary["splits"]["train"]["written"] == 4 and "model" in summary
     assert not (out / "val.jsonl").exists()
@@ -99,10 +142,14 @@ def test_hallucination_with_model_sampler(synthetic_dir, tmp_path, cache_dir):
 def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
     small = ("build_splits=[train]", "passthrough=false", "max_samples=30")
     loc = run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", *small)
-    glo = run_curate(synthetic_dir, tmp_path / "glo", "builder=lesion_noise", "builder.mode=global", "builder.noise=replace", *small)
+    run_curate(
+        synthetic_dir, tmp_path / "glo", "builder=lesion_noise", "builder.mode=global", "builder.noise=replace", *small
+    )
     local, whole = read_back(tmp_path / "loc"), read_back(tmp_path / "glo")
     n_normal = sum(1 for s in mau_jsonl.read(synthetic_dir / "train.jsonl", root=synthetic_dir)[:30] if not s.boxes)
-    assert loc["splits"]["train"]["skipped/no_lesion_region"] == n_normal > 0  # normal studies: nothing to noise locally
+    assert (
+        loc["splits"]["train"]["skipped/no_lesion_region"] == n_normal > 0
+    )  # normal studies: nothing to noise locally
     assert len(whole) == len(local) + n_normal
     for s in local:
         assert s.boxes and s.rejected.messages[-1]["content"] == s.target  # same text on both sides
@@ -110,7 +157,16 @@ def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
         noised = np.asarray(Image.open(s.rejected.images[0]).convert("L"), np.int16)
         changed = real != noised
         h, w = real.shape
-        near = box_map((h, w), [[max(0, b[0] - 0.08), max(0, b[1] - 0.08), min(1, b[2] + 0.08), min(1, b[3] + 0.08)] for b in s.boxes]) > 0
+        near = (
+            box_map(
+                (h, w),
+                [
+                    [max(0, b[0] - 0.08), max(0, b[1] - 0.08), min(1, b[2] + 0.08), min(1, b[3] + 0.08)]
+                    for b in s.boxes
+                ],
+            )
+            > 0
+        )
         assert changed.mean() > 0.5 * box_map((h, w), s.boxes).mean()  # the lesion really is noised
         assert not (changed & ~near).any()  # ... and nothing far from it
     for s in whole:
@@ -129,8 +185,12 @@ def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
 
 
 def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
-    run_curate(synthetic_dir, tmp_path / "hal", "builder=hallucination", "builder.sampler=rules", "build_splits=[train]")
-    s = run_curate(tmp_path / "hal", tmp_path / "w", "builder=relevance_weights", "data=mau_jsonl", "build_splits=[train]")
+    run_curate(
+        synthetic_dir, tmp_path / "hal", "builder=hallucination", "builder.sampler=rules", "build_splits=[train]"
+    )
+    s = run_curate(
+        tmp_path / "hal", tmp_path / "w", "builder=relevance_weights", "data=mau_jsonl", "build_splits=[train]"
+    )
     got = read_back(tmp_path / "w")
     assert len(got) == s["splits"]["train"]["written"] > 0
     assert all(0.0 <= x.weight <= 1.0 and 2 <= x.meta["weight_rounds"] <= 5 for x in got)
@@ -139,14 +199,25 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     yn = [x for x in got if x.target in ("yes", "no")]
     assert yn and all(x.weight == 0.0 for x in yn)
     # the one-pass MMedPO builder: text (sampled from the model) and visual pairs, weighted; two splits share one model
-    m = run_curate(synthetic_dir, tmp_path / "mm", "builder=mmedpo", "builder.text.sampler=model", "builder.text.num_samples=2",
-                   "+builder.text.max_new_tokens=6", "max_samples=8", "num_threads=1", cache=cache_dir)
+    m = run_curate(
+        synthetic_dir,
+        tmp_path / "mm",
+        "builder=mmedpo",
+        "builder.text.sampler=model",
+        "builder.text.num_samples=2",
+        "+builder.text.max_new_tokens=6",
+        "max_samples=8",
+        "num_threads=1",
+        cache=cache_dir,
+    )
     assert m["splits"]["val"]["written"] > 0 and m["splits"]["test"]["mode"] == "passthrough"
     pairs = read_back(tmp_path / "mm")
     txt = [p for p in pairs if p.id.endswith("-txt")]
     vis = [p for p in pairs if p.id.endswith("-vis")]
     assert txt and vis and len(pairs) == m["splits"]["train"]["written"]
-    assert all(p.rejected.images is None for p in txt) and all(p.rejected.images and p.rejected.images != p.images for p in vis)
+    assert all(p.rejected.images is None for p in txt) and all(
+        p.rejected.images and p.rejected.images != p.images for p in vis
+    )
     assert all(0.0 <= p.weight <= 1.0 for p in pairs)
     assert np.mean([p.weight for p in vis]) > 0.3  # most lesion evidence is gone at k=500
     assert json.loads((tmp_path / "mm" / "summary.json").read_text())["splits"]["train"]["mode"] == "built"
@@ -154,9 +225,20 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
 
 def test_self_training_writes_pairs_and_virtual_user_dialogues(synthetic_dir, tmp_path, cache_dir):
     out = tmp_path / "st"
-    summary = run_curate(synthetic_dir, out, "builder=self_training", "builder.num_questions=2", "builder.max_new_tokens=10",
-                         "builder.question_max_new_tokens=6", "builder.min_margin=-1", "max_samples=6",
-                         "build_splits=[train]", "passthrough=false", "num_threads=1", cache=cache_dir)
+    summary = run_curate(
+        synthetic_dir,
+        out,
+        "builder=self_training",
+        "builder.num_questions=2",
+        "builder.max_new_tokens=10",
+        "builder.question_max_new_tokens=6",
+        "builder.min_margin=-1",
+        "max_samples=6",
+        "build_splits=[train]",
+        "passthrough=false",
+        "num_threads=1",
+        cache=cache_dir,
+    )
     got = read_back(out)
     c = summary["splits"]["train"]
     assert c["images"] >= 2 and c["written"] == len(got) > 0
@@ -216,8 +298,14 @@ def test_rule_choice_is_deterministic_and_respects_the_rule_list():
     only = HallucinationBuilder(sampler="rules", rules=["wrong_box"])
     rule, ans = only.rule_answer(s, 0, VOCAB)
     assert rule == "wrong_box" and iou_matrix(CANON.parse(ans), CANON.parse(BOX_ANSWER)).max() < 0.5
-    assert HallucinationBuilder(sampler="rules", rules=["wrong_box"]).rule_answer(
-        Sample(id="n", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]), 0, VOCAB) is None
+    assert (
+        HallucinationBuilder(sampler="rules", rules=["wrong_box"]).rule_answer(
+            Sample(id="n", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]),
+            0,
+            VOCAB,
+        )
+        is None
+    )
 
 
 class ScriptedJudge(Judge):
@@ -236,8 +324,10 @@ def _ctx(tmp_path) -> Context:
 
 
 def test_model_sampler_picks_the_most_wrong_or_falls_back_to_rules(tmp_path):
-    samples = [Sample(id=f"s{i}", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": BOX_ANSWER}])
-               for i in range(3)]
+    samples = [
+        Sample(id=f"s{i}", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": BOX_ANSWER}])
+        for i in range(3)
+    ]
     groups = [["close", "far", "middle"], ["good", "fine", ""], [BOX_ANSWER, "unscored", "good"]]
     judge = ScriptedJudge({"close": 0.9, "far": 0.1, "middle": 0.4, "good": 0.8, "fine": 0.7})
     b = HallucinationBuilder(sampler="model", judge=judge, wrong_below=0.5, plausible_only=False)
@@ -257,11 +347,19 @@ def test_model_sampler_rejects_an_invented_box_on_a_normal_study_not_a_broken_fr
     normal = "No abnormality detected. The study appears normal."
     invented = "Abnormality detected. Region [28, 44, 52, 58]: mass."
     assert plausible(invented, normal) and plausible(normal, BOX_ANSWER) and plausible("cyst", "nodule")
-    for broken in ("81, 41, The stu\ufffd83, 80, 48]: cyst.", "A.", "Abnormality detected. Region [16, ars normal.",
-                   "Abnormality detected. Region [12, 30, 25, 44]: nodule", "Region 12 detected."):
+    for broken in (
+        "81, 41, The stu\ufffd83, 80, 48]: cyst.",
+        "A.",
+        "Abnormality detected. Region [16, ars normal.",
+        "Abnormality detected. Region [12, 30, 25, 44]: nodule",
+        "Region 12 detected.",
+    ):
         assert not plausible(broken, normal), broken
     assert not plausible("C No abnormality detected. The study appears normal", "no")
-    s = Sample(id="n0", messages=[{"role": "user", "content": "Locate any abnormality."}, {"role": "assistant", "content": normal}])
+    s = Sample(
+        id="n0",
+        messages=[{"role": "user", "content": "Locate any abnormality."}, {"role": "assistant", "content": normal}],
+    )
     b = HallucinationBuilder(sampler="model", judge=OverlapJudge(), wrong_below=0.5)
     b.sample_answers = lambda chunk, ctx: [["A.", "81, 41, The stu", invented, normal]]
     out = [o.sample for o in b.run([s], _ctx(tmp_path))]
@@ -279,8 +377,18 @@ def test_self_training_chooses_the_judges_better_answer(tmp_path):
     script = iter([[["a description"]], [["Where?", "What?", "Where?"]], [["worse", "better"], ["same", "same2"]]])
     b._generate = lambda ctx, samples, n, sample, max_new: next(script)
     ctx = _ctx(tmp_path)
-    outs = list(b.run([Sample(id="x", images=[str(img)], messages=[{"role": "user", "content": "<image>\nq"},
-                                                                  {"role": "assistant", "content": "a"}])], ctx))
+    outs = list(
+        b.run(
+            [
+                Sample(
+                    id="x",
+                    images=[str(img)],
+                    messages=[{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}],
+                )
+            ],
+            ctx,
+        )
+    )
     pairs = [o.sample for o in outs if o.sample]
     assert [o.skipped for o in outs if o.skipped] == ["tie"] and b.stats["questions/duplicate"] == 1
     assert len(pairs) == 1 and pairs[0].target == "better" and pairs[0].rejected.messages[-1]["content"] == "worse"
@@ -370,8 +478,11 @@ def test_weight_builder_cycles_judges_in_turn(tmp_path):
             return [self.scores.pop(0) for _ in items]
 
     a, b = Seq("a", [0.1, 0.5, 0.9]), Seq("b", [0.8, 0.85])
-    pair = Sample(id="p", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "mass"}],
-                  rejected=Rejected(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "cyst"}]))
+    pair = Sample(
+        id="p",
+        messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "mass"}],
+        rejected=Rejected(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "cyst"}]),
+    )
     builder = RelevanceWeightBuilder(judges=[a, b], tolerance=0.1)
     out = [o.sample for o in builder.run([pair], _ctx(tmp_path))][0]
     # a: 0.1, b: 0.8, a: 0.5, b: 0.85, a: 0.9 -> agreement between 0.85 and 0.9 at round 5
@@ -405,8 +516,14 @@ def test_lesion_contrast_scorer_measures_removed_lesion_evidence(tmp_path):
     scorer = LesionContrastScorer()
 
     def score(name, boxes=(box,)):
-        return scorer(Sample(id="v", images=[str(tmp_path / "real.png")], boxes=[list(b) for b in boxes],
-                             rejected=Rejected(images=[str(tmp_path / name)])))
+        return scorer(
+            Sample(
+                id="v",
+                images=[str(tmp_path / "real.png")],
+                boxes=[list(b) for b in boxes],
+                rejected=Rejected(images=[str(tmp_path / name)]),
+            )
+        )
 
     assert score("same.png") == 0.0 and score("gone.png") > 0.95 and 0.45 < score("half.png") < 0.55
     assert score("patch.png") > 0.8  # noise that contrasts with the background is not lesion evidence
@@ -422,13 +539,31 @@ def test_dpo_trains_on_curated_pairs(synthetic_dir, tmp_path, cache_dir):
     from unveil.train import train
 
     out = tmp_path / "pairs"
-    run_curate(synthetic_dir, out, "builder=mmedpo", "builder.text.sampler=rules", "max_samples={train: 24, val: 8, test: 4}")
+    run_curate(
+        synthetic_dir, out, "builder=mmedpo", "builder.text.sampler=rules", "max_samples={train: 24, val: 8, test: 4}"
+    )
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "debug=fast", "experiment=mmedpo_dpo", f"data.root={out}", "data.synthetic=null", "data.num_workers=0",
-            "data.batch_size=4", "data.eval_batch_size=8", "trainer.max_steps=3", "trainer.val_check_interval=3",
-            "+trainer.enable_progress_bar=false", "eval.enabled=false", "logger=none", "~callbacks",
-            "+trainer.enable_checkpointing=false", f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=fast",
+                "experiment=mmedpo_dpo",
+                f"data.root={out}",
+                "data.synthetic=null",
+                "data.num_workers=0",
+                "data.batch_size=4",
+                "data.eval_batch_size=8",
+                "trainer.max_steps=3",
+                "trainer.val_check_interval=3",
+                "+trainer.enable_progress_bar=false",
+                "eval.enabled=false",
+                "logger=none",
+                "~callbacks",
+                "+trainer.enable_checkpointing=false",
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"paths.cache_dir={cache_dir}",
+            ],
+        )
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert 0.0 < metrics["train/weights/mean"] <= 1.25

@@ -16,9 +16,22 @@ import torch
 
 def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "unveil.train", "debug=fast", "stage=grpo", "reward=umed", "stage.fill_batch=true",
-           "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-           "data.max_samples.test=8", "stage.max_new_tokens=12", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unveil.train",
+        "debug=fast",
+        "stage=grpo",
+        "reward=umed",
+        "stage.fill_batch=true",
+        "trainer.max_steps=3",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "data.max_samples.test=8",
+        "stage.max_new_tokens=12",
+        f"hydra.run.dir={out}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -64,10 +77,26 @@ def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
 
     data, out = tmp_path / "pref", tmp_path / "run"
     _write_preference_set(synthetic_dir, data)
-    cmd = [sys.executable, "-m", "unveil.train", "debug=fast", "stage=dpo", "stage.weight_norm=mmedpo", "data=mau_jsonl",
-           f"data.root={data}", "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
-           "trainer.val_check_interval=3", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-           "data.max_samples.test=8", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unveil.train",
+        "debug=fast",
+        "stage=dpo",
+        "stage.weight_norm=mmedpo",
+        "data=mau_jsonl",
+        f"data.root={data}",
+        "data.synthetic=null",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "data.max_samples.test=8",
+        f"hydra.run.dir={out}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -75,25 +104,59 @@ def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
     assert "test/presence_acc" in metrics and "val/rewards/margins" in metrics
 
 
-@pytest.mark.parametrize("weights", ["data.task_weights=null", "data.task_weights.localize=3.0"], ids=["shuffle", "task_weights"])
+@pytest.mark.parametrize(
+    "weights", ["data.task_weights=null", "data.task_weights.localize=3.0"], ids=["shuffle", "task_weights"]
+)
 def test_two_process_grpo_resumed_mid_epoch_ends_where_the_uninterrupted_run_does(tmp_path, weights):
     """Stopped after step 5 of 12 (two batches per epoch per rank, so in the third epoch) and
     resumed: every rank goes on with its own next batch and random stream."""
-    common = [sys.executable, "-m", "unveil.train", "debug=fast", "stage=grpo", "reward=umed", "trainer.max_steps=12",
-              "stage.max_new_tokens=8", "model.vision_pretrain.steps=0", "eval.enabled=false", weights,
-              "+data.max_samples.train=16", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-              "trainer.val_check_interval=null", "+trainer.check_val_every_n_epoch=100"]
+    common = [
+        sys.executable,
+        "-m",
+        "unveil.train",
+        "debug=fast",
+        "stage=grpo",
+        "reward=umed",
+        "trainer.max_steps=12",
+        "stage.max_new_tokens=8",
+        "model.vision_pretrain.steps=0",
+        "eval.enabled=false",
+        weights,
+        "+data.max_samples.train=16",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "trainer.val_check_interval=null",
+        "+trainer.check_val_every_n_epoch=100",
+    ]
     snap = tmp_path / "step5.ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    runs = [common + ["+callbacks.snap._target_=test_resume.SaveAtStep", "+callbacks.snap.step=5",
-                      f"+callbacks.snap.path={snap}", f"hydra.run.dir={tmp_path / 'straight'}"],
-            common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"]]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    runs = [
+        common
+        + [
+            "+callbacks.snap._target_=test_resume.SaveAtStep",
+            "+callbacks.snap.step=5",
+            f"+callbacks.snap.path={snap}",
+            f"hydra.run.dir={tmp_path / 'straight'}",
+        ],
+        common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+    ]
     for cmd in runs:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b, s = (torch.load(p, map_location="cpu", weights_only=True) for p in
-               (tmp_path / "straight" / "checkpoints" / "last.ckpt", tmp_path / "resumed" / "checkpoints" / "last.ckpt", snap))
+    a, b, s = (
+        torch.load(p, map_location="cpu", weights_only=True)
+        for p in (
+            tmp_path / "straight" / "checkpoints" / "last.ckpt",
+            tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+            snap,
+        )
+    )
     assert a["global_step"] == b["global_step"] == 12 and len(s["rng_by_rank"]) == 2
     assert any(not torch.equal(a["state_dict"][k], s["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

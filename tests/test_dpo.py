@@ -30,8 +30,6 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=["debug=fast", "stage=dpo", *overrides])
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The debug-size synthetic data and a factory for the tiny LLaVA (with or without LoRA),
@@ -58,10 +56,17 @@ def text_pairs(samples: list[Sample], n: int, weights=None) -> list[Sample]:
     """Chosen = the real answer, rejected = another sample's (different) answer."""
     out = []
     for i, s in enumerate(samples[:n]):
-        other = next(t.target for t in samples[i + 1:] + samples if t.target != s.target)
+        other = next(t.target for t in samples[i + 1 :] + samples if t.target != s.target)
         rejected = Rejected(messages=s.prompt_messages + [{"role": "assistant", "content": other}])
-        out.append(Sample(id=s.id, images=s.images, messages=s.messages, rejected=rejected,
-                          weight=1.0 if weights is None else weights[i]))
+        out.append(
+            Sample(
+                id=s.id,
+                images=s.images,
+                messages=s.messages,
+                rejected=rejected,
+                weight=1.0 if weights is None else weights[i],
+            )
+        )
     return out
 
 
@@ -95,23 +100,52 @@ def test_loss_matches_trl_dpo_trainer(tiny, tmp_path, loss_type):
         prompt = bb.render(s.prompt_messages, add_generation_prompt=True)
         chosen, rejected = bb.render(s.messages), bb.render(s.rejected.messages)
         assert chosen.startswith(prompt) and rejected.startswith(prompt)
-        rows.append({"images": [Image.open(p).convert("RGB") for p in s.images], "prompt": prompt,
-                     "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]})
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, bf16=False, use_cpu=True,
-                     gradient_checkpointing=False, report_to=[], max_length=None, beta=0.1, loss_type=[loss_type])
+        rows.append(
+            {
+                "images": [Image.open(p).convert("RGB") for p in s.images],
+                "prompt": prompt,
+                "chosen": chosen[len(prompt) :],
+                "rejected": rejected[len(prompt) :],
+            }
+        )
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to=[],
+        max_length=None,
+        beta=0.1,
+        loss_type=[loss_type],
+    )
     policy = copy.deepcopy(module.model)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=bb.processor)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=bb.processor,
+    )
     trl_batch = trainer.data_collator([dict(r) for r in rows])
     # the same tokens, and the same answer tokens scored
-    torch.testing.assert_close(batch["input_ids"] * batch["attention_mask"], trl_batch["input_ids"] * trl_batch["attention_mask"])
+    torch.testing.assert_close(
+        batch["input_ids"] * batch["attention_mask"], trl_batch["input_ids"] * trl_batch["attention_mask"]
+    )
     assert torch.equal(batch["labels"] != IGNORE, trl_batch["completion_mask"].bool())
     torch.testing.assert_close(batch["pixel_values"], trl_batch["pixel_values"])
 
     trl_loss = trainer.compute_loss(policy, trl_batch)
     assert abs(ours["loss"].item() - trl_loss.item()) < 1e-5, (ours["loss"].item(), trl_loss.item())
     m = trainer._metrics["train"]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert abs(ours[key].mean().item() - m[key][-1]) < 1e-4 * max(1.0, abs(m[key][-1])), key
     assert ours["rewards/margins"].abs().max() > 1e-3  # a real, non-trivial comparison
 
@@ -140,7 +174,9 @@ def test_weighted_loss_is_weight_times_per_pair_loss(tiny):
     paper = module.compute_loss(batch)
     w = normalize_weights(torch.tensor(raw), "mmedpo", (0.5, math.sqrt(0.125)))
     assert paper["loss"].item() == pytest.approx((w * plain["per_pair_loss"]).mean().item(), abs=1e-6)
-    assert paper["weights"].tolist() == pytest.approx([0.75, 1.0, 1.25, 1 - math.sqrt(0.1) * 0.25 / math.sqrt(0.125)])  # 0 and 1 clipped
+    assert paper["weights"].tolist() == pytest.approx(
+        [0.75, 1.0, 1.25, 1 - math.sqrt(0.1) * 0.25 / math.sqrt(0.125)]
+    )  # 0 and 1 clipped
 
     # the SFT anchor adds sft_weight x the token-mean NLL of the chosen answers
     module.weight_norm, module.sft_weight = "none", 0.5
@@ -165,9 +201,15 @@ def test_loss_types_against_hand_computed_values():
     assert preference_loss(c, r, "ipo", beta=0.1).tolist() == pytest.approx([(1.5 - 5) ** 2, (-2 - 5) ** 2, 25.0])
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert preference_loss(c, r, "sigmoid", beta=0.1).tolist() == pytest.approx(
-        [-math.log(sig(0.15)), -math.log(sig(-0.2)), math.log(2)])
+        [-math.log(sig(0.15)), -math.log(sig(-0.2)), math.log(2)]
+    )
     assert preference_loss(c, r, "sigmoid", beta=0.5, label_smoothing=0.1).tolist() == pytest.approx(
-        [-0.9 * math.log(sig(0.75)) - 0.1 * math.log(sig(-0.75)), -0.9 * math.log(sig(-1.0)) - 0.1 * math.log(sig(1.0)), math.log(2)])
+        [
+            -0.9 * math.log(sig(0.75)) - 0.1 * math.log(sig(-0.75)),
+            -0.9 * math.log(sig(-1.0)) - 0.1 * math.log(sig(1.0)),
+            math.log(2),
+        ]
+    )
     with pytest.raises(ValueError):
         preference_loss(c, r, "kto")
 
@@ -208,7 +250,9 @@ def test_mmedpo_normaliser_mean_one_variance_and_clip():
     assert torch.all(w[1:] >= w[:-1])  # order kept
     # dataset statistics: a batch is rescaled with the split's mean/std, not its own
     assert normalize_weights(torch.tensor([0.5]), "mmedpo", (mu, sigma)).item() == pytest.approx(1.0)
-    assert normalize_weights(torch.tensor([0.6]), "mmedpo", (mu, sigma)).item() == pytest.approx(1 + math.sqrt(0.1) * 0.1 / sigma)
+    assert normalize_weights(torch.tensor([0.6]), "mmedpo", (mu, sigma)).item() == pytest.approx(
+        1 + math.sqrt(0.1) * 0.1 / sigma
+    )
     assert normalize_weights(torch.full((3,), 0.7), "mmedpo").tolist() == [1.0, 1.0, 1.0]  # no spread -> 1
     assert normalize_weights(raw, "raw") is raw and normalize_weights(raw, "none").tolist() == [1.0] * 8
 
@@ -267,7 +311,9 @@ def test_collator_rows_images_and_labels(tiny, tmp_path):
     tok = bb.tokenizer
     answers = [tok.decode(batch["input_ids"][i][batch["labels"][i] != IGNORE]) for i in range(4)]
     assert answers[0].strip().startswith(s.target) and answers[2] == answers[0]  # visual pair: same answer
-    assert answers[1].strip().startswith(text.target) and answers[3].strip().startswith(text.rejected.messages[-1]["content"])
+    assert answers[1].strip().startswith(text.target) and answers[3].strip().startswith(
+        text.rejected.messages[-1]["content"]
+    )
     pv = batch["pixel_values"]
     assert not torch.allclose(pv[0], pv[2])  # ... on its own (noised) image
     torch.testing.assert_close(pv[1], pv[3])  # text pair: same image
@@ -289,7 +335,7 @@ def _write_preference_set(src: Path, dst: Path) -> None:
                 if not (dst / rel).exists():
                     shutil.copy(src / rel, dst / rel)
             if i % 2:
-                wrong = next(o["answer"] for o in recs[i + 1:] + recs if o["answer"] != r["answer"])
+                wrong = next(o["answer"] for o in recs[i + 1 :] + recs if o["answer"] != r["answer"])
                 r["rejected"] = {"answer": wrong, "images": None}
             else:
                 noised = []
@@ -312,12 +358,28 @@ def test_dpo_steps_through_train_raise_preference_margin(tiny, tmp_path):
     data = tmp_path / "pref"
     _write_preference_set(Path(dm.root), data)
     steps = 12
-    cfg = compose([
-        *make.paths, "data=mau_jsonl", f"data.root={data}", "data.synthetic=null", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=8",
-        "stage.weight_norm=mmedpo", "stage.optim.lr=1e-3", "stage.optim.warmup_ratio=0",
-        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "+trainer.enable_progress_bar=false",
-        "eval.enabled=false", "logger=none", "~callbacks", "+trainer.enable_checkpointing=false", f"paths.output_dir={tmp_path / 'run'}",
-    ])
+    cfg = compose(
+        [
+            *make.paths,
+            "data=mau_jsonl",
+            f"data.root={data}",
+            "data.synthetic=null",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "data.eval_batch_size=8",
+            "stage.weight_norm=mmedpo",
+            "stage.optim.lr=1e-3",
+            "stage.optim.warmup_ratio=0",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "+trainer.enable_progress_bar=false",
+            "eval.enabled=false",
+            "logger=none",
+            "~callbacks",
+            "+trainer.enable_checkpointing=false",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ]
+    )
     metrics = train(cfg)
     # at step 0 the policy is the reference: every margin is exactly 0 and no pair is "won"
     assert metrics["val/rewards/margins"] > 0.1, metrics
@@ -332,7 +394,15 @@ def test_training_on_records_without_pairs_fails_fast(tiny, tmp_path):
     from unveil.train import train
 
     _, make = tiny
-    cfg = compose([*make.paths, "eval.enabled=false", "logger=none", "~callbacks", "+trainer.enable_checkpointing=false",
-                   f"paths.output_dir={tmp_path / 'run'}"])  # the synthetic set: no `rejected` fields
+    cfg = compose(
+        [
+            *make.paths,
+            "eval.enabled=false",
+            "logger=none",
+            "~callbacks",
+            "+trainer.enable_checkpointing=false",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ]
+    )  # the synthetic set: no `rejected` fields
     with pytest.raises(ValueError, match="no 'rejected' side"):
         train(cfg)

@@ -62,12 +62,25 @@ def server(monkeypatch):
 
 
 def chat(content: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+    }
 
 
 def judge_for(server, **kw) -> OpenAIJudge:
-    return build_judge({"kind": "openai", "model": "grader-1", "base_url": server.url, "api_key_env": ENV,
-                        "timeout": 5, "backoff": 0.01, **kw})
+    return build_judge(
+        {
+            "kind": "openai",
+            "model": "grader-1",
+            "base_url": server.url,
+            "api_key_env": ENV,
+            "timeout": 5,
+            "backoff": 0.01,
+            **kw,
+        }
+    )
 
 
 def test_parse_score():
@@ -97,8 +110,9 @@ def test_batch_in_parallel_keeps_order(server, monkeypatch):
     server.replies = [(200, chat("3"))]
     items = [("q", "ref", f"answer {i}") for i in range(6)]
     assert judge_for(server, max_workers=3).score_batch(items) == [pytest.approx(0.3)] * 6
-    assert sorted(r["body"]["messages"][-1]["content"].split("Answer to grade: ")[1].split("\n")[0]
-                  for r in server.requests) == [f"answer {i}" for i in range(6)]
+    assert sorted(
+        r["body"]["messages"][-1]["content"].split("Answer to grade: ")[1].split("\n")[0] for r in server.requests
+    ) == [f"answer {i}" for i in range(6)]
 
 
 def test_failures_give_nan_and_never_raise(server, monkeypatch):
@@ -124,7 +138,9 @@ def test_failures_give_nan_and_never_raise(server, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dead = OpenAIJudge(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=ENV, retries=1, backoff=0.01, timeout=2)
+    dead = OpenAIJudge(
+        model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=ENV, retries=1, backoff=0.01, timeout=2
+    )
     assert all(math.isnan(x) for x in dead.score_batch([("q", "r", "a")] * 2))
 
 
@@ -146,21 +162,43 @@ def test_curate_with_the_http_judge_keeps_the_key_out_of_every_file(server, monk
     root = Path(__file__).resolve().parents[1]
     pairs, out = tmp_path / "pairs", tmp_path / "weighted"
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        base = [f"data.root={synthetic_dir}", "data.synthetic=null", "progress=false", "build_splits=[train]",
-                "passthrough=false", "max_samples=5"]
-        curate(compose("curate", overrides=[*base, "builder=hallucination", "builder.sampler=rules", f"out_dir={pairs}"]))
+        base = [
+            f"data.root={synthetic_dir}",
+            "data.synthetic=null",
+            "progress=false",
+            "build_splits=[train]",
+            "passthrough=false",
+            "max_samples=5",
+        ]
+        curate(
+            compose("curate", overrides=[*base, "builder=hallucination", "builder.sampler=rules", f"out_dir={pairs}"])
+        )
         judge = f"{{kind:openai,model:grader-1,base_url:'{server.url}',api_key_env:{ENV},timeout:5}}"
-        cfg = compose("curate", overrides=[
-            f"data.root={pairs}", "data=mau_jsonl", "progress=false", "build_splits=[train]", "passthrough=false",
-            "builder=relevance_weights", f"out_dir={out}", f"builder.judges=[{judge}]"])
+        cfg = compose(
+            "curate",
+            overrides=[
+                f"data.root={pairs}",
+                "data=mau_jsonl",
+                "progress=false",
+                "build_splits=[train]",
+                "passthrough=false",
+                "builder=relevance_weights",
+                f"out_dir={out}",
+                f"builder.judges=[{judge}]",
+            ],
+        )
     from omegaconf import OmegaConf
 
     assert KEY not in OmegaConf.to_yaml(cfg)
     summary = curate(cfg)
     assert summary["splits"]["train"]["written"] == 5
     recs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert all(r["weight"] == pytest.approx(0.6) and r["weight_rounds"] == 2 for r in recs)  # one judge, agrees with itself
-    assert len(server.requests) == 10 and all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
+    assert all(
+        r["weight"] == pytest.approx(0.6) and r["weight_rounds"] == 2 for r in recs
+    )  # one judge, agrees with itself
+    assert len(server.requests) == 10 and all(
+        r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests
+    )
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt"):
             assert KEY not in f.read_text(errors="ignore"), f

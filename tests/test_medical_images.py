@@ -78,8 +78,10 @@ def test_ct_configured_window_and_percentile_fallback():
     medical.configure(dicom={"window": None})
     lo, hi = np.percentile(hu, (0.5, 99.5))
     np.testing.assert_array_equal(_gray(load_image(dcm("CT_small.dcm"))), _window(hu, (lo + hi) / 2, hi - lo))
-    assert not np.array_equal(_gray(medical.load_dicom(dcm("CT_small.dcm"), window=(40, 400))),
-                              _gray(medical.load_dicom(dcm("CT_small.dcm"), window=(400, 2000))))
+    assert not np.array_equal(
+        _gray(medical.load_dicom(dcm("CT_small.dcm"), window=(40, 400))),
+        _gray(medical.load_dicom(dcm("CT_small.dcm"), window=(400, 2000))),
+    )
 
 
 def test_mr_window_from_the_file():
@@ -184,8 +186,9 @@ def test_nifti_middle_slice_in_ras_orientation(axis):
     np.testing.assert_array_equal(medical.nifti_slice(path, axis=axis, index=3), np.rot90(np.take(vol, 3, axis=axis)))
     # array order instead of RAS: no flip
     raw = np.asanyarray(nib.load(path).dataobj, dtype=float)
-    np.testing.assert_array_equal(medical.nifti_slice(path, axis=axis, canonical=False),
-                                  np.rot90(np.take(raw, raw.shape[axis] // 2, axis=axis)))
+    np.testing.assert_array_equal(
+        medical.nifti_slice(path, axis=axis, canonical=False), np.rot90(np.take(raw, raw.shape[axis] // 2, axis=axis))
+    )
 
 
 def test_nifti_percentile_window_and_fixed_window():
@@ -198,8 +201,9 @@ def test_nifti_percentile_window_and_fixed_window():
     np.testing.assert_array_equal(out, _window(plane, (lo + hi) / 2, hi - lo))
     assert out.min() == 0 and out.max() == 255
     medical.configure(nifti={"percentile": (0, 100)})
-    np.testing.assert_array_equal(_gray(load_image(path)),
-                                  _window(plane, (plane.min() + plane.max()) / 2, plane.max() - plane.min()))
+    np.testing.assert_array_equal(
+        _gray(load_image(path)), _window(plane, (plane.min() + plane.max()) / 2, plane.max() - plane.min())
+    )
     np.testing.assert_array_equal(_gray(medical.load_nifti(path, window=(50, 20))), _window(plane, 50, 20))
 
 
@@ -232,9 +236,17 @@ def test_nifti2_and_scaled_data():
 def test_records_with_dicom_and_nifti_images(tmp_path):
     shutil.copy(dcm("CT_small.dcm"), tmp_path / "ct.dcm")
     shutil.copy(nii("example4d.nii.gz"), tmp_path / "vol.nii.gz")
-    recs = [{"id": i, "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
-                                                        {"from": "gpt", "value": "A scan."}]}
-            for i, name in enumerate(["ct.dcm", "vol.nii.gz"])]
+    recs = [
+        {
+            "id": i,
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": "A scan."},
+            ],
+        }
+        for i, name in enumerate(["ct.dcm", "vol.nii.gz"])
+    ]
     (tmp_path / "d.json").write_text(json.dumps(recs))
     samples = llava.read(tmp_path / "d.json")
     assert [Path(s.images[0]).name for s in samples] == ["ct.dcm", "vol.nii.gz"]
@@ -252,11 +264,15 @@ def test_records_with_dicom_and_nifti_images(tmp_path):
 def test_nifti_permuted_axes_give_the_same_ras_slices(tmp_path, codes):
     """Axis order and flips on disk do not change what a RAS slice shows (sagittal/coronal/axial)."""
     src = nib.load(nii("anatomical.nii"))
-    moved = src.as_reoriented(nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(src.affine), nib.orientations.axcodes2ornt(codes)))
+    moved = src.as_reoriented(
+        nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(src.affine), nib.orientations.axcodes2ornt(codes)
+        )
+    )
     assert nib.aff2axcodes(moved.affine) == codes
     p = tmp_path / "moved.nii.gz"
     nib.save(moved, p)
     for axis in (0, 1, 2):
-        np.testing.assert_array_equal(medical.nifti_slice(p, axis=axis, index=5),
-                                      medical.nifti_slice(nii("anatomical.nii"), axis=axis, index=5))
+        np.testing.assert_array_equal(
+            medical.nifti_slice(p, axis=axis, index=5), medical.nifti_slice(nii("anatomical.nii"), axis=axis, index=5)
+        )

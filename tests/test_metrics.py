@@ -5,9 +5,8 @@ import math
 import pytest
 
 from unveil.data.boxes import IntGridFormat
-from unveil.data.schema import Sample
 from unveil.eval.evaluate import format_table, mcq_letter
-from unveil.eval.metrics import GroupedMetrics, GroundingMetrics
+from unveil.eval.metrics import GroundingMetrics, GroupedMetrics
 from unveil.eval.parse import closed_correct, parse_answer
 
 F = IntGridFormat(100)
@@ -38,9 +37,15 @@ def test_grounding_metrics_hand_computed():
     m.update_study(p("No abnormality detected."), [], [])
     m.update_study(p("Abnormality detected. Region [1, 1, 5, 5]: mass."), [], [])
     # two GT boxes, one found
-    m.update_study(p("Abnormality detected. Region [60, 60, 80, 80]: mass."), [[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]], ["mass", "cyst"])
+    m.update_study(
+        p("Abnormality detected. Region [60, 60, 80, 80]: mass."),
+        [[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]],
+        ["mass", "cyst"],
+    )
     # one GT box, answered with the right box and an invented second one: plain IoU 1, strict 1/2
-    extra = m.update_study(p("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [60, 60, 70, 70]: mass."), gt, ["nodule"])
+    extra = m.update_study(
+        p("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [60, 60, 70, 70]: mass."), gt, ["nodule"]
+    )
     assert extra["iou"] == pytest.approx(1.0) and extra["iou_strict"] == pytest.approx(0.5)
     r = m.compute()
     assert r["iou"] == pytest.approx((1 + 1 / 3 + 0 + 0.5 + 1) / 5)
@@ -72,7 +77,9 @@ def test_compute_sees_updates_made_after_an_earlier_compute(recwarn):
 
 
 def test_closed_and_mcq():
-    assert closed_correct("Yes.", "yes") and closed_correct("nodule, small", "nodule") and not closed_correct("no", "yes")
+    assert (
+        closed_correct("Yes.", "yes") and closed_correct("nodule, small", "nodule") and not closed_correct("no", "yes")
+    )
     assert mcq_letter("B: grown") == "B" and mcq_letter("The answer is C.") == "C"
     assert mcq_letter("A or B") is None and mcq_letter("A: x B: y") is None and mcq_letter("") is None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import load_experiment
 
+
 @pytest.fixture(scope="module")
 def abl():
     return load_experiment("mmedpo_ablation")
@@ -30,16 +31,35 @@ def test_collection_means_stds_and_per_seed_values(abl, tmp_path):
     out = tmp_path / "abl"
     sft = out / "sft_test"  # the SFT row: unveil.eval of the SFT run on the test records
     sft.mkdir(parents=True)
-    (sft / "metrics.json").write_text(json.dumps({"test/invented_box_rate": 0.4, "test/closed_acc": 0.8, "test/iou": 0.3}))
+    (sft / "metrics.json").write_text(
+        json.dumps({"test/invented_box_rate": 0.4, "test/closed_acc": 0.8, "test/iou": 0.3})
+    )
     for seed, ibr in zip((0, 1, 2), (0.1, 0.2, 0.3)):
-        _run(out / "dpo" / "wdpo_mmedpo" / f"seed{seed}", seed, "mmedpo",
-             {"invented_box_rate": ibr, "closed_acc": 0.9, "iou": 0.25, "mcq_acc": None})
+        _run(
+            out / "dpo" / "wdpo_mmedpo" / f"seed{seed}",
+            seed,
+            "mmedpo",
+            {"invented_box_rate": ibr, "closed_acc": 0.9, "iou": 0.25, "mcq_acc": None},
+        )
     _run(out / "dpo" / "dpo" / "seed0", 0, "none", {"invented_box_rate": 0.35, "closed_acc": 0.85, "iou": 0.3})
     (out / "dpo" / "dpo" / "seed1").mkdir()  # an unfinished run (no metrics.json) is left out
     pref = out / "pref" / "mmedpo"
     pref.mkdir(parents=True)
-    (pref / "summary.json").write_text(json.dumps({"splits": {"train": {
-        "read": 10, "written": 18, "weight_mean": 0.5, "hallucination/source/model": 6, "hallucination/source/rules": 4}}}))
+    (pref / "summary.json").write_text(
+        json.dumps(
+            {
+                "splits": {
+                    "train": {
+                        "read": 10,
+                        "written": 18,
+                        "weight_mean": 0.5,
+                        "hallucination/source/model": 6,
+                        "hallucination/source/rules": 4,
+                    }
+                }
+            }
+        )
+    )
 
     md, csv_path = tmp_path / "r.md", tmp_path / "r.csv"
     md.write_text("# old\n\n## Reading\n\nA person's notes.\n")
@@ -76,8 +96,19 @@ def test_no_finished_runs_is_an_error(abl, tmp_path):
 
 
 def test_commands_cover_every_variant_with_one_sweep_each(abl, tmp_path):
-    a = argparse.Namespace(quick=False, sft_dir=None, sft_steps=None, sft_warmup=100, dpo_steps=None, lr=1e-3, seeds=[0, 1, 2],
-                           train_records=100, test_records=50, launcher="submitit_slurm", overrides=["trainer.foo=1"])
+    a = argparse.Namespace(
+        quick=False,
+        sft_dir=None,
+        sft_steps=None,
+        sft_warmup=100,
+        dpo_steps=None,
+        lr=1e-3,
+        seeds=[0, 1, 2],
+        train_records=100,
+        test_records=50,
+        launcher="submitit_slurm",
+        overrides=["trainer.foo=1"],
+    )
     cmds = abl.commands(a, tmp_path)
     assert set(cmds["dpo"]) == set(abl.VARIANTS) and set(cmds["curate"]) == set(abl.PREF_SETS)
     for row, cmd in cmds["dpo"].items():
@@ -86,7 +117,11 @@ def test_commands_cover_every_variant_with_one_sweep_each(abl, tmp_path):
         assert f"data.root={tmp_path / 'pref' / pref}" in cmd and f"model.init_from={tmp_path / 'sft'}" in cmd
         assert "hydra/launcher=submitit_slurm" in cmd and cmd[-1] == "trainer.foo=1"
         assert "data.max_samples={val:64,test:50}" in cmd
-    assert "eval.split=val" in cmds["sft"] and "model.vision_pretrain.steps=100" in cmds["sft"] and "max_samples=50" in cmds["sft_eval"]
+    assert (
+        "eval.split=val" in cmds["sft"]
+        and "model.vision_pretrain.steps=100" in cmds["sft"]
+        and "max_samples=50" in cmds["sft_eval"]
+    )
     assert "builder.visual=null" in cmds["curate"]["text"] and "builder.text=null" in cmds["curate"]["visual"]
     assert "builder.visual.mode=global" in cmds["curate"]["global"]
     assert all(f"model.init_from={tmp_path / 'sft'}" in c for c in cmds["curate"].values())

@@ -67,8 +67,12 @@ def test_placeholders_match_images_med_mim_style(mim):
     assert len(samples) == len(raw)
     for s in samples:
         assert validate_sample(s) == []
-        assert s.messages[0]["content"].count(IMAGE_PLACEHOLDER) == len(s.images) and all(Path(p).exists() for p in s.images)
-        assert s.task == "mcq" and s.meta["ability"] in ("comparison", "temporal", "coreference") and s.meta["modality"]
+        assert s.messages[0]["content"].count(IMAGE_PLACEHOLDER) == len(s.images) and all(
+            Path(p).exists() for p in s.images
+        )
+        assert (
+            s.task == "mcq" and s.meta["ability"] in ("comparison", "temporal", "coreference") and s.meta["modality"]
+        )
         assert all(0 <= k < len(s.images) for k in s.box_images)
     assert len({s.id for s in samples}) == len(samples)
 
@@ -79,7 +83,11 @@ def test_options_are_med_mim_lines_and_answer_letters_balanced(mim):
         lines = r["query"].split("\n")[1:]
         assert lines == [f"{k}: {t}" for k, t in r["options"].items()]
         letter = mcq_letter(r["answer"])
-        assert letter == r["answer_letter"] and r["answer"] in lines and r["answer"] == f"{letter}: {r['options'][letter]}"
+        assert (
+            letter == r["answer_letter"]
+            and r["answer"] in lines
+            and r["answer"] == f"{letter}: {r['options'][letter]}"
+        )
     comp = [r for r in raw if r["ability"] == "comparison"]
     letters = Counter(r["answer_letter"] for r in comp)
     labels = Counter(r["label"] for r in comp)
@@ -119,7 +127,9 @@ def test_comparison_answers_match_the_rendered_images(mim):
         h, w = diff.shape
         inside = np.zeros_like(diff, dtype=bool)
         for x1, y1, x2, y2 in prior + cur:
-            inside[max(0, int(y1 * h) - 1): int(np.ceil(y2 * h)) + 1, max(0, int(x1 * w) - 1): int(np.ceil(x2 * w)) + 1] = True
+            inside[
+                max(0, int(y1 * h) - 1) : int(np.ceil(y2 * h)) + 1, max(0, int(x1 * w) - 1) : int(np.ceil(x2 * w)) + 1
+            ] = True
         assert diff[~inside].mean() < 10  # acquisition noise only (sigma 0.02 * 255 per image)
         if lab == "unchanged":
             assert diff[inside].mean() < 10
@@ -154,15 +164,17 @@ def test_temporal_and_coreference_answers_match_the_images(mim):
 def test_splits_by_patient(mim):
     pats = {s: {json.loads(l)["patient_id"] for l in open(mim / f"{s}.jsonl")} for s in SPLITS}
     assert all(pats.values())
-    assert not (pats["train"] & pats["val"]) and not (pats["train"] & pats["test"]) and not (pats["val"] & pats["test"])
+    assert (
+        not (pats["train"] & pats["val"]) and not (pats["train"] & pats["test"]) and not (pats["val"] & pats["test"])
+    )
 
 
 @pytest.fixture(scope="module")
 def mim_setup(tmp_path_factory):
     """The experiment's real config, shrunk: datamodule (via the `kind: multi_image` hook) + backbone."""
+    from conftest import compose
     from hydra.utils import instantiate
 
-    from conftest import compose
     from unveil.models.factory import build_backbone
 
     tmp = tmp_path_factory.mktemp("mimcfg")
@@ -294,9 +306,13 @@ def test_fixed_option_order_letters_name_labels_and_answers_still_match_the_imag
         assert r["answer"] == f"{letter}: {texts[labels.index(r['label'])]}" == r["short_answer"]
     for r in comp:  # the label is still what the two images show
         prior, cur = r["image_boxes"]
-        assert {"new": not prior and cur, "resolved": prior and not cur, "unchanged": prior == cur and cur,
-                "grown": prior and cur and _area(cur[0]) > 2 * _area(prior[0]),
-                "shrunk": prior and cur and _area(prior[0]) > 2 * _area(cur[0])}[r["label"]]
+        assert {
+            "new": not prior and cur,
+            "resolved": prior and not cur,
+            "unchanged": prior == cur and cur,
+            "grown": prior and cur and _area(cur[0]) > 2 * _area(prior[0]),
+            "shrunk": prior and cur and _area(prior[0]) > 2 * _area(cur[0]),
+        }[r["label"]]
 
 
 def test_vision_warm_up_runs_on_the_experiment_data(mim_setup):

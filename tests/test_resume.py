@@ -32,8 +32,12 @@ def _assert_resume_is_exact(make_cfg, tmp_path, common: list[str], stop: int) ->
     from unveil.train import train
 
     snap = tmp_path / f"step{stop}.ckpt"
-    cfg = make_cfg(*common, f"+callbacks.snap._target_={__name__}.SaveAtStep", f"+callbacks.snap.step={stop}",
-                   f"+callbacks.snap.path={snap}")
+    cfg = make_cfg(
+        *common,
+        f"+callbacks.snap._target_={__name__}.SaveAtStep",
+        f"+callbacks.snap.step={stop}",
+        f"+callbacks.snap.path={snap}",
+    )
     train(cfg)
     straight = cfg.paths.output_dir
     cfg = make_cfg(*common, f"ckpt_path={snap}")
@@ -49,17 +53,45 @@ def _assert_resume_is_exact(make_cfg, tmp_path, common: list[str], stop: int) ->
     assert not differ, f"{len(differ)} of {len(a)} tensors differ after resuming, e.g. {differ[:3]}"
 
 
-@pytest.mark.parametrize(("stop", "stage"), [
-    (6, ["stage=sft", "trainer.max_steps=10"]),  # stops in the second epoch, whose order is not the first's
-    (6, ["stage=sft", "trainer.max_steps=10", "data.num_workers=2"]),  # loader workers run ahead of the step
-    # no warm-up: a resumed run skips it, and without model.init_from GRPO's reference is the model as built
-    (3, ["stage=grpo", "reward=umed", "trainer.max_steps=5", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
-    (4, ["stage=ppo", "reward=umed", "trainer.max_steps=8", "stage.max_new_tokens=8", "model.vision_pretrain.steps=0"]),
-], ids=["sft", "sft-workers", "grpo", "ppo"])
+@pytest.mark.parametrize(
+    ("stop", "stage"),
+    [
+        (6, ["stage=sft", "trainer.max_steps=10"]),  # stops in the second epoch, whose order is not the first's
+        (6, ["stage=sft", "trainer.max_steps=10", "data.num_workers=2"]),  # loader workers run ahead of the step
+        # no warm-up: a resumed run skips it, and without model.init_from GRPO's reference is the model as built
+        (
+            3,
+            [
+                "stage=grpo",
+                "reward=umed",
+                "trainer.max_steps=5",
+                "stage.max_new_tokens=8",
+                "model.vision_pretrain.steps=0",
+            ],
+        ),
+        (
+            4,
+            [
+                "stage=ppo",
+                "reward=umed",
+                "trainer.max_steps=8",
+                "stage.max_new_tokens=8",
+                "model.vision_pretrain.steps=0",
+            ],
+        ),
+    ],
+    ids=["sft", "sft-workers", "grpo", "ppo"],
+)
 def test_resumed_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, stop, stage):
     # 4 batches per epoch, so the stop and the resume fall inside an epoch
-    common = ["debug=fast", *stage, "+data.max_samples.train=16", "eval.enabled=false", "trainer.val_check_interval=null",
-              "+trainer.check_val_every_n_epoch=100"]
+    common = [
+        "debug=fast",
+        *stage,
+        "+data.max_samples.train=16",
+        "eval.enabled=false",
+        "trainer.val_check_interval=null",
+        "+trainer.check_val_every_n_epoch=100",
+    ]
     _assert_resume_is_exact(make_cfg, tmp_path, common, stop)
 
 
@@ -119,11 +151,14 @@ def test_resumable_samplers_draw_the_orders_torchs_samplers_drew(n, batch):
 
     ds, w = list(range(n)), torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.1
     g, mine = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ResumableRandomSampler(ds, mine), generator=mine)) \
-        == epochs(DataLoader(ds, batch_size=batch, shuffle=True, generator=g))
+    assert epochs(
+        StatefulDataLoader(ds, batch_size=batch, sampler=ResumableRandomSampler(ds, mine), generator=mine)
+    ) == epochs(DataLoader(ds, batch_size=batch, shuffle=True, generator=g))
     ours = ResumableWeightedSampler(w, n, torch.Generator().manual_seed(0))
     theirs = WeightedRandomSampler(w, n, generator=torch.Generator().manual_seed(0))
-    assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ours)) == epochs(DataLoader(ds, batch_size=batch, sampler=theirs))
+    assert epochs(StatefulDataLoader(ds, batch_size=batch, sampler=ours)) == epochs(
+        DataLoader(ds, batch_size=batch, sampler=theirs)
+    )
 
 
 def test_ckpt_path_last_starts_fresh_then_resumes_and_a_bad_path_fails_before_any_work(tmp_path, make_cfg):
@@ -149,10 +184,10 @@ def test_ckpt_path_last_starts_fresh_then_resumes_and_a_bad_path_fails_before_an
 
 def test_last_ckpt_holds_the_final_step_when_it_falls_between_validations(make_cfg, tmp_path):
     """debug=fast validates every 3 steps; a 5-step run's last.ckpt is step 5, the model it saved."""
+    from omegaconf import OmegaConf
+
     from unveil.eval import load_for_eval
     from unveil.train import train
-
-    from omegaconf import OmegaConf
 
     cfg = make_cfg("debug=fast", "trainer.max_steps=5", "eval.enabled=false")
     train(cfg)
@@ -179,8 +214,14 @@ def test_resuming_into_the_same_run_dir_keeps_the_curves_logged_before_the_check
 
     common = ["debug=fast", "trainer.max_steps=8", "trainer.log_every_n_steps=1", "eval.enabled=false"]
     snap = tmp_path / "step4.ckpt"
-    train(make_cfg(*common, f"+callbacks.snap._target_={__name__}.SaveAtStep", "+callbacks.snap.step=4",
-                   f"+callbacks.snap.path={snap}"))
+    train(
+        make_cfg(
+            *common,
+            f"+callbacks.snap._target_={__name__}.SaveAtStep",
+            "+callbacks.snap.step=4",
+            f"+callbacks.snap.path={snap}",
+        )
+    )
     metrics = tmp_path / "run" / "csv" / "metrics.csv"
     straight = losses(metrics)
     assert [s for s, _ in straight] == list(range(8))
@@ -197,8 +238,13 @@ def test_drop_replayed_keeps_the_latest_attempt_at_each_step():
     rows = [{"step": str(s), "train/loss": f"{a}"} for a, steps in attempts for s in steps]
     rows.insert(3, {"step": "", "train/loss": "x"})  # a row without a step is kept where it stands
     kept = drop_replayed(rows)
-    assert [(r["step"], r["train/loss"]) for r in kept if r["step"]] == \
-        [("0", "0"), ("1", "0"), ("2", "1"), ("3", "2"), ("4", "2")]
+    assert [(r["step"], r["train/loss"]) for r in kept if r["step"]] == [
+        ("0", "0"),
+        ("1", "0"),
+        ("2", "1"),
+        ("3", "2"),
+        ("4", "2"),
+    ]
 
 
 def test_resumed_dpo_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_path, synthetic_dir):
@@ -207,9 +253,20 @@ def test_resumed_dpo_run_ends_where_the_uninterrupted_one_does(make_cfg, tmp_pat
 
     data = tmp_path / "pref"
     _write_preference_set(synthetic_dir, data)
-    common = ["debug=fast", "stage=dpo", "data=mau_jsonl", f"data.root={data}", "data.synthetic=null", "data.batch_size=2",
-              "+data.max_samples.train=8", "trainer.max_steps=6", "model.vision_pretrain.steps=0", "eval.enabled=false",
-              "trainer.val_check_interval=null", "+trainer.check_val_every_n_epoch=100"]
+    common = [
+        "debug=fast",
+        "stage=dpo",
+        "data=mau_jsonl",
+        f"data.root={data}",
+        "data.synthetic=null",
+        "data.batch_size=2",
+        "+data.max_samples.train=8",
+        "trainer.max_steps=6",
+        "model.vision_pretrain.steps=0",
+        "eval.enabled=false",
+        "trainer.val_check_interval=null",
+        "+trainer.check_val_every_n_epoch=100",
+    ]
     _assert_resume_is_exact(make_cfg, tmp_path, common, 3)
 
 
@@ -268,7 +325,16 @@ def test_ranks_take_disjoint_shares_of_one_order_padded_as_distributed_sampler_p
 def test_drop_replayed_sees_a_restart_behind_a_row_without_a_step():
     from unveil.utils.csv_history import drop_replayed
 
-    rows = [{"step": str(s), "v": "old"} for s in range(4)] + [{"step": "", "v": "hparams"}] + \
-           [{"step": str(s), "v": "new"} for s in range(2, 5)]
-    assert [(r["step"], r["v"]) for r in drop_replayed(rows)] == \
-        [("0", "old"), ("1", "old"), ("", "hparams"), ("2", "new"), ("3", "new"), ("4", "new")]
+    rows = (
+        [{"step": str(s), "v": "old"} for s in range(4)]
+        + [{"step": "", "v": "hparams"}]
+        + [{"step": str(s), "v": "new"} for s in range(2, 5)]
+    )
+    assert [(r["step"], r["v"]) for r in drop_replayed(rows)] == [
+        ("0", "old"),
+        ("1", "old"),
+        ("", "hparams"),
+        ("2", "new"),
+        ("3", "new"),
+        ("4", "new"),
+    ]

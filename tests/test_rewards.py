@@ -37,16 +37,31 @@ class _BB:
 
 def loc_sample(boxes=(), findings=(), sid="s"):
     boxes, findings = [list(b) for b in boxes], list(findings)
-    target = ("Abnormality detected. " + " ".join(
-        f"Region {get_box_format('int100').format_box(b)}: {f}." for b, f in zip(boxes, findings))) if boxes else NORMAL_TEXT
-    return Sample(sid, images=[], messages=[{"role": "user", "content": "Locate any abnormality."},
-                                            {"role": "assistant", "content": target}],
-                  boxes=boxes, findings=findings, task="localize")
+    target = (
+        (
+            "Abnormality detected. "
+            + " ".join(f"Region {get_box_format('int100').format_box(b)}: {f}." for b, f in zip(boxes, findings))
+        )
+        if boxes
+        else NORMAL_TEXT
+    )
+    return Sample(
+        sid,
+        images=[],
+        messages=[{"role": "user", "content": "Locate any abnormality."}, {"role": "assistant", "content": target}],
+        boxes=boxes,
+        findings=findings,
+        task="localize",
+    )
 
 
 def closed_sample(answer, task="vqa_closed", question="Is there an abnormality? Answer yes or no."):
-    return Sample("c", messages=[{"role": "user", "content": question}, {"role": "assistant", "content": str(answer)}],
-                  task=task, answer=answer)
+    return Sample(
+        "c",
+        messages=[{"role": "user", "content": question}, {"role": "assistant", "content": str(answer)}],
+        task=task,
+        answer=answer,
+    )
 
 
 def batch_of(samples, completions, group=None, fmt="int100"):
@@ -54,7 +69,9 @@ def batch_of(samples, completions, group=None, fmt="int100"):
     if len(samples) == 1:
         samples = samples * n
     g = torch.as_tensor(group if group is not None else [0] * n)
-    return RolloutBatch(samples=list(samples), completions=list(completions), group=g, backbone=_BB(fmt), vocab=list(VOCAB))
+    return RolloutBatch(
+        samples=list(samples), completions=list(completions), group=g, backbone=_BB(fmt), vocab=list(VOCAB)
+    )
 
 
 def close(a, b, tol=1e-5):
@@ -66,18 +83,21 @@ def close(a, b, tol=1e-5):
 GT1 = [[0.1, 0.1, 0.3, 0.3]]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Abnormality detected. Region [10, 10, 30, 30]: nodule.", 1.0),
-    ("Abnormality detected. Region [10, 10, 20, 20]: nodule.", 0.25),  # 0.01 / 0.04
-    ("Region [30, 30, 10, 10]: nodule.", 1.0),  # reversed corners are reordered
-    ("Region [10, 10, 30, 30]: nodule. Region [60, 60, 70, 70]: mass.", 0.9),  # one extra box: -0.1
-    ("Region [50, 50, 70, 70]: nodule.", 0.0),  # no overlap
-    ("Abnormality detected: a nodule.", 0.0),  # no box
-    ("Region [10, 10, 300, 30]: nodule.", 0.0),  # far out of range: dropped, so no box
-    ("", 0.0),
-    ("[10, 10, 30, 30]" * 20, 1.0 - 0.1 * 19),
-    ("[10, 10, 30, 30]" * 40, -1.0),  # clipped at min_score
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Abnormality detected. Region [10, 10, 30, 30]: nodule.", 1.0),
+        ("Abnormality detected. Region [10, 10, 20, 20]: nodule.", 0.25),  # 0.01 / 0.04
+        ("Region [30, 30, 10, 10]: nodule.", 1.0),  # reversed corners are reordered
+        ("Region [10, 10, 30, 30]: nodule. Region [60, 60, 70, 70]: mass.", 0.9),  # one extra box: -0.1
+        ("Region [50, 50, 70, 70]: nodule.", 0.0),  # no overlap
+        ("Abnormality detected: a nodule.", 0.0),  # no box
+        ("Region [10, 10, 300, 30]: nodule.", 0.0),  # far out of range: dropped, so no box
+        ("", 0.0),
+        ("[10, 10, 30, 30]" * 20, 1.0 - 0.1 * 19),
+        ("[10, 10, 30, 30]" * 40, -1.0),  # clipped at min_score
+    ],
+)
 def test_localization_single_gt(text, expected):
     r = LocalizationReward()(batch_of([loc_sample(GT1, ["nodule"])], [text]))
     assert r.shape == (1,) and close(float(r[0]), expected)
@@ -99,71 +119,120 @@ def test_localization_multi_gt_hungarian():
 def test_localization_giou_and_labels():
     s = loc_sample(GT1, ["nodule"])
     # disjoint: IoU 0, hull [0.1, 0.7]^2 = 0.36, union 0.08 -> GIoU = -(0.36 - 0.08) / 0.36
-    r = LocalizationReward(mode="giou")(batch_of([s], ["Region [50, 50, 70, 70]: nodule.", "Region [10, 10, 30, 30]: mass."]))
+    r = LocalizationReward(mode="giou")(
+        batch_of([s], ["Region [50, 50, 70, 70]: nodule.", "Region [10, 10, 30, 30]: mass."])
+    )
     assert close(float(r[0]), -(0.36 - 0.08) / 0.36) and close(float(r[1]), 1.0)
-    r = LocalizationReward(match_label=True)(batch_of([s], ["Region [10, 10, 30, 30]: mass.", "Region [10, 10, 30, 30]: nodule."]))
+    r = LocalizationReward(match_label=True)(
+        batch_of([s], ["Region [10, 10, 30, 30]: mass.", "Region [10, 10, 30, 30]: nodule."])
+    )
     assert r.tolist() == [0.0, 1.0]
 
 
 def test_localization_normal_study_and_other_tasks():
     normal = loc_sample()
-    texts = [NORMAL_TEXT, "No abnormality detected. Region [10, 10, 30, 30]: nodule.", "Abnormality detected.", "",
-             "The image.", "No lesion is seen."]
+    texts = [
+        NORMAL_TEXT,
+        "No abnormality detected. Region [10, 10, 30, 30]: nodule.",
+        "Abnormality detected.",
+        "",
+        "The image.",
+        "No lesion is seen.",
+    ]
     assert LocalizationReward()(batch_of([normal], texts)).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert LocalizationReward(normal_credit=0.5)(batch_of([normal], [NORMAL_TEXT])).tolist() == [0.5]
-    r = LocalizationReward()(batch_of([closed_sample("yes"), loc_sample(GT1, ["nodule"])], ["yes", "[10, 10, 30, 30]"]))
+    r = LocalizationReward()(
+        batch_of([closed_sample("yes"), loc_sample(GT1, ["nodule"])], ["yes", "[10, 10, 30, 30]"])
+    )
     assert math.isnan(r[0]) and r[1] == 1.0
 
 
 def test_localization_uses_the_backbone_box_format():
     s = loc_sample(GT1, ["nodule"])
-    r = LocalizationReward()(batch_of([s], ["Region <|box_start|>(100,100),(300,300)<|box_end|>: nodule.",
-                                            "Region [10, 10, 30, 30]: nodule."], fmt="qwen2vl"))
+    r = LocalizationReward()(
+        batch_of(
+            [s],
+            ["Region <|box_start|>(100,100),(300,300)<|box_end|>: nodule.", "Region [10, 10, 30, 30]: nodule."],
+            fmt="qwen2vl",
+        )
+    )
     assert r.tolist() == [1.0, 0.0]
 
 
 # --- answer ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ref,text,expected", [
-    ("yes", "Yes.", 1.0), ("yes", "yes, there is a lesion", 1.0), ("yes", "No.", 0.0), ("yes", "yes or no", 0.0),
-    ("no", "No abnormality detected.", 1.0), ("no", "", 0.0), ("nodule", "Nodule.", 1.0),
-    ("nodule", "The nodule", 1.0), ("nodule", "nodule or mass", 0.0), ("nodule", "mass", 0.0),
-    ("nodule", "Nodule, in the left lung.", 1.0),
-])
+
+@pytest.mark.parametrize(
+    "ref,text,expected",
+    [
+        ("yes", "Yes.", 1.0),
+        ("yes", "yes, there is a lesion", 1.0),
+        ("yes", "No.", 0.0),
+        ("yes", "yes or no", 0.0),
+        ("no", "No abnormality detected.", 1.0),
+        ("no", "", 0.0),
+        ("nodule", "Nodule.", 1.0),
+        ("nodule", "The nodule", 1.0),
+        ("nodule", "nodule or mass", 0.0),
+        ("nodule", "mass", 0.0),
+        ("nodule", "Nodule, in the left lung.", 1.0),
+    ],
+)
 def test_answer_closed(ref, text, expected):
     assert AnswerReward()(batch_of([closed_sample(ref)], [text])).tolist() == [expected]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("B", 1.0), ("B: Chest CT", 1.0), ("(B)", 1.0), ("The answer is B.", 1.0), ("Option B", 1.0),
-    ("A", 0.0), ("A or B", 0.0), ("B or C", 0.0), ("A, B", 0.0), ("A/B", 0.0), ("A: x B: y", 0.0),
-    ("b", 0.0), ("AB", 0.0), ("", 0.0), ("B nodule", 1.0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("B", 1.0),
+        ("B: Chest CT", 1.0),
+        ("(B)", 1.0),
+        ("The answer is B.", 1.0),
+        ("Option B", 1.0),
+        ("A", 0.0),
+        ("A or B", 0.0),
+        ("B or C", 0.0),
+        ("A, B", 0.0),
+        ("A/B", 0.0),
+        ("A: x B: y", 0.0),
+        ("b", 0.0),
+        ("AB", 0.0),
+        ("", 0.0),
+        ("B nodule", 1.0),
+    ],
+)
 def test_answer_mcq(text, expected):
     s = closed_sample("B", task="mcq", question="Which image? A: first B: second")
     assert AnswerReward()(batch_of([s], [text])).tolist() == [expected]
 
 
 def test_answer_not_applicable_and_reference_forms():
-    r = AnswerReward()(batch_of([loc_sample(GT1, ["nodule"]), closed_sample("B: second", task="mcq")], ["nodule", "B"]))
+    r = AnswerReward()(
+        batch_of([loc_sample(GT1, ["nodule"]), closed_sample("B: second", task="mcq")], ["nodule", "B"])
+    )
     assert math.isnan(r[0]) and r[1] == 1.0
     assert option_letters("A nodule is seen") == set()  # an article is not option A
 
 
 # --- format ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [
-    ("Abnormality detected. Region [10, 10, 30, 30]: nodule.", 1.0),
-    ("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [50, 50, 60, 60]: cyst.", 1.0),
-    (NORMAL_TEXT, 1.0),
-    ("Abnormality detected. Region [10, 10, 30, 30]: nodule. Thanks!", 0.75),  # stray text: not exact
-    ("Abnormality detected. Region [10, 10, 30, 30]: nodule. [50, 50, 60, 60]", 0.5 / 4 + 0.5),  # 1 of 2 clauses
-    ("Abnormality detected.", 0.25),  # opening only; no box, so inconsistent
-    ("No abnormality detected. Region [10, 10, 30, 30]: nodule.", 0.25 + 0.25),  # opening + clause
-    ("Region [10, 10, 30, 30]: nodule.", 0.25),  # clause only
-    ("Abnormality detected. Region <box>: nodule.", 0.25),  # a literal <box> is not a box
-    ("", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Abnormality detected. Region [10, 10, 30, 30]: nodule.", 1.0),
+        ("Abnormality detected. Region [10, 10, 30, 30]: nodule. Region [50, 50, 60, 60]: cyst.", 1.0),
+        (NORMAL_TEXT, 1.0),
+        ("Abnormality detected. Region [10, 10, 30, 30]: nodule. Thanks!", 0.75),  # stray text: not exact
+        ("Abnormality detected. Region [10, 10, 30, 30]: nodule. [50, 50, 60, 60]", 0.5 / 4 + 0.5),  # 1 of 2 clauses
+        ("Abnormality detected.", 0.25),  # opening only; no box, so inconsistent
+        ("No abnormality detected. Region [10, 10, 30, 30]: nodule.", 0.25 + 0.25),  # opening + clause
+        ("Region [10, 10, 30, 30]: nodule.", 0.25),  # clause only
+        ("Abnormality detected. Region <box>: nodule.", 0.25),  # a literal <box> is not a box
+        ("", 0.0),
+    ],
+)
 def test_format_graded(text, expected):
     r = FormatReward()(batch_of([loc_sample(GT1, ["nodule"])], [text]))
     assert close(float(r[0]), expected)
@@ -171,12 +240,16 @@ def test_format_graded(text, expected):
 
 def test_format_other_tasks_nan_and_custom_regex():
     assert math.isnan(FormatReward()(batch_of([closed_sample("yes")], ["yes"]))[0])
-    f = FormatReward(templates=[r"Found: <finding> at <box>"], clause_regex=r"<finding> at <box>",
-                     opening_regex=r"^(?P<abnormal>Found:)|^(?P<normal>Nothing\.)")
+    f = FormatReward(
+        templates=[r"Found: <finding> at <box>"],
+        clause_regex=r"<finding> at <box>",
+        opening_regex=r"^(?P<abnormal>Found:)|^(?P<normal>Nothing\.)",
+    )
     assert f(batch_of([loc_sample(GT1, ["nodule"])], ["Found: nodule at [10, 10, 30, 30]"])).tolist() == [1.0]
 
 
 # --- relevance ------------------------------------------------------------------------------------
+
 
 class _ConstJudge:
     name = "const"
@@ -219,8 +292,12 @@ def test_relevance_judge_sees_question_reference_answer():
             seen.extend(items)
             return [0.5] * len(items)
 
-    s = Sample("q", images=["x.png"], messages=[{"role": "user", "content": "<image>\nWhat is it?"},
-                                               {"role": "assistant", "content": "A nodule."}], task="vqa_open")
+    s = Sample(
+        "q",
+        images=["x.png"],
+        messages=[{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A nodule."}],
+        task="vqa_open",
+    )
     assert RelevanceReward(judge=Spy())(batch_of([s], ["mass"])).tolist() == [0.5]
     assert seen == [("What is it?", "A nodule.", "mass")]
 
@@ -228,23 +305,60 @@ def test_relevance_judge_sees_question_reference_answer():
 # --- every head survives any model text -------------------------------------------------------------
 
 _num = st.one_of(
-    st.integers(-10**15, 10**15).map(str),
+    st.integers(-(10**15), 10**15).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(alphabet="0123456789.-eE+ ", max_size=10),
 )
 _box = st.tuples(_num, _num, _num, _num).map(lambda t: "[" + ", ".join(t) + "]")
 _piece = st.one_of(
-    _box, st.text(max_size=20),
-    st.sampled_from(["Abnormality detected.", NORMAL_TEXT, " Region ", ": nodule.", "A", " or B", "(C)", "yes", "no",
-                     "[0, 0, 100, 100]", "[10, 10, 30, 30]", "[100, 100, 0, 0]", "<|box_start|>(1,2),(999,998)<|box_end|>",
-                     "é中😀\u200b\x00", "<box>", "\n", "answer is D"]),
+    _box,
+    st.text(max_size=20),
+    st.sampled_from(
+        [
+            "Abnormality detected.",
+            NORMAL_TEXT,
+            " Region ",
+            ": nodule.",
+            "A",
+            " or B",
+            "(C)",
+            "yes",
+            "no",
+            "[0, 0, 100, 100]",
+            "[10, 10, 30, 30]",
+            "[100, 100, 0, 0]",
+            "<|box_start|>(1,2),(999,998)<|box_end|>",
+            "é中😀\u200b\x00",
+            "<box>",
+            "\n",
+            "answer is D",
+        ]
+    ),
 )
-_text = st.one_of(st.lists(_piece, max_size=25).map("".join), st.integers(0, 200).map(lambda k: "[10, 10, 30, 30] " * k))
+_text = st.one_of(
+    st.lists(_piece, max_size=25).map("".join), st.integers(0, 200).map(lambda k: "[10, 10, 30, 30] " * k)
+)
 
-SAMPLES = [loc_sample(GT1, ["nodule"]), loc_sample(), loc_sample([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.6, 0.6]], ["mass", "cyst"]),
-           closed_sample("yes"), closed_sample("nodule"), closed_sample("C", task="mcq"),
-           Sample("o", messages=[{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A report."}], task="report")]
-HEADS = [LocalizationReward(), LocalizationReward(mode="giou", match_label=True), AnswerReward(), FormatReward(), RelevanceReward()]
+SAMPLES = [
+    loc_sample(GT1, ["nodule"]),
+    loc_sample(),
+    loc_sample([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.6, 0.6]], ["mass", "cyst"]),
+    closed_sample("yes"),
+    closed_sample("nodule"),
+    closed_sample("C", task="mcq"),
+    Sample(
+        "o",
+        messages=[{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A report."}],
+        task="report",
+    ),
+]
+HEADS = [
+    LocalizationReward(),
+    LocalizationReward(mode="giou", match_label=True),
+    AnswerReward(),
+    FormatReward(),
+    RelevanceReward(),
+]
 
 
 def _contract(head, sample) -> tuple[bool, float, float]:
@@ -259,7 +373,10 @@ def _contract(head, sample) -> tuple[bool, float, float]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts=st.lists(_text, min_size=len(SAMPLES), max_size=len(SAMPLES)), fmt=st.sampled_from(["int100", "int1000", "qwen2vl"]))
+@given(
+    texts=st.lists(_text, min_size=len(SAMPLES), max_size=len(SAMPLES)),
+    fmt=st.sampled_from(["int100", "int1000", "qwen2vl"]),
+)
 def test_heads_survive_any_text(texts, fmt):
     b = batch_of(SAMPLES, texts, group=list(range(len(SAMPLES))), fmt=fmt)
     for head in HEADS:
@@ -283,6 +400,7 @@ def test_heads_survive_non_strings(texts):
 
 # --- composite: group normalisation and stats ----------------------------------------------------------
 
+
 def test_group_normalise_by_hand():
     g = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     s = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 0.5, NAN, NAN])
@@ -296,7 +414,9 @@ def test_group_normalise_by_hand():
     g2 = torch.tensor([0, 0, 1, 1, 2, 2, 2])
     s2 = torch.tensor([-2.0, 1.0, 0.0, 0.0, 4.0, NAN, 2.0])
     mx2 = group_normalise(s2, g2, "max")
-    assert torch.allclose(mx2[[0, 1, 2, 3, 4, 6]], torch.tensor([-1.0, 0.5, 0.0, 0.0, 1.0, 0.5])) and math.isnan(mx2[5])
+    assert torch.allclose(mx2[[0, 1, 2, 3, 4, 6]], torch.tensor([-1.0, 0.5, 0.0, 0.0, 1.0, 0.5])) and math.isnan(
+        mx2[5]
+    )
     z2 = group_normalise(s2, g2, "zscore")
     assert torch.allclose(z2[[4, 6]], torch.tensor([1.0, -1.0])) and math.isnan(z2[5])
     assert zero_spread_fraction(s, g) == 0.5  # groups 0 and 1 have finite scores; group 1 is flat
@@ -326,8 +446,16 @@ def test_composite_total_and_stats_by_hand():
     assert torch.allclose(out.total, torch.tensor([1 / 6, 0.5 + 8.0, 0.5, 0.5]))
     assert torch.isnan(out.per_head["b"][0]) and out.per_head["a"].tolist() == [1.0, 3.0, 2.0, 2.0]
     st_ = out.stats
-    assert set(st_) >= {"reward/a/mean", "reward/a/std", "reward/a/zero_spread_frac", "reward/b/mean", "reward/b/std",
-                        "reward/b/zero_spread_frac", "reward/total/mean", "reward/total/std"}
+    assert set(st_) >= {
+        "reward/a/mean",
+        "reward/a/std",
+        "reward/a/zero_spread_frac",
+        "reward/b/mean",
+        "reward/b/std",
+        "reward/b/zero_spread_frac",
+        "reward/total/mean",
+        "reward/total/std",
+    }
     assert close(st_["reward/a/mean"], 2.0) and close(st_["reward/a/std"], math.sqrt(0.5))
     assert st_["reward/a/zero_spread_frac"] == 0.5
     assert st_["reward/b/mean"] == 4.0 and st_["reward/b/std"] == 0.0 and st_["reward/b/zero_spread_frac"] == 1.0
@@ -337,23 +465,29 @@ def test_composite_total_and_stats_by_hand():
 
 def test_composite_all_nan_head_and_inf_and_shape():
     g = torch.tensor([0, 0])
-    comp = CompositeReward([HeadSpec("n", _Fixed([NAN, NAN]), 1.0, "zscore"), HeadSpec("i", _Fixed([math.inf, 1.0]), 1.0, "none")])
+    comp = CompositeReward(
+        [HeadSpec("n", _Fixed([NAN, NAN]), 1.0, "zscore"), HeadSpec("i", _Fixed([math.inf, 1.0]), 1.0, "none")]
+    )
     out = comp(RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g))
     assert out.total.tolist() == [0.0, 1.0] and torch.isfinite(out.total).all()
     assert math.isnan(out.stats["reward/n/mean"]) and math.isnan(out.stats["reward/n/zero_spread_frac"])
     with pytest.raises(ValueError):
         CompositeReward([HeadSpec("w", _Fixed([1.0, 2.0, 3.0]), 1.0, "none")])(
-            RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g))
+            RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g)
+        )
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.lists(st.tuples(st.integers(0, 3), st.one_of(st.just(NAN), st.floats(-5, 5))), min_size=1, max_size=16),
-       norm=st.sampled_from(["none", "max", "zscore"]))
+@given(
+    data=st.lists(st.tuples(st.integers(0, 3), st.one_of(st.just(NAN), st.floats(-5, 5))), min_size=1, max_size=16),
+    norm=st.sampled_from(["none", "max", "zscore"]),
+)
 def test_composite_properties(data, norm):
     g = torch.tensor([d[0] for d in data])
     v = torch.tensor([d[1] for d in data], dtype=torch.float32)
     out = CompositeReward([HeadSpec("h", _Fixed(v.tolist()), 1.5, norm)])(
-        RolloutBatch(samples=[loc_sample()] * len(data), completions=[""] * len(data), group=g))
+        RolloutBatch(samples=[loc_sample()] * len(data), completions=[""] * len(data), group=g)
+    )
     assert out.total.shape == (len(data),) and torch.isfinite(out.total).all()
     assert torch.equal(torch.isnan(out.per_head["h"]), torch.isnan(v))
     nv = group_normalise(v, g, norm)
@@ -367,6 +501,7 @@ def test_composite_properties(data, norm):
 
 
 # --- config: every preset composes and builds --------------------------------------------------------
+
 
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
@@ -383,18 +518,21 @@ def _conf_dir():
     return str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@pytest.mark.parametrize("preset,heads", [
-    ("umed", {"relevance": ("none", 1.0), "localization": ("max", 1.0), "vision_relevance": ("max", 1.0)}),
-    ("relevance_only", {"relevance": ("none", 1.0)}),
-    ("umed_no_vision", {"relevance": ("none", 1.0), "localization": ("max", 1.0)}),
-    ("umed_no_loc", {"relevance": ("none", 1.0), "vision_relevance": ("max", 1.0)}),
-    ("none", {}),
-    ("localization", {"localization": ("none", 1.0)}),
-    ("vision_counterfactual", {"vision_counterfactual": ("none", 1.0)}),
-    ("answer", {"answer": ("none", 1.0)}),
-    ("format", {"format": ("none", 1.0)}),
-    ("relevance", {"relevance": ("none", 1.0)}),
-])
+@pytest.mark.parametrize(
+    "preset,heads",
+    [
+        ("umed", {"relevance": ("none", 1.0), "localization": ("max", 1.0), "vision_relevance": ("max", 1.0)}),
+        ("relevance_only", {"relevance": ("none", 1.0)}),
+        ("umed_no_vision", {"relevance": ("none", 1.0), "localization": ("max", 1.0)}),
+        ("umed_no_loc", {"relevance": ("none", 1.0), "vision_relevance": ("max", 1.0)}),
+        ("none", {}),
+        ("localization", {"localization": ("none", 1.0)}),
+        ("vision_counterfactual", {"vision_counterfactual": ("none", 1.0)}),
+        ("answer", {"answer": ("none", 1.0)}),
+        ("format", {"format": ("none", 1.0)}),
+        ("relevance", {"relevance": ("none", 1.0)}),
+    ],
+)
 def test_presets_compose_and_build(preset, heads):
     cfg = _compose([f"reward={preset}"])
     comp = build_composite(cfg.reward, backbone=None, vocab=VOCAB)
@@ -408,7 +546,12 @@ def test_default_reward_is_none_and_sweep_override():
     assert {h.name: h.weight for h in comp.heads} == {"relevance": 1.0, "localization": 0.5}  # weight 0: not built
     assert isinstance(comp.heads[1].head, LocalizationReward)
     cfg = _compose(["reward=[umed,answer]", "reward.answer.weight=0.3"])
-    assert [h.name for h in build_composite(cfg.reward).heads] == ["relevance", "localization", "vision_relevance", "answer"]
+    assert [h.name for h in build_composite(cfg.reward).heads] == [
+        "relevance",
+        "localization",
+        "vision_relevance",
+        "answer",
+    ]
     with pytest.raises(ValueError):
         build_composite({"x": {"_target_": "unveil.rewards.answer.AnswerReward", "norm": "softmax"}})
 
@@ -427,16 +570,31 @@ def test_weight_zero_head_is_not_computed():
     comp = build_composite({"loc": {"_target_": "unveil.rewards.localization.LocalizationReward", "weight": 0.0}})
     assert len(comp) == 0
     out = comp(RolloutBatch(samples=[loc_sample()], completions=["x"], group=torch.tensor([0])))
-    assert out.total.tolist() == [0.0] and out.per_head == {} and set(out.stats) == {"reward/total/mean", "reward/total/std"}
+    assert (
+        out.total.tolist() == [0.0]
+        and out.per_head == {}
+        and set(out.stats) == {"reward/total/mean", "reward/total/std"}
+    )
 
 
 def test_composite_end_to_end_text_heads():
-    comp = build_composite({
-        "localization": {"_target_": "unveil.rewards.localization.LocalizationReward", "weight": 1.0, "norm": "max"},
-        "format": {"_target_": "unveil.rewards.format.FormatReward", "weight": 0.5, "norm": "none"},
-    }, backbone=_BB(), vocab=VOCAB)
+    comp = build_composite(
+        {
+            "localization": {
+                "_target_": "unveil.rewards.localization.LocalizationReward",
+                "weight": 1.0,
+                "norm": "max",
+            },
+            "format": {"_target_": "unveil.rewards.format.FormatReward", "weight": 0.5, "norm": "none"},
+        },
+        backbone=_BB(),
+        vocab=VOCAB,
+    )
     s = loc_sample(GT1, ["nodule"])
-    texts = ["Abnormality detected. Region [10, 10, 20, 20]: nodule.", "Abnormality detected. Region [10, 10, 30, 30]: nodule."]
+    texts = [
+        "Abnormality detected. Region [10, 10, 20, 20]: nodule.",
+        "Abnormality detected. Region [10, 10, 30, 30]: nodule.",
+    ]
     out = comp(RolloutBatch(samples=[s, s], completions=texts, group=torch.tensor([0, 0])))
     # localization 0.25, 1.0 -> max-normalised 0.25, 1.0; format 1.0 each * 0.5
     assert torch.allclose(out.total, torch.tensor([0.75, 1.5]))

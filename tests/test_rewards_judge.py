@@ -12,14 +12,21 @@ import math
 import pytest
 import torch
 
+from unveil.data.schema import Sample
 from unveil.judges import build_judge
 from unveil.judges.hf import HFJudge, parse_score
 from unveil.rewards.base import RolloutBatch
 from unveil.rewards.relevance import RelevanceReward
-from unveil.data.schema import Sample
 
-ITEMS = [("Is there a nodule?", "Abnormality detected. Region [10, 10, 30, 30]: nodule.", "Region [10, 10, 30, 30]: nodule."),
-         ("q", "No abnormality detected.", ""), ("é中😀", "ref", "x" * 5000)]
+ITEMS = [
+    (
+        "Is there a nodule?",
+        "Abnormality detected. Region [10, 10, 30, 30]: nodule.",
+        "Region [10, 10, 30, 30]: nodule.",
+    ),
+    ("q", "No abnormality detected.", ""),
+    ("é中😀", "ref", "x" * 5000),
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +38,30 @@ def tiny_lm():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["Yes No yes no Score: 7 8/10 0 10", "Question: Reference answer: Assistant's answer:"] * 4
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=fast.pad_token_id,
-                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -46,9 +71,24 @@ def tiny_lm():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("reply,expected", [("8", 0.8), ("Score: 7.5", 0.75), (" 8/10", 0.8), ("10", 1.0), ("0", 0.0),
-                                            ("11", math.nan), ("none", math.nan), ("", math.nan), ("-3", 0.3), ("777", math.nan), ("7777", math.nan),
-                                            ("1e9", 0.1), ("100000", math.nan)])
+@pytest.mark.parametrize(
+    "reply,expected",
+    [
+        ("8", 0.8),
+        ("Score: 7.5", 0.75),
+        (" 8/10", 0.8),
+        ("10", 1.0),
+        ("0", 0.0),
+        ("11", math.nan),
+        ("none", math.nan),
+        ("", math.nan),
+        ("-3", 0.3),
+        ("777", math.nan),
+        ("7777", math.nan),
+        ("1e9", 0.1),
+        ("100000", math.nan),
+    ],
+)
 def test_parse_score(reply, expected):
     got = parse_score(reply)
     assert (math.isnan(got) and math.isnan(expected)) or abs(got - expected) < 1e-9
@@ -104,8 +144,11 @@ def test_build_judge_and_relevance_head(tiny_lm):
     model, tok = tiny_lm
     j = build_judge({"kind": "hf", "model": model, "tokenizer": tok, "mode": "yes_no"})
     assert isinstance(j, HFJudge)
-    s = Sample("a", messages=[{"role": "user", "content": "Is there a nodule?"}, {"role": "assistant", "content": ITEMS[0][1]}],
-               task="vqa_open")
+    s = Sample(
+        "a",
+        messages=[{"role": "user", "content": "Is there a nodule?"}, {"role": "assistant", "content": ITEMS[0][1]}],
+        task="vqa_open",
+    )
     r = RelevanceReward(judge=j)(RolloutBatch(samples=[s, s], completions=["nodule", ""], group=torch.tensor([0, 0])))
     assert r.shape == (2,) and torch.isfinite(r).all() and ((r >= 0) & (r <= 1)).all()
     with pytest.raises(ValueError):

@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import compose
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import compose
 
 from unveil.data.schema import Sample
 from unveil.rewards.base import RolloutBatch
@@ -36,8 +35,13 @@ def _batch(completions, mask_lengths=None, tasks=None, tokenizer=None):
     if mask_lengths is not None:
         width = max(mask_lengths + [1])
         mask = torch.tensor([[1] * k + [0] * (width - k) for k in mask_lengths])
-    return RolloutBatch(samples=samples, completions=list(completions), group=torch.zeros(n, dtype=torch.long),
-                        completion_mask=mask, backbone=_BB(tokenizer))
+    return RolloutBatch(
+        samples=samples,
+        completions=list(completions),
+        group=torch.zeros(n, dtype=torch.long),
+        completion_mask=mask,
+        backbone=_BB(tokenizer),
+    )
 
 
 @pytest.mark.parametrize("n,expected", [(0, 0.0), (6, 0.0), (7, -0.25), (8, -0.5), (9, -0.75), (10, -1.0), (11, -1.0)])
@@ -58,8 +62,11 @@ def test_text_only_batches_count_with_the_tokenizer_and_never_raise_without_one(
 
 
 @settings(max_examples=40, deadline=None)
-@given(texts=st.lists(st.one_of(st.text(max_size=200), st.none(), st.integers()), min_size=1, max_size=6),
-       max_len=st.integers(1, 64), data=st.data())
+@given(
+    texts=st.lists(st.one_of(st.text(max_size=200), st.none(), st.integers()), min_size=1, max_size=6),
+    max_len=st.integers(1, 64),
+    data=st.data(),
+)
 def test_any_text_scores_in_minus_one_to_zero(texts, max_len, data):
     cache = data.draw(st.integers(1, max_len))
     r = OverlongReward(max_len=max_len, cache=cache)(_batch(texts, tokenizer=_WordTokenizer()))

@@ -25,8 +25,15 @@ from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
 from unveil.rewards.base import RolloutBatch
 from unveil.rewards.composite import build_composite
 from unveil.rewards.vision_relevance import (
-    FORWARD_KEY, VisionCounterfactualReward, VisionRelevanceReward, finding_token_mask, finding_pattern, image_grids,
-    mask_pixel_values, patch_mask)
+    FORWARD_KEY,
+    VisionCounterfactualReward,
+    VisionRelevanceReward,
+    finding_pattern,
+    finding_token_mask,
+    image_grids,
+    mask_pixel_values,
+    patch_mask,
+)
 
 VOCAB = ["cyst", "mass", "nodule"]
 BOX = [0.5, 0.5, 1.0, 1.0]  # bottom-right quarter: patches (2,2) (2,3) (3,2) (3,3) of the 4 x 4 grid
@@ -41,19 +48,40 @@ def bb():
 
     from unveil.models.tokenizer import SPECIAL, TINY_CHAT_TEMPLATE
 
-    corpus = [GOOD, "No abnormality detected. The study appears normal.", "Is there an abnormality in this CT image?",
-              "Locate and diagnose it. mass cyst nodules yes no Region"] * 4
+    corpus = [
+        GOOD,
+        "No abnormality detected. The study appears normal.",
+        "Is there an abnormality in this CT image?",
+        "Locate and diagnose it. mass cyst nodules yes no Region",
+    ] * 4
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens={"image_token": "<image>"}, **SPECIAL)
     fast.chat_template = TINY_CHAT_TEMPLATE
-    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, hidden=64,
-                         layers=2, heads=2, intermediate=128, vocab_size=320)
+    spec = TinyLlavaSpec(
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        hidden=64,
+        layers=2,
+        heads=2,
+        intermediate=128,
+        vocab_size=320,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared CPU
     try:
@@ -70,9 +98,17 @@ def image(tmp_path_factory):
 
 
 def _sample(image, boxes=(BOX,), findings=("nodule",), task="localize", sid="s"):
-    return Sample(sid, images=[image], messages=[{"role": "user", "content": "<image>\nIs there an abnormality in this CT image?"},
-                                                {"role": "assistant", "content": GOOD if boxes else "No abnormality detected."}],
-                  boxes=[list(b) for b in boxes], findings=list(findings), task=task)
+    return Sample(
+        sid,
+        images=[image],
+        messages=[
+            {"role": "user", "content": "<image>\nIs there an abnormality in this CT image?"},
+            {"role": "assistant", "content": GOOD if boxes else "No abnormality detected."},
+        ],
+        boxes=[list(b) for b in boxes],
+        findings=list(findings),
+        task=task,
+    )
 
 
 def make_batch(bb, samples, completions, with_ids=True):
@@ -87,8 +123,16 @@ def make_batch(bb, samples, completions, with_ids=True):
         mask = torch.zeros((len(enc), t), dtype=torch.long)
         for i, e in enumerate(enc):
             ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-    return RolloutBatch(samples=list(samples), completions=list(completions), group=torch.arange(len(samples)) // 2,
-                        completion_ids=ids, completion_mask=mask, prompt_inputs=pi, backbone=bb, vocab=list(VOCAB))
+    return RolloutBatch(
+        samples=list(samples),
+        completions=list(completions),
+        group=torch.arange(len(samples)) // 2,
+        completion_ids=ids,
+        completion_mask=mask,
+        prompt_inputs=pi,
+        backbone=bb,
+        vocab=list(VOCAB),
+    )
 
 
 def test_layout_and_patches(bb, image):
@@ -97,19 +141,23 @@ def test_layout_and_patches(bb, image):
     assert patch_mask([[0.0, 0.0, 1.0, 1.0]], 4, 4).all()
     b = make_batch(bb, [_sample(image)], [GOOD])
     ids = b.prompt_inputs["input_ids"]
-    (pos, gh, gw), = image_grids(bb, ids, b.samples)[0]
+    ((pos, gh, gw),) = image_grids(bb, ids, b.samples)[0]
     assert (gh, gw) == (4, 4) and pos.numel() == 16 and (ids[0, pos] == bb.model.config.image_token_index).all()
     assert (pos.diff() == 1).all()  # one contiguous run
+
     # Qwen2-VL style: grid from image_grid_thw with spatial merge 2 -> (8/2) x (4/2) tokens
     class Cfg:
         image_token_id = 7
+
         class vision_config:
             spatial_merge_size = 2
+
     class M(torch.nn.Module):
         config = Cfg
+
     q = Backbone(M(), None, get_box_format("qwen2vl"), "q")
     row = torch.tensor([[1, 2] + [7] * 8 + [3]])
-    (pos, gh, gw), = image_grids(q, row, [_sample(image)], torch.tensor([[1, 8, 4]]))[0]
+    ((pos, gh, gw),) = image_grids(q, row, [_sample(image)], torch.tensor([[1, 8, 4]]))[0]
     assert (gh, gw) == (4, 2) and pos.tolist() == list(range(2, 10))
 
 
@@ -119,7 +167,9 @@ def test_finding_tokens(bb):
     hit = finding_token_mask(tok, ids, finding_pattern(VOCAB))
     named = tok.decode([i for i, h in zip(ids, hit) if h])
     assert "nodule" in named and "Mass" in named and "Region" not in named and "and" not in named
-    assert not any(finding_token_mask(tok, tok("massive cystic", add_special_tokens=False)["input_ids"], finding_pattern(VOCAB)))
+    assert not any(
+        finding_token_mask(tok, tok("massive cystic", add_special_tokens=False)["input_ids"], finding_pattern(VOCAB))
+    )
 
 
 def test_shape_nan_zero_and_restore(bb, image):
@@ -128,7 +178,11 @@ def test_shape_nan_zero_and_restore(bb, image):
     b = make_batch(bb, [s, s, normal, closed, s, s], texts)
     before = (bb.model.config._attn_implementation, bb.model.config.text_config._attn_implementation)
     r = VisionRelevanceReward()(b)
-    assert (bb.model.config._attn_implementation, bb.model.config.text_config._attn_implementation) == before == ("sdpa", "sdpa")
+    assert (
+        (bb.model.config._attn_implementation, bb.model.config.text_config._attn_implementation)
+        == before
+        == ("sdpa", "sdpa")
+    )
     assert r.shape == (6,) and r.dtype == torch.float32
     assert 0.0 < r[0] < 1.0 and r[1] == 0.0 and math.isnan(r[2]) and math.isnan(r[3]) and r[5] == 0.0
     assert r[4] == r[0]  # same prompt, same completion
@@ -144,11 +198,16 @@ def _manual(bb, b, i, layers=None, heads=None, query="token"):
     m.set_attn_implementation("eager")
     try:
         pi = b.prompt_inputs
-        ids = torch.cat([pi["input_ids"][i:i + 1], b.completion_ids[i:i + 1]], 1)
-        am = torch.cat([pi["attention_mask"][i:i + 1], b.completion_mask[i:i + 1]], 1)
+        ids = torch.cat([pi["input_ids"][i : i + 1], b.completion_ids[i : i + 1]], 1)
+        am = torch.cat([pi["attention_mask"][i : i + 1], b.completion_mask[i : i + 1]], 1)
         with torch.no_grad():
-            out = m(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp_min(0),
-                    pixel_values=pi["pixel_values"][i:i + 1], output_attentions=True)
+            out = m(
+                input_ids=ids,
+                attention_mask=am,
+                position_ids=(am.cumsum(-1) - 1).clamp_min(0),
+                pixel_values=pi["pixel_values"][i : i + 1],
+                output_attentions=True,
+            )
     finally:
         m.set_attn_implementation("sdpa")
     p = pi["input_ids"].shape[1]
@@ -161,7 +220,7 @@ def _manual(bb, b, i, layers=None, heads=None, query="token"):
     qs = []
     for k in range(len(comp)):
         a = len(tok.decode(comp[:k], skip_special_tokens=True))
-        z = len(tok.decode(comp[:k + 1], skip_special_tokens=True))
+        z = len(tok.decode(comp[: k + 1], skip_special_tokens=True))
         if a < word + len("nodule") and word < z:
             qs.append(p + k - (0 if query == "token" else 1))
     att = torch.stack(out.attentions)[:, 0]  # [layers, heads, L, L]
@@ -187,8 +246,10 @@ def test_handmade_attentions_give_known_mass(bb, image, monkeypatch):
     img = (b.prompt_inputs["input_ids"][0] == bb.model.config.image_token_index).nonzero().flatten()
     inside, outside = img[BOX_PATCHES], img[[0, 1, 2, 3]]
     tok = bb.tokenizer
-    hits = [finding_token_mask(tok, b.completion_ids[i][b.completion_mask[i].bool()].tolist(), finding_pattern(VOCAB))
-            for i in range(2)]
+    hits = [
+        finding_token_mask(tok, b.completion_ids[i][b.completion_mask[i].bool()].tolist(), finding_pattern(VOCAB))
+        for i in range(2)
+    ]
     assert all(any(h) for h in hits)
     real_forward = bb.model.forward
     per_layer = [0.2, 0.6]  # mass inside the box on finding-token queries, per layer (mean 0.4)
@@ -197,7 +258,7 @@ def test_handmade_attentions_give_known_mass(bb, image, monkeypatch):
         out = real_forward(*args, **kw)
         n, L = kw["input_ids"].shape
         atts = []
-        for lay, frac in enumerate(per_layer):
+        for frac in per_layer:
             a = torch.zeros(n, 2, L, L)
             a[:, :, :, outside] = 0.9 / len(outside)  # non-finding queries: 0.1 inside
             a[:, :, :, inside] = 0.1 / len(inside)
@@ -228,11 +289,27 @@ def test_forward_shared_between_heads(bb, image):
     calls = []
     h = bb.model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        comp = build_composite({
-            "vr": {"_target_": "unveil.rewards.vision_relevance.VisionRelevanceReward", "weight": 1.0, "norm": "max"},
-            "vr_last": {"_target_": "unveil.rewards.vision_relevance.VisionRelevanceReward", "weight": 1.0, "layers": [-1]},
-            "cf": {"_target_": "unveil.rewards.vision_relevance.VisionCounterfactualReward", "weight": 1.0, "norm": "zscore"},
-        }, backbone=bb, vocab=VOCAB)
+        comp = build_composite(
+            {
+                "vr": {
+                    "_target_": "unveil.rewards.vision_relevance.VisionRelevanceReward",
+                    "weight": 1.0,
+                    "norm": "max",
+                },
+                "vr_last": {
+                    "_target_": "unveil.rewards.vision_relevance.VisionRelevanceReward",
+                    "weight": 1.0,
+                    "layers": [-1],
+                },
+                "cf": {
+                    "_target_": "unveil.rewards.vision_relevance.VisionCounterfactualReward",
+                    "weight": 1.0,
+                    "norm": "zscore",
+                },
+            },
+            backbone=bb,
+            vocab=VOCAB,
+        )
         s = _sample(image)
         out = comp(make_batch(bb, [s, s, s, s], [GOOD, "Region [50, 50, 100, 100]: nodule.", "mass", ""]))
     finally:
@@ -251,18 +328,24 @@ def test_counterfactual(bb, image):
     pv = b.prompt_inputs["pixel_values"]
     masked = pv.clone()
     masked[:, :, 16:32, 16:32] = 0.0
-    assert torch.equal(mask_pixel_values(pv, b.samples, torch.zeros(3)), torch.where(
-        torch.tensor([1.0, 1.0, 0.0])[:, None, None, None].bool(), masked, pv))
+    assert torch.equal(
+        mask_pixel_values(pv, b.samples, torch.zeros(3)),
+        torch.where(torch.tensor([1.0, 1.0, 0.0])[:, None, None, None].bool(), masked, pv),
+    )
 
     def mean_logp(pixels, i):
         pi = b.prompt_inputs
-        ids = torch.cat([pi["input_ids"][i:i + 1], b.completion_ids[i:i + 1]], 1)
-        am = torch.cat([pi["attention_mask"][i:i + 1], b.completion_mask[i:i + 1]], 1)
+        ids = torch.cat([pi["input_ids"][i : i + 1], b.completion_ids[i : i + 1]], 1)
+        am = torch.cat([pi["attention_mask"][i : i + 1], b.completion_mask[i : i + 1]], 1)
         with torch.no_grad():
-            lg = bb.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp_min(0),
-                          pixel_values=pixels[i:i + 1]).logits
+            lg = bb.model(
+                input_ids=ids,
+                attention_mask=am,
+                position_ids=(am.cumsum(-1) - 1).clamp_min(0),
+                pixel_values=pixels[i : i + 1],
+            ).logits
         t = b.completion_ids.shape[1]
-        lp = torch.log_softmax(lg[0, -t - 1:-1].float(), -1).gather(-1, b.completion_ids[i][:, None]).squeeze(-1)
+        lp = torch.log_softmax(lg[0, -t - 1 : -1].float(), -1).gather(-1, b.completion_ids[i][:, None]).squeeze(-1)
         m = b.completion_mask[i].float()
         return float((lp * m).sum() / m.sum())
 
@@ -280,8 +363,13 @@ def test_no_model_inputs_gives_nan(bb, image):
 
 
 @settings(max_examples=8, deadline=None)
-@given(texts=st.lists(st.one_of(st.text(max_size=30), st.sampled_from([GOOD, "nodule " * 30, "é中😀 mass", "[0, 0, 100, 100]"])),
-                      min_size=2, max_size=2))
+@given(
+    texts=st.lists(
+        st.one_of(st.text(max_size=30), st.sampled_from([GOOD, "nodule " * 30, "é中😀 mass", "[0, 0, 100, 100]"])),
+        min_size=2,
+        max_size=2,
+    )
+)
 def test_any_text_vision(bb, image, texts):
     """Texts re-tokenised by the head (no generated ids on the batch): finite in range, never raises."""
     s = _sample(image)
@@ -297,10 +385,18 @@ def test_two_images_box_in_the_second(bb, image):
     """Multi-image prompts: the box of image 1 marks the second run of image tokens and masks the second image."""
     from unveil.rewards.vision_relevance import box_key_weights
 
-    s = Sample("m", images=[image, image], messages=[
-        {"role": "user", "content": "<image>\n<image>\nCompare the two CT images."},
-        {"role": "assistant", "content": "Region [50, 50, 100, 100]: nodule."}],
-        boxes=[BOX], box_images=[1], findings=["nodule"], task="localize")
+    s = Sample(
+        "m",
+        images=[image, image],
+        messages=[
+            {"role": "user", "content": "<image>\n<image>\nCompare the two CT images."},
+            {"role": "assistant", "content": "Region [50, 50, 100, 100]: nodule."},
+        ],
+        boxes=[BOX],
+        box_images=[1],
+        findings=["nodule"],
+        task="localize",
+    )
     b = make_batch(bb, [s, s], [GOOD, "mass"])
     ids = b.prompt_inputs["input_ids"]
     img = (ids[0] == bb.model.config.image_token_index).nonzero().flatten()

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import compose, load_experiment
+
 from unveil.data.boxes import IntGridFormat
 from unveil.data.schema import Sample
 
@@ -14,10 +14,17 @@ def hr():
 
 
 def test_study_iou_hand_computed(hr):
-    s = Sample(id="x", task="localize", messages=[{"role": "user", "content": "q"}], boxes=[[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.8, 0.8]],
-               findings=["mass", "cyst"])
+    s = Sample(
+        id="x",
+        task="localize",
+        messages=[{"role": "user", "content": "q"}],
+        boxes=[[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.8, 0.8]],
+        findings=["mass", "cyst"],
+    )
     f, v = IntGridFormat(100), ["mass", "cyst"]
-    assert hr.study_iou("Abnormality detected. Region [10, 10, 30, 30]: mass. Region [60, 60, 80, 80]: cyst.", s, f, v) == pytest.approx(1)
+    assert hr.study_iou(
+        "Abnormality detected. Region [10, 10, 30, 30]: mass. Region [60, 60, 80, 80]: cyst.", s, f, v
+    ) == pytest.approx(1)
     # one of two found, the other missed: the mean over GT boxes
     assert hr.study_iou("Abnormality detected. Region [60, 60, 80, 80]: cyst.", s, f, v) == pytest.approx(0.5)
     assert hr.study_iou("garbled [[", s, f, v) == 0.0

@@ -26,7 +26,9 @@ T = torch.tensor
 
 
 def close(a, b, tol=1e-5):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=0)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=0
+    )
 
 
 # --- advantages -------------------------------------------------------------------------------
@@ -67,7 +69,8 @@ def test_clipped_surrogate_hand_values_and_clip_mask():
     logps = torch.log(ratios).requires_grad_(True)
     old = torch.zeros_like(logps)
     loss, ratio, clipped = clipped_surrogate(logps, old, adv, eps_low=0.2)
-    # min(rho A, clip(rho) A): (1.5,+1) -> 1.2 clipped; (0.5,+1) -> 0.5; (0.5,-1) -> -0.8 clipped; (1.5,-1) -> -1.5; (1,2) -> 2
+    # min(rho A, clip(rho) A): (1.5,+1) -> 1.2 clipped; (0.5,+1) -> 0.5; (0.5,-1) -> -0.8 clipped;
+    # (1.5,-1) -> -1.5; (1,2) -> 2
     assert close(loss, [[-1.2, -0.5, 0.8, 1.5, -2.0]])
     assert close(ratio, ratios)
     assert clipped.tolist() == [[True, False, True, False, False]]
@@ -191,8 +194,9 @@ def test_ppo_loss_total_and_metrics():
     adv = T([[1.0, -2.0]])
     v, old_v, ret = T([[0.5, 0.5]]), T([[0.0, 0.0]]), T([[1.0, 3.0]])
     ent = T([[2.0, 4.0]])
-    loss, m = ppo_loss(logps, old, adv, mask, v, old_v, ret, entropy=ent, clip_eps=0.2, value_clip=0.2,
-                       vf_coef=0.5, ent_coef=0.01)
+    loss, m = ppo_loss(
+        logps, old, adv, mask, v, old_v, ret, entropy=ent, clip_eps=0.2, value_clip=0.2, vf_coef=0.5, ent_coef=0.01
+    )
     pg = (-1.2 + 2.0) / 2  # token 0 clipped at 1.2; token 1: -(-2 * 1)
     vf = 0.5 * ((0.2 - 1) ** 2 + (0.2 - 3) ** 2) / 2  # V = 0.5 clipped to 0.2 around V_old = 0: larger errors
     assert close(m["policy_loss"], pg) and close(m["value_loss"], vf)

@@ -25,8 +25,6 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The debug-size synthetic data and a factory for the tiny LLaVA (random init, or LoRA)."""
@@ -72,7 +70,9 @@ def mixed_batch(module, dm, n=4):
 
 
 # --- configs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage,target", [("grpo", "unveil.stages.grpo.GRPOModule"), ("ppo", "unveil.stages.ppo.PPOModule")])
+@pytest.mark.parametrize(
+    "stage,target", [("grpo", "unveil.stages.grpo.GRPOModule"), ("ppo", "unveil.stages.ppo.PPOModule")]
+)
 def test_stage_configs_compose(stage, target):
     cfg = compose(["debug=fast", f"stage={stage}", "reward=umed", "trainer.gradient_clip_val=0.7"])
     assert cfg.stage._target_ == target
@@ -129,7 +129,9 @@ def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
     assert [s.id for s in ro.samples] == [s.id for s in batch["samples"] for _ in range(G)]
     assert ro.inputs["pixel_values"].shape[0] == 4 * G
     assert torch.equal(ro.inputs["input_ids"][G], batch["input_ids"][1])  # prompt 1, first completion
-    assert set(image_id for image_id in bb.image_token_ids).isdisjoint(ro.completion_ids[ro.completion_mask.bool()].tolist())
+    assert set(image_id for image_id in bb.image_token_ids).isdisjoint(
+        ro.completion_ids[ro.completion_mask.bool()].tolist()
+    )
 
     lp = completion_logprobs(bb.model, ro, with_entropy=True)
     assert lp.logps.shape == ro.completion_ids.shape
@@ -144,23 +146,37 @@ def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
             keep = ro.inputs["attention_mask"][i].bool()
             n = int(ro.completion_mask[i].sum())
             ids = torch.cat([ro.inputs["input_ids"][i][keep], ro.completion_ids[i, :n]]).unsqueeze(0)
-            logits = bb.model(input_ids=ids, pixel_values=ro.inputs["pixel_values"][i:i + 1]).logits[0]
-            ref = torch.log_softmax(logits[-n - 1:-1].float(), -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
+            logits = bb.model(input_ids=ids, pixel_values=ro.inputs["pixel_values"][i : i + 1]).logits[0]
+            ref = torch.log_softmax(logits[-n - 1 : -1].float(), -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
             assert torch.allclose(lp.logps[i, :n], ref, atol=1e-4), i
 
     # and they are the log-probs of the distribution generate() sampled from
     model = bb.model
     with torch.no_grad():
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], do_sample=True, max_new_tokens=6, min_new_tokens=6,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=bb.tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            do_sample=True,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=bb.tokenizer.pad_token_id,
+        )
     gen_lp = torch.stack([torch.log_softmax(l.float(), -1) for l in out.logits], 1)
-    comp = out.sequences[:, batch["input_ids"].shape[1]:]
+    comp = out.sequences[:, batch["input_ids"].shape[1] :]
     gen_lp = gen_lp.gather(-1, comp[..., None]).squeeze(-1)
     from unveil.stages.rollout import Rollout
 
-    ro2 = Rollout(inputs={k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, completion_ids=comp,
-                  completion_mask=torch.ones_like(comp), texts=[""] * 4, samples=batch["samples"], group=torch.arange(4))
+    ro2 = Rollout(
+        inputs={k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+        completion_ids=comp,
+        completion_mask=torch.ones_like(comp),
+        texts=[""] * 4,
+        samples=batch["samples"],
+        group=torch.arange(4),
+    )
     assert torch.allclose(completion_logprobs(model, ro2).logps, gen_lp, atol=1e-4)
 
 
@@ -190,7 +206,7 @@ def test_concat_rollouts_repads_and_keeps_logprobs(tiny):
     for part, rows in ((a, slice(0, 4)), (b, slice(4, 7))):
         own = completion_logprobs(bb.model, part).logps
         assert torch.allclose(joined[rows, : own.shape[1]], own, atol=1e-4)
-        assert (joined[rows, own.shape[1]:] == 0).all()  # right padding of the shorter completions
+        assert (joined[rows, own.shape[1] :] == 0).all()  # right padding of the shorter completions
 
 
 def test_position_ids_follow_left_padding():
@@ -256,16 +272,39 @@ def run_train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
     from unveil.train import train
 
     out = tmp_path / "run"
-    cfg = compose(["debug=fast", "reward=umed", f"paths.output_dir={out}", "data.batch_size=2",
-                   "data.train_tasks=[localize,vqa_closed]", "data.max_samples.val=2", "data.max_samples.test=4",
-                   "stage.num_generations=3", "stage.max_new_tokens=12", "stage.log_completions_every=1",
-                   "trainer.val_check_interval=2", "eval.max_new_tokens=8", *overrides])
+    cfg = compose(
+        [
+            "debug=fast",
+            "reward=umed",
+            f"paths.output_dir={out}",
+            "data.batch_size=2",
+            "data.train_tasks=[localize,vqa_closed]",
+            "data.max_samples.val=2",
+            "data.max_samples.test=4",
+            "stage.num_generations=3",
+            "stage.max_new_tokens=12",
+            "stage.log_completions_every=1",
+            "trainer.val_check_interval=2",
+            "eval.max_new_tokens=8",
+            *overrides,
+        ]
+    )
     return train(cfg), out
 
 
 def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
-    for k in ("reward/total/mean", "reward/localization/mean", "reward/relevance/mean", "train/kl", "train/clip_frac",
-              "train/entropy", "train/completion_len", "train/loss", "val/loss", "val/reward/total/mean"):
+    for k in (
+        "reward/total/mean",
+        "reward/localization/mean",
+        "reward/relevance/mean",
+        "train/kl",
+        "train/clip_frac",
+        "train/entropy",
+        "train/completion_len",
+        "train/loss",
+        "val/loss",
+        "val/reward/total/mean",
+    ):
         assert k in metrics and metrics[k] == metrics[k], k
     assert 0 < metrics["train/completion_len"] <= 12
     assert 0 < metrics["time/generate_s"] < metrics["time/step_s"]  # the step's time, split by where it goes
@@ -273,25 +312,43 @@ def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
     assert 0 <= metrics["reward/total/zero_spread_frac"] <= 1
     rows = [json.loads(l) for l in (out / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == steps * 2 * 3  # every rollout step: both prompts x 3 completions
-    assert {"prompt", "completion", "reference", "reward", "advantage", "reward/relevance", "reward/localization"} <= set(rows[0])
+    assert {
+        "prompt",
+        "completion",
+        "reference",
+        "reward",
+        "advantage",
+        "reward/relevance",
+        "reward/localization",
+    } <= set(rows[0])
     assert (out / "backbone" / "config.json").exists() and (out / "metrics.json").exists()
     return rows
 
 
 def test_grpo_steps_lora_dapo_with_inner_iterations(tiny, tmp_path):
     # 2 rollout steps x (num_iterations 2) = 4 optimiser steps; LoRA: the reference is the adapter off
-    metrics, out = run_train(tmp_path, "stage=grpo", "peft=lora", "stage.loss_type=dapo", "stage.num_iterations=2",
-                             "trainer.max_steps=4")
+    metrics, out = run_train(
+        tmp_path, "stage=grpo", "peft=lora", "stage.loss_type=dapo", "stage.num_iterations=2", "trainer.max_steps=4"
+    )
     rows = check_run(metrics, out, steps=2)
     assert "reward/vision_relevance/mean" in metrics or "reward/vision_relevance/applicable_frac" in metrics
     assert metrics["train/kl"] >= 0 and metrics["train/approx_kl"] >= 0
-    assert all(abs(sum(r["advantage"] for r in rows if r["rollout_step"] == s and r["group"] == g)) < 1e-3
-               for s in (0, 1) for g in (0, 1))  # group-relative: advantages sum to 0 per group
+    assert all(
+        abs(sum(r["advantage"] for r in rows if r["rollout_step"] == s and r["group"] == g)) < 1e-3
+        for s in (0, 1)
+        for g in (0, 1)
+    )  # group-relative: advantages sum to 0 per group
 
 
 def test_ppo_steps_value_head_saved(tiny, tmp_path):
-    metrics, out = run_train(tmp_path, "stage=ppo", "stage.ppo_epochs=1", "stage.num_minibatches=2",
-                             "trainer.max_steps=4", "stage.ent_coef=0.01")
+    metrics, out = run_train(
+        tmp_path,
+        "stage=ppo",
+        "stage.ppo_epochs=1",
+        "stage.num_minibatches=2",
+        "trainer.max_steps=4",
+        "stage.ent_coef=0.01",
+    )
     check_run(metrics, out, steps=2)
     for k in ("train/value_loss", "train/policy_loss", "train/value_mean", "train/return_mean"):
         assert k in metrics
@@ -308,9 +365,17 @@ def fit_batches(module, dm, n_batches: int, tmp_path):
 
     batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
     pl.seed_everything(0)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=n_batches, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, accelerator="cpu", enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=n_batches,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     dm.batch_size = batch_size
     return trainer
@@ -340,8 +405,16 @@ def test_grpo_filter_zero_spread(tiny, tmp_path, constant):
     bb = make()
     vocab = len(bb.tokenizer)
     reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids), constant)
-    module = GRPOModule(bb, reward, beta=0.0, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
-                        max_new_tokens=8, log_completions_every=0, filter_zero_spread=True)
+    module = GRPOModule(
+        bb,
+        reward,
+        beta=0.0,
+        optim={"lr": 1e-2, "scheduler": "constant"},
+        num_generations=4,
+        max_new_tokens=8,
+        log_completions_every=0,
+        filter_zero_spread=True,
+    )
     before = [p.detach().clone() for p in bb.model.parameters()]
     trainer = fit_batches(module, dm, 2, tmp_path)
     changed = any(not torch.equal(a, b) for a, b in zip(before, bb.model.parameters()))
@@ -369,11 +442,25 @@ def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
         bb = make()  # the same initial weights every time, as model.init_from gives
         init = copy.deepcopy(bb.model.state_dict())
         reward = TokenReward(set(range(len(bb.tokenizer) - 40, len(bb.tokenizer))) - set(bb.image_token_ids))
-        module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
-                            max_new_tokens=8, log_completions_every=0)
+        module = GRPOModule(
+            bb,
+            reward,
+            beta=0.04,
+            optim={"lr": 1e-2, "scheduler": "constant"},
+            num_generations=4,
+            max_new_tokens=8,
+            log_completions_every=0,
+        )
         saved_bs, dm.batch_size, dm.collate_fn = dm.batch_size, 2, module.collator
-        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, accelerator="cpu",
-                             enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            accelerator="cpu",
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=str(tmp_path),
+        )
         trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
         dm.batch_size = saved_bs
         return trainer, module, init
@@ -402,8 +489,17 @@ def test_grpo_fill_batch_holds_groups_until_a_batch_is_full(tiny, tmp_path, cons
     bb = make()
     vocab = len(bb.tokenizer)
     reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids), constant)
-    module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
-                        max_new_tokens=8, log_completions_every=0, fill_batch=True, max_fill_batches=3)
+    module = GRPOModule(
+        bb,
+        reward,
+        beta=0.04,
+        optim={"lr": 1e-2, "scheduler": "constant"},
+        num_generations=4,
+        max_new_tokens=8,
+        log_completions_every=0,
+        fill_batch=True,
+        max_fill_batches=3,
+    )
     sizes = []  # per rollout batch: completions updated on (None = no update)
     pick = module.groups_with_spread
 
@@ -436,8 +532,17 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
         bb = make()
         vocab = len(bb.tokenizer)
         reward = OddGroupReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids))
-        module = GRPOModule(bb, reward, beta=0.04, optim={"lr": 1e-2, "scheduler": "constant"}, num_generations=4,
-                            max_new_tokens=8, log_completions_every=0, fill_batch=True, max_fill_batches=3)
+        module = GRPOModule(
+            bb,
+            reward,
+            beta=0.04,
+            optim={"lr": 1e-2, "scheduler": "constant"},
+            num_generations=4,
+            max_new_tokens=8,
+            log_completions_every=0,
+            fill_batch=True,
+            max_fill_batches=3,
+        )
         sizes, pick = [], module.groups_with_spread
 
         def recording(ro, n_prompts):
@@ -448,9 +553,17 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
         module.groups_with_spread = recording
         saved, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
         pl.seed_everything(0)
-        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
-                             limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            accelerator="cpu",
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=str(tmp_path),
+        )
         trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
         dm.batch_size = saved
         return trainer, module, sizes
@@ -526,7 +639,11 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
     reward = TokenReward(set(range(vocab - 40, vocab)) - set(bb.image_token_ids))
     lr = {"grpo": 2e-2, "ppo": 1e-2}[algo]
     kw = dict(optim={"lr": lr, "scheduler": "constant"}, num_generations=8, max_new_tokens=16, log_completions_every=0)
-    module = GRPOModule(bb, reward, beta=0.0, **kw) if algo == "grpo" else PPOModule(bb, reward, kl_coef=0.0, ppo_epochs=1, **kw)
+    module = (
+        GRPOModule(bb, reward, beta=0.0, **kw)
+        if algo == "grpo"
+        else PPOModule(bb, reward, kl_coef=0.0, ppo_epochs=1, **kw)
+    )
     prompts = module.collator([s for s in dm.data["train"] if s.task == "localize"][:8])
 
     def mean_reward() -> float:
@@ -536,8 +653,16 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
     before = mean_reward()
     batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
     pl.seed_everything(0)
-    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     dm.batch_size = batch_size
     after = mean_reward()
@@ -567,11 +692,14 @@ def test_rollout_logprobs_other_families(tiny, model):
         for i in (0, 3, 5):
             alone = model_inputs(collate([ro.samples[i]]))
             n = int(ro.completion_mask[i].sum())
-            comp = ro.completion_ids[i:i + 1, :n]
-            full = dict(alone, input_ids=torch.cat([alone["input_ids"], comp], 1),
-                        attention_mask=torch.cat([alone["attention_mask"], torch.ones_like(comp)], 1))
+            comp = ro.completion_ids[i : i + 1, :n]
+            full = dict(
+                alone,
+                input_ids=torch.cat([alone["input_ids"], comp], 1),
+                attention_mask=torch.cat([alone["attention_mask"], torch.ones_like(comp)], 1),
+            )
             if "mm_token_type_ids" in alone:
                 full["mm_token_type_ids"] = torch.cat([alone["mm_token_type_ids"], torch.zeros_like(comp)], 1)
-            logits = bb.model(**full).logits[0, -n - 1:-1].float()
+            logits = bb.model(**full).logits[0, -n - 1 : -1].float()
             ref = torch.log_softmax(logits, -1).gather(-1, comp[0, :, None]).squeeze(-1)
             assert torch.allclose(lp[i, :n], ref, atol=1e-4), (model, i)

@@ -17,16 +17,44 @@ def _fake_run(d: Path, iou_scale: float = 1.0) -> Path:
     img = [str(d / "img.png")]
     preds = [
         # one GT box, found (IoU 0.8)
-        {"id": "a", "task": "localize", "modality": "ct", "images": img, "iou": 0.8 * iou_scale, "iou_strict": 0.8 * iou_scale,
-         "gt_boxes": [[0.25, 0.25, 0.5, 0.5]], "gt_findings": ["mass"], "pred_boxes": [[0.25, 0.25, 0.5, 0.5]], "pred_labels": ["mass"]},
+        {
+            "id": "a",
+            "task": "localize",
+            "modality": "ct",
+            "images": img,
+            "iou": 0.8 * iou_scale,
+            "iou_strict": 0.8 * iou_scale,
+            "gt_boxes": [[0.25, 0.25, 0.5, 0.5]],
+            "gt_findings": ["mass"],
+            "pred_boxes": [[0.25, 0.25, 0.5, 0.5]],
+            "pred_labels": ["mass"],
+        },
         # one GT box, answered with two: strict IoU halves
-        {"id": "b", "task": "localize", "modality": "ct", "images": img, "iou": 0.6, "iou_strict": 0.3,
-         "gt_boxes": [[0.1, 0.1, 0.2, 0.2]], "gt_findings": ["cyst"], "pred_boxes": [[0.1, 0.1, 0.2, 0.2], [0.6, 0.6, 0.7, 0.7]],
-         "pred_labels": ["cyst", "mass"]},
+        {
+            "id": "b",
+            "task": "localize",
+            "modality": "ct",
+            "images": img,
+            "iou": 0.6,
+            "iou_strict": 0.3,
+            "gt_boxes": [[0.1, 0.1, 0.2, 0.2]],
+            "gt_findings": ["cyst"],
+            "pred_boxes": [[0.1, 0.1, 0.2, 0.2], [0.6, 0.6, 0.7, 0.7]],
+            "pred_labels": ["cyst", "mass"],
+        },
         # two GT boxes, one predicted
-        {"id": "c", "task": "localize", "modality": "xray", "images": img, "iou": 0.4, "iou_strict": 0.4,
-         "gt_boxes": [[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]], "gt_findings": ["mass", "cyst"],
-         "pred_boxes": [[0.1, 0.1, 0.3, 0.3]], "pred_labels": ["mass"]},
+        {
+            "id": "c",
+            "task": "localize",
+            "modality": "xray",
+            "images": img,
+            "iou": 0.4,
+            "iou_strict": 0.4,
+            "gt_boxes": [[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]],
+            "gt_findings": ["mass", "cyst"],
+            "pred_boxes": [[0.1, 0.1, 0.3, 0.3]],
+            "pred_labels": ["mass"],
+        },
         # a normal study and a closed question: not localisation
         {"id": "d", "task": "localize", "modality": "xray", "images": img, "gt_boxes": [], "pred_boxes": []},
         {"id": "e", "task": "vqa_closed", "modality": "ct", "images": img, "correct": True},
@@ -34,8 +62,15 @@ def _fake_run(d: Path, iou_scale: float = 1.0) -> Path:
     for r in preds:  # as unveil.eval writes them
         r.update(prediction=" Abnormality detected.", reference="Abnormality detected. Region [10, 10, 20, 20]: cyst.")
     (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
-    metrics = {"test/iou": 0.6 * iou_scale, "test/acc50": 0.75, "test/modality/ct/iou": 0.7, "test/modality/xray/iou": 0.4,
-               "test/modality/ct/acc50": 1.0, "test/modality/xray/acc50": 0.5, "vision_warmup/val_pool_iou": 0.7}
+    metrics = {
+        "test/iou": 0.6 * iou_scale,
+        "test/acc50": 0.75,
+        "test/modality/ct/iou": 0.7,
+        "test/modality/xray/iou": 0.4,
+        "test/modality/ct/acc50": 1.0,
+        "test/modality/xray/acc50": 0.5,
+        "vision_warmup/val_pool_iou": 0.7,
+    }
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
 
@@ -80,7 +115,10 @@ def test_compare_runs(tmp_path):
     a, b = load_run(_fake_run(tmp_path / "a")), load_run(_fake_run(tmp_path / "b", iou_scale=0.5))
     rows = compare([a, b])
     assert [r["run"] for r in rows] == ["a", "b"]
-    nested = load_run(_fake_run(tmp_path / "sweep" / "ppo" / "seed0")), load_run(_fake_run(tmp_path / "sweep" / "grpo" / "seed0"))
+    nested = (
+        load_run(_fake_run(tmp_path / "sweep" / "ppo" / "seed0")),
+        load_run(_fake_run(tmp_path / "sweep" / "grpo" / "seed0")),
+    )
     assert [r["run"] for r in compare(list(nested))] == ["ppo/seed0", "grpo/seed0"]  # not "seed0" twice
     assert rows[0]["overall"] == 0.6 and rows[1]["overall"] == pytest.approx(0.3) and rows[1]["modality/xray"] == 0.4
 

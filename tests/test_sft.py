@@ -12,8 +12,14 @@ from unveil.eval import evaluate as ev
 def test_sft_loss_falls_and_run_outputs(make_cfg, tmp_path):
     from unveil.train import train
 
-    cfg = make_cfg("debug=fast", "trainer.max_steps=40", "trainer.val_check_interval=40", "stage.optim.warmup_steps=5",
-                   "data.batch_size=8", "data.synthetic.n_patients=40")
+    cfg = make_cfg(
+        "debug=fast",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "stage.optim.warmup_steps=5",
+        "data.batch_size=8",
+        "data.synthetic.n_patients=40",
+    )
     metrics = train(cfg)
     out = tmp_path / "run"
     rows = [l.split(",") for l in (out / "csv" / "metrics.csv").read_text().splitlines()]

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import CONF
+from omegaconf import OmegaConf
 
 from unveil.data.collate import PromptCollator
 from unveil.data.schema import Sample
 from unveil.models.vision_pretrain import slot_targets
 from unveil.rewards.vision_relevance import image_grids
 
-SMALL = {"image_size": 32, "vision_hidden": 32, "hidden": 64, "layers": 1, "heads": 2, "intermediate": 128, "vocab_size": 320}
+SMALL = {
+    "image_size": 32,
+    "vision_hidden": 32,
+    "hidden": 64,
+    "layers": 1,
+    "heads": 2,
+    "intermediate": 128,
+    "vocab_size": 320,
+}
 
 
 def _cfg(slots: int, **extra):
@@ -44,8 +51,14 @@ def test_processor_model_and_reward_agree_on_the_layout(corpus, tmp_path):
     bb = _build(corpus, tmp_path, slots=2)
     grid = 32 // 8
     abnormal = next(s for s in corpus[0] if s.boxes and s.task == "localize")
-    two = Sample("two", images=[abnormal.images[0]] * 2, messages=[
-        {"role": "user", "content": "<image>\n<image>\nCompare the two studies."}, {"role": "assistant", "content": "x"}])
+    two = Sample(
+        "two",
+        images=[abnormal.images[0]] * 2,
+        messages=[
+            {"role": "user", "content": "<image>\n<image>\nCompare the two studies."},
+            {"role": "assistant", "content": "x"},
+        ],
+    )
     batch = PromptCollator(bb)([abnormal, two])
     ids = batch["input_ids"]
     tid = bb.model.config.image_token_index
@@ -67,7 +80,9 @@ def test_processor_model_and_reward_agree_on_the_layout(corpus, tmp_path):
 def test_slot_targets_follow_reading_order():
     right, left, other = [0.6, 0.1, 0.9, 0.4], [0.1, 0.5, 0.3, 0.7], [0.0, 0.0, 0.2, 0.2]
     s2 = Sample("a", images=["x"], messages=[], boxes=[right, left], findings=["mass", "cyst"])
-    s1 = Sample("b", images=["x", "y"], messages=[], boxes=[other, right], findings=["mass", "mass"], box_images=[1, 0])
+    s1 = Sample(
+        "b", images=["x", "y"], messages=[], boxes=[other, right], findings=["mass", "mass"], box_images=[1, 0]
+    )
     normal = Sample("c", images=["x"], messages=[], boxes=[], findings=[])
     mask, boxes, present = slot_targets([s2, s1, normal], grid=4, slots=2)
     assert present.tolist() == [[True, True], [True, False], [False, False]]
@@ -114,6 +129,7 @@ def test_warmup_trains_every_slot(corpus, tmp_path):
     assert not torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
     assert 0.0 <= stats["vision_warmup/val_slot1_iou"] <= 1.0
     assert "vision_warmup/val_slot2_iou" in stats
-    plain = pretrain_vision_tower(_build(corpus, tmp_path, slots=0), train, steps=1, batch_size=8, progress=False,
-                                  val_samples=train)
+    plain = pretrain_vision_tower(
+        _build(corpus, tmp_path, slots=0), train, steps=1, batch_size=8, progress=False, val_samples=train
+    )
     assert not any(k.startswith("vision_warmup/val_slot") for k in plain)

@@ -44,7 +44,9 @@ def test_content_meets_the_spec(tmp_path):
 def test_splits_by_patient(tmp_path):
     d = generate(SyntheticConfig(n_patients=80, seed=0), tmp_path, progress=False)
     pats = {s: {json.loads(l)["patient_id"] for l in open(d / f"{s}.jsonl")} for s in ("train", "val", "test")}
-    assert not (pats["train"] & pats["test"]) and not (pats["train"] & pats["val"]) and not (pats["val"] & pats["test"])
+    assert (
+        not (pats["train"] & pats["test"]) and not (pats["train"] & pats["val"]) and not (pats["val"] & pats["test"])
+    )
     assert all(pats.values())
 
 
@@ -59,7 +61,7 @@ def test_boxes_cover_the_drawn_lesion(tmp_path):
         img, boxes, _ = generator.render_study(cfg, rng, modality, 1)
         diff = np.abs(img.astype(float) / 255 - np.clip(bg, 0, 1)).reshape(cfg.image_size, cfg.image_size, -1).max(-1)
         ys, xs = np.nonzero(diff > 0.2)
-        x1, y1, x2, y2 = (np.array(boxes[0]) * cfg.image_size)
+        x1, y1, x2, y2 = np.array(boxes[0]) * cfg.image_size
         inside = (xs >= x1 - 1) & (xs <= x2 + 1) & (ys >= y1 - 1) & (ys <= y2 + 1)
         assert inside.mean() > 0.97, modality
 
@@ -77,7 +79,6 @@ def test_refuses_to_overwrite_real_data(tmp_path):
     with pytest.raises(FileExistsError, match="did not write"):
         generate(SyntheticConfig(n_patients=4), tmp_path, progress=False)
     assert (tmp_path / "train.jsonl").read_text() == '{"id": "mine"}\n'
-
 
 
 def test_a_run_waits_for_a_set_another_run_is_writing(tmp_path):

@@ -24,7 +24,7 @@ def test_build_save_load_offline(make_cfg, tmp_path, synthetic_dir):
     patches = (cfg.model.spec.image_size // cfg.model.spec.patch_size) ** 2
     assert int((batch["input_ids"][0] == image_token).sum()) == patches + cfg.model.spec.slot_tokens
     bb.save(tmp_path / "saved")
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     mcfg = cfg.model.copy()
     with open_dict(mcfg):

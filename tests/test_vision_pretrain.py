@@ -3,7 +3,6 @@ beats the best constant box on held-out studies."""
 
 import numpy as np
 import pytest
-
 from conftest import CONF
 
 from unveil.data.boxes import iou_matrix
@@ -21,8 +20,11 @@ def test_warmup_pooled_box_beats_a_constant_box(tmp_path):
     d = generate(SyntheticConfig(n_patients=300, seed=5, closed_questions=False), tmp_path / "data", progress=False)
     train = mau_jsonl.read(d / "train.jsonl")
     held_out = mau_jsonl.read(d / "val.jsonl") + mau_jsonl.read(d / "test.jsonl")
-    bb = build_backbone(OmegaConf.load(CONF / "model" / "tiny_llava.yaml"),
-                        corpus=[m["content"] for s in train for m in s.messages], cache_dir=tmp_path / "cache")
+    bb = build_backbone(
+        OmegaConf.load(CONF / "model" / "tiny_llava.yaml"),
+        corpus=[m["content"] for s in train for m in s.messages],
+        cache_dir=tmp_path / "cache",
+    )
 
     def first(s):
         return min(s.boxes, key=lambda b: (b[0], b[1]))

@@ -9,7 +9,6 @@ Returns ``cfg.optimized_metric`` for sweepers.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -25,6 +24,7 @@ def build_stage(cfg: DictConfig, backbone, datamodule):
     kwargs = {"backbone": backbone}
     if cfg.stage.get("needs_rewards", False):
         from unveil.rewards import build_rewards
+
         kwargs["rewards"] = build_rewards(cfg.reward, backbone=backbone, vocab=datamodule.findings())
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     stage_cfg.pop("needs_rewards", None)
@@ -49,8 +49,9 @@ def resolve_ckpt_path(value, output_dir: Path) -> str | None:
     if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
         return str(path / "checkpoints" / "last.ckpt")
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={value}: not a checkpoint file, a run dir with checkpoints/last.ckpt, "
-                                "or 'last'")
+        raise FileNotFoundError(
+            f"ckpt_path={value}: not a checkpoint file, a run dir with checkpoints/last.ckpt, or 'last'"
+        )
     return str(path)
 
 
@@ -82,26 +83,40 @@ def train(cfg: DictConfig) -> dict:
     warmup_stats = {}
     built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
     fresh = not cfg.model.get("init_from") and not ckpt_path
-    if built_in_code and warmup.get("steps", 0) > 0 and ckpt_path and not cfg.model.get("init_from") \
-            and not str(cfg.stage.get("_target_", "")).endswith("SFTModule"):
+    if (
+        built_in_code
+        and warmup.get("steps", 0) > 0
+        and ckpt_path
+        and not cfg.model.get("init_from")
+        and not str(cfg.stage.get("_target_", "")).endswith("SFTModule")
+    ):
         # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
-        log.warning("resuming %s without model.init_from: the first run warmed the vision tower up before "
-                    "taking its reference model, the resumed run does not, so its reference differs. Start "
-                    "RL/DPO from model.init_from=<SFT run>, which a resume reloads.", cfg.stage.get("_target_"))
+        log.warning(
+            "resuming %s without model.init_from: the first run warmed the vision tower up before "
+            "taking its reference model, the resumed run does not, so its reference differs. Start "
+            "RL/DPO from model.init_from=<SFT run>, which a resume reloads.",
+            cfg.stage.get("_target_"),
+        )
     if built_in_code and warmup.get("steps", 0) > 0 and fresh:
         # a model built in code has no pretrained vision encoder: warm its tower up first
         from unveil.models.vision_pretrain import pretrain_vision_tower
+
         if any(s.task == "localize" and s.images for s in dm.data["train"]):
-            warmup_stats = pretrain_vision_tower(backbone, dm.data["train"], seed=cfg.seed,
-                                                 val_samples=dm.data.get("val"), **warmup)
+            warmup_stats = pretrain_vision_tower(
+                backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"), **warmup
+            )
         else:
-            log.warning("model.vision_pretrain skipped: the training split has no 'localize' records to learn "
-                        "lesion features from, so the tower starts untrained")
+            log.warning(
+                "model.vision_pretrain skipped: the training split has no 'localize' records to learn "
+                "lesion features from, so the tower starts untrained"
+            )
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
 
     # a resume into this run dir logs on to the same wandb run
-    loggers = [hydra.utils.instantiate(c, **resume_kwargs(c, bool(ckpt_path))) for c in (cfg.get("logger") or {}).values()]
+    loggers = [
+        hydra.utils.instantiate(c, **resume_kwargs(c, bool(ckpt_path))) for c in (cfg.get("logger") or {}).values()
+    ]
     history = CSVHistory(loggers, resuming=bool(ckpt_path))  # a resume into this dir keeps its earlier curves
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
@@ -124,11 +139,22 @@ def train(cfg: DictConfig) -> dict:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:
             split = cfg.eval.split
-            metrics.update(evaluate(backbone, dm.data[split], out, prefix="test", batch_size=cfg.eval.batch_size,
-                                    max_new_tokens=cfg.eval.max_new_tokens, vocab=dm.findings(),
-                                    coord_decoding=cfg.eval.get("coord_decoding", "argmax")))
+            metrics.update(
+                evaluate(
+                    backbone,
+                    dm.data[split],
+                    out,
+                    prefix="test",
+                    batch_size=cfg.eval.batch_size,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    vocab=dm.findings(),
+                    coord_decoding=cfg.eval.get("coord_decoding", "argmax"),
+                )
+            )
             for lg in loggers:
-                lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=trainer.global_step)
+                lg.log_metrics(
+                    {k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=trainer.global_step
+                )
             print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
         write_metrics(out / "metrics.json", metrics)
     return metrics

@@ -52,8 +52,15 @@ def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
         if not files:
             raise FileNotFoundError(f"input_images={src}: no images found")
         root = src if src.is_dir() else src.parent
-        samples = [Sample(id=f.relative_to(root).with_suffix("").as_posix().replace("/", "_"), images=[str(f.resolve())],
-                          messages=[{"role": "user", "content": "<image>\n"}], meta={"source": "images"}) for f in files]
+        samples = [
+            Sample(
+                id=f.relative_to(root).with_suffix("").as_posix().replace("/", "_"),
+                images=[str(f.resolve())],
+                messages=[{"role": "user", "content": "<image>\n"}],
+                meta={"source": "images"},
+            )
+            for f in files
+        ]
         n = _limit(cfg.get("max_samples"), "train")
         return root.resolve(), {"train": samples[:n] if n else samples}
 
@@ -74,8 +81,13 @@ def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
         if not path.exists():
             log.warning("input split %s: %s not found, skipped", split, path)
             continue
-        samples = adapters.read(data.format, path, root=root, on_bad_record=data.get("on_bad_record", "raise"),
-                                check_images=bool(data.get("check_images", True)))
+        samples = adapters.read(
+            data.format,
+            path,
+            root=root,
+            on_bad_record=data.get("on_bad_record", "raise"),
+            check_images=bool(data.get("check_images", True)),
+        )
         if collect.last_skipped:
             log.warning("input split %s: %d bad record(s) skipped", split, collect.last_skipped)
         if tasks is not None:
@@ -83,7 +95,9 @@ def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
         n = _limit(cfg.get("max_samples"), split)
         out[split] = samples[:n] if n else samples
     if not out:
-        raise FileNotFoundError(f"no input splits found under {root} (data.splits={OmegaConf.to_container(data.splits)})")
+        raise FileNotFoundError(
+            f"no input splits found under {root} (data.splits={OmegaConf.to_container(data.splits)})"
+        )
     return root.resolve(), out
 
 
@@ -111,9 +125,15 @@ def format_summary(summary: dict) -> str:
     lines = [f"unveil.curate builder={summary['builder']} -> {summary['out_dir']}"]
     for split, c in summary["splits"].items():
         skipped = {k.split("/", 1)[1]: v for k, v in c.items() if k.startswith("skipped/")}
-        extra = {k: v for k, v in c.items() if k not in ("read", "written", "weight_mean", "mode") and not k.startswith("skipped/")}
-        line = f"  {split:<6} {c.get('mode', 'built'):<11} read {c.get('read', 0):>6}  written {c.get('written', 0):>6}  " \
-               f"skipped {sum(skipped.values()):>6}"
+        extra = {
+            k: v
+            for k, v in c.items()
+            if k not in ("read", "written", "weight_mean", "mode") and not k.startswith("skipped/")
+        }
+        line = (
+            f"  {split:<6} {c.get('mode', 'built'):<11} read {c.get('read', 0):>6}  written {c.get('written', 0):>6}  "
+            f"skipped {sum(skipped.values()):>6}"
+        )
         if "weight_mean" in c:
             line += f"  mean weight {c['weight_mean']:.3f}"
         lines.append(line)
@@ -142,14 +162,28 @@ def curate(cfg: DictConfig) -> dict:
     images = ImageStore(out, root, mode=cfg.get("images", "link"))
     findings = sorted({f for ss in splits.values() for s in ss for f in s.findings})
     corpus_split = "train" if "train" in splits else next(iter(splits))
-    ctx = Context(out_dir=out, images=images, seed=int(cfg.seed), input_root=root, findings=findings,
-                  corpus=[m["content"] for s in splits[corpus_split] for m in s.messages],
-                  model_cfg=cfg.get("model"), cache_dir=str(cfg.paths.cache_dir), device=str(cfg.get("device", "auto")))
+    ctx = Context(
+        out_dir=out,
+        images=images,
+        seed=int(cfg.seed),
+        input_root=root,
+        findings=findings,
+        corpus=[m["content"] for s in splits[corpus_split] for m in s.messages],
+        model_cfg=cfg.get("model"),
+        cache_dir=str(cfg.paths.cache_dir),
+        device=str(cfg.get("device", "auto")),
+    )
     build = [s for s in cfg.build_splits if s in splits]
     if not build:
         raise ValueError(f"build_splits={list(cfg.build_splits)} matches none of the input splits {list(splits)}")
-    summary = {"builder": builder.name, "out_dir": str(out), "input_root": str(root), "seed": int(cfg.seed),
-               "builder_config": scrub(OmegaConf.to_container(cfg.builder, resolve=True)), "splits": {}}
+    summary = {
+        "builder": builder.name,
+        "out_dir": str(out),
+        "input_root": str(root),
+        "seed": int(cfg.seed),
+        "builder_config": scrub(OmegaConf.to_container(cfg.builder, resolve=True)),
+        "splits": {},
+    }
     for split, samples in splits.items():
         if split not in build and not cfg.passthrough:
             continue

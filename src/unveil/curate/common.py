@@ -17,9 +17,10 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from unveil.data.boxes import IntGridFormat
 from unveil.data.schema import Rejected, Sample
@@ -28,8 +29,21 @@ log = logging.getLogger(__name__)
 
 CANON = IntGridFormat(100)  # box text in record files is on the 0-100 grid
 # Fields the MAU adapter reads itself; anything else in a record goes to Sample.meta.
-_MAU_KNOWN = {"id", "image", "images", "query", "answer", "boxes", "box_units", "box_image", "findings", "task",
-              "short_answer", "rejected", "weight"}
+_MAU_KNOWN = {
+    "id",
+    "image",
+    "images",
+    "query",
+    "answer",
+    "boxes",
+    "box_units",
+    "box_image",
+    "findings",
+    "task",
+    "short_answer",
+    "rejected",
+    "weight",
+}
 _META_DROP = {"image_sizes"}  # recomputed by the adapter on read
 
 
@@ -136,8 +150,10 @@ class Context:
             if self.model_cfg is None:
                 raise ValueError("this builder needs a model: pass a `model` config")
             if self.model_cfg.get("kind") == "tiny_llava" and not self.model_cfg.get("init_from"):
-                log.warning("sampling from an untrained tiny model (model.init_from is unset): "
-                            "answers will be noise; use model.init_from=<SFT run> for real data")
+                log.warning(
+                    "sampling from an untrained tiny model (model.init_from is unset): "
+                    "answers will be noise; use model.init_from=<SFT run> for real data"
+                )
             bb = build_backbone(self.model_cfg, peft=None, corpus=self.corpus, cache_dir=self.cache_dir)
             bb.model.to(self.device).eval()
             self._backbone = bb
@@ -197,11 +213,19 @@ def _json_safe(v):
 
 def to_record(s: Sample, images: ImageStore) -> dict:
     """A Sample as one MAU JSONL record (image paths relative to the output directory)."""
-    rec: dict[str, Any] = {"id": s.id, "images": [images.rel(p) for p in s.images],
-                           "query": user_query(s), "answer": s.target}
+    rec: dict[str, Any] = {
+        "id": s.id,
+        "images": [images.rel(p) for p in s.images],
+        "query": user_query(s),
+        "answer": s.target,
+    }
     if s.boxes:
-        rec.update(boxes=[[float(v) for v in b] for b in s.boxes], box_units="normalized",
-                   box_image=list(s.box_images), findings=list(s.findings))
+        rec.update(
+            boxes=[[float(v) for v in b] for b in s.boxes],
+            box_units="normalized",
+            box_image=list(s.box_images),
+            findings=list(s.findings),
+        )
     rec["task"] = s.task
     if s.answer is not None:
         rec["short_answer"] = s.answer
@@ -219,20 +243,35 @@ def to_record(s: Sample, images: ImageStore) -> dict:
     return rec
 
 
-def with_rejected(s: Sample, *, answer: str | None = None, images: list[str] | None = None, suffix: str = "",
-                  weight: float | None = None, **meta) -> Sample:
+def with_rejected(
+    s: Sample,
+    *,
+    answer: str | None = None,
+    images: list[str] | None = None,
+    suffix: str = "",
+    weight: float | None = None,
+    **meta,
+) -> Sample:
     """A copy of a sample with a dispreferred side (answer text and/or images) and extra meta."""
     prompt = s.prompt_messages
     rj_msgs = [*prompt, {"role": "assistant", "content": s.target if answer is None else answer}]
     return Sample(
-        id=s.id + suffix, images=list(s.images), messages=[dict(m) for m in s.messages], boxes=[list(b) for b in s.boxes],
-        box_images=list(s.box_images), findings=list(s.findings), task=s.task, answer=s.answer,
-        rejected=Rejected(messages=rj_msgs, images=images), weight=s.weight if weight is None else float(weight),
+        id=s.id + suffix,
+        images=list(s.images),
+        messages=[dict(m) for m in s.messages],
+        boxes=[list(b) for b in s.boxes],
+        box_images=list(s.box_images),
+        findings=list(s.findings),
+        task=s.task,
+        answer=s.answer,
+        rejected=Rejected(messages=rj_msgs, images=images),
+        weight=s.weight if weight is None else float(weight),
         meta={**s.meta, **meta},
     )
 
 
 # --- box text in model output -> the canonical 0-100 grid of record files -------------------
+
 
 def to_canonical(text: str, box_format, image_size=None) -> str:
     """Rewrite a backbone's box text (e.g. Qwen2-VL tokens) into ``[x1, y1, x2, y2]`` on 0-100."""
@@ -243,7 +282,7 @@ def to_canonical(text: str, box_format, image_size=None) -> str:
         return text
     out, last = [], 0
     for p in spans:
-        out.append(text[last:p.start])
+        out.append(text[last : p.start])
         out.append(CANON.format_box(p.box))
         last = p.end
     out.append(text[last:])

@@ -27,12 +27,22 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from unveil.curate.common import (CANON, BaseBuilder, Context, Outcome, clean_text, make_judge, rng_for, to_canonical,
-                                  user_query, with_rejected)
+from unveil.curate.common import (
+    CANON,
+    BaseBuilder,
+    Context,
+    Outcome,
+    clean_text,
+    make_judge,
+    rng_for,
+    to_canonical,
+    user_query,
+    with_rejected,
+)
 from unveil.data.boxes import iou_matrix
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
 
@@ -40,14 +50,18 @@ log = logging.getLogger(__name__)
 
 RULES = ("wrong_finding", "mirror", "wrong_box", "negation")
 NORMAL_ANSWER = "No abnormality detected. The study appears normal."
-_NORMAL = re.compile(r"\b(no (abnormalit\w*|acute|significant|evidence|lesions?|findings?)|normal|unremarkable|"
-                     r"within normal limits|negative)\b", re.I)
+_NORMAL = re.compile(
+    r"\b(no (abnormalit\w*|acute|significant|evidence|lesions?|findings?)|normal|unremarkable|"
+    r"within normal limits|negative)\b",
+    re.I,
+)
 _YESNO = re.compile(r"^\s*(yes|no)\b(.*)$", re.I | re.S)
 _SIDES = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
 _SIDE_RE = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
 
 
 # --- the rules: (reference text, context) -> wrong text, or None when the rule does not apply ---
+
 
 def is_normal(text: str) -> bool:
     """Does an answer state a normal study (or answer 'no')?"""
@@ -67,7 +81,9 @@ def _random_box(rng: np.random.Generator, avoid: list | None = None, max_iou: fl
     return b
 
 
-def negation(text: str, rng: np.random.Generator, vocab: list[str], max_iou: float = 0.5, normal_answer: str = NORMAL_ANSWER) -> str | None:
+def negation(
+    text: str, rng: np.random.Generator, vocab: list[str], max_iou: float = 0.5, normal_answer: str = NORMAL_ANSWER
+) -> str | None:
     m = _YESNO.match(text)
     if m and len(text.split()) <= 3:  # closed answer: yes <-> no, keeping case and punctuation
         word = m.group(1)
@@ -102,7 +118,7 @@ def wrong_finding(text: str, rng: np.random.Generator, vocab: list[str], **_) ->
 def _replace_boxes(text: str, spans, boxes) -> str:
     out, last = [], 0
     for p, b in zip(spans, boxes):
-        out += [text[last:p.start], CANON.format_box(b)]
+        out += [text[last : p.start], CANON.format_box(b)]
         last = p.end
     return "".join(out) + text[last:]
 
@@ -186,7 +202,7 @@ def plausible(answer: str, reference: str) -> bool:
 def _strip_spans(text: str, spans) -> str:
     out, last = [], 0
     for p in spans:
-        out.append(text[last:p.start])
+        out.append(text[last : p.start])
         last = p.end
     return "".join(out) + text[last:]
 
@@ -196,11 +212,25 @@ class HallucinationBuilder(BaseBuilder):
 
     name = "hallucination"
 
-    def __init__(self, sampler: str = "auto", num_samples: int = 4, judge: dict | None = None, wrong_below: float = 0.5,
-                 rules: list[str] | tuple[str, ...] = RULES, rule_weights: dict | None = None, max_iou: float = 0.5,
-                 findings: list[str] | None = None, normal_answer: str = NORMAL_ANSWER, batch_size: int = 8,
-                 max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 id_suffix: str = "-txt", plausible_only: bool = True):
+    def __init__(
+        self,
+        sampler: str = "auto",
+        num_samples: int = 4,
+        judge: dict | None = None,
+        wrong_below: float = 0.5,
+        rules: list[str] | tuple[str, ...] = RULES,
+        rule_weights: dict | None = None,
+        max_iou: float = 0.5,
+        findings: list[str] | None = None,
+        normal_answer: str = NORMAL_ANSWER,
+        batch_size: int = 8,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        id_suffix: str = "-txt",
+        plausible_only: bool = True,
+    ):
         super().__init__()
         if sampler not in ("auto", "model", "rules"):
             raise ValueError(f"builder.sampler must be auto | model | rules, got {sampler!r}")
@@ -227,8 +257,11 @@ class HallucinationBuilder(BaseBuilder):
         ref = s.target
         for i in order:
             rule = rules[i]
-            out = RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou, normal_answer=self.normal_answer) \
-                if rule == "negation" else RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou)
+            out = (
+                RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou, normal_answer=self.normal_answer)
+                if rule == "negation"
+                else RULE_FNS[rule](ref, rng, vocab, max_iou=self.max_iou)
+            )
             if out is not None and _norm(out) != _norm(ref):
                 return rule, out
         return None
@@ -252,12 +285,20 @@ class HallucinationBuilder(BaseBuilder):
         bb = ctx.backbone()
         batch = PromptCollator(bb)(chunk)
         batch = {k: v.to(ctx.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        out = generate(bb, batch, max_new_tokens=self.max_new_tokens, do_sample=True, num_return_sequences=self.num_samples,
-                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        out = generate(
+            bb,
+            batch,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            num_return_sequences=self.num_samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
         size = bb.extra.get("model_image_size") if bb.box_format.needs_image_size else None
         texts = [clean_text(to_canonical(t, bb.box_format, size)) for t in out["texts"]]
         n = self.num_samples
-        return [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
 
     # --- the builder -----------------------------------------------------------------------
     def run(self, samples: list[Sample], ctx: Context) -> Iterator[Outcome]:
@@ -268,7 +309,7 @@ class HallucinationBuilder(BaseBuilder):
 
             torch.manual_seed(ctx.seed)
         for start in range(0, len(samples), self.batch_size):
-            chunk = samples[start:start + self.batch_size]
+            chunk = samples[start : start + self.batch_size]
             picks: list[tuple[str, float] | None] = [None] * len(chunk)
             if use_model:
                 answers = self.sample_answers(chunk, ctx)
@@ -284,15 +325,24 @@ class HallucinationBuilder(BaseBuilder):
                         items.append((q, s.target, a))
                         owners.append(i)
                 scores = self.judge().score_batch(items) if items else []
-                for (q, ref, a), i, sc in zip(items, owners, scores):
+                for (_q, _ref, a), i, sc in zip(items, owners, scores):
                     sc = float(sc)
                     if math.isfinite(sc) and (picks[i] is None or sc < picks[i][1]):
                         picks[i] = (a, sc)
             for s, pick in zip(chunk, picks):
                 if pick is not None and pick[1] < self.wrong_below:
                     self.stats["source/model"] += 1
-                    yield Outcome(with_rejected(s, answer=pick[0], suffix=self.id_suffix, curate_builder=self.name,
-                                                curate_source="model", curate_rule=None, curate_judge_score=pick[1]))
+                    yield Outcome(
+                        with_rejected(
+                            s,
+                            answer=pick[0],
+                            suffix=self.id_suffix,
+                            curate_builder=self.name,
+                            curate_source="model",
+                            curate_rule=None,
+                            curate_judge_score=pick[1],
+                        )
+                    )
                     continue
                 if use_model:
                     self.stats["model_fallback_to_rules"] += 1
@@ -303,7 +353,15 @@ class HallucinationBuilder(BaseBuilder):
                 rule, ans = got
                 self.stats["source/rules"] += 1
                 self.stats[f"rule/{rule}"] += 1
-                yield Outcome(with_rejected(s, answer=ans, suffix=self.id_suffix, curate_builder=self.name,
-                                            curate_source="rules", curate_rule=rule,
-                                            curate_judge_score=pick[1] if pick else None))
+                yield Outcome(
+                    with_rejected(
+                        s,
+                        answer=ans,
+                        suffix=self.id_suffix,
+                        curate_builder=self.name,
+                        curate_source="rules",
+                        curate_rule=rule,
+                        curate_judge_score=pick[1] if pick else None,
+                    )
+                )
             ctx.advance(len(chunk))

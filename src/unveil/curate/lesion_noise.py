@@ -29,8 +29,8 @@ directory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -57,14 +57,18 @@ def box_map(shape: tuple[int, int], boxes) -> np.ndarray:
     for b in boxes:
         x1, x2 = int(np.floor(b[0] * w)), int(np.ceil(b[2] * w))
         y1, y2 = int(np.floor(b[1] * h)), int(np.ceil(b[3] * h))
-        m[max(y1, 0):max(min(y2, h), y1 + 1), max(x1, 0):max(min(x2, w), x1 + 1)] = 1.0
+        m[max(y1, 0) : max(min(y2, h), y1 + 1), max(x1, 0) : max(min(x2, w), x1 + 1)] = 1.0
     return m
 
 
 def load_heatmap(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """A heat map as floats in [0, 1] at the image's (h, w)."""
     path = Path(path)
-    arr = np.load(path).astype(np.float32) if path.suffix == ".npy" else np.asarray(Image.open(path).convert("F"), np.float32)
+    arr = (
+        np.load(path).astype(np.float32)
+        if path.suffix == ".npy"
+        else np.asarray(Image.open(path).convert("F"), np.float32)
+    )
     arr = np.nan_to_num(np.squeeze(arr))
     if arr.shape != shape:
         arr = np.asarray(Image.fromarray(arr).resize((shape[1], shape[0]), Image.BILINEAR), np.float32)
@@ -72,8 +76,13 @@ def load_heatmap(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros(shape, np.float32)
 
 
-def lesion_mask(shape: tuple[int, int], boxes=(), heatmap: np.ndarray | None = None, blur_sigma: float = 0.02,
-                support_eps: float = 0.05) -> np.ndarray:
+def lesion_mask(
+    shape: tuple[int, int],
+    boxes=(),
+    heatmap: np.ndarray | None = None,
+    blur_sigma: float = 0.02,
+    support_eps: float = 0.05,
+) -> np.ndarray:
     """Boolean lesion mask: box (or heat) map -> Gaussian blur -> threshold at mean - std."""
     from scipy.ndimage import gaussian_filter
 
@@ -88,8 +97,16 @@ def lesion_mask(shape: tuple[int, int], boxes=(), heatmap: np.ndarray | None = N
     return support & (m1 >= thr)
 
 
-def noise_image(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, noise: str = "diffusion", step: int = 500,
-                num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+def noise_image(
+    img: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    noise: str = "diffusion",
+    step: int = 500,
+    num_steps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> np.ndarray:
     """Noise a uint8 image (HxW or HxWxC) inside a boolean HxW mask; pixels outside stay bit-identical."""
     x = img.astype(np.float32) / 127.5 - 1.0
     eps = rng.standard_normal(img.shape[:2]).astype(np.float32)  # one field for all channels of a grey image
@@ -109,7 +126,9 @@ def noise_image(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, noi
 
 
 def _grey(img: np.ndarray) -> bool:
-    return img.ndim == 2 or (img.shape[2] >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]))
+    return img.ndim == 2 or (
+        img.shape[2] >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+    )
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -121,9 +140,20 @@ def read_image(path: str | Path) -> np.ndarray:
 class LesionNoiseBuilder(BaseBuilder):
     name = "lesion_noise"
 
-    def __init__(self, mode: str = "local", noise: str = "diffusion", step: int = 500, num_steps: int = 1000,
-                 beta_start: float = 1e-4, beta_end: float = 0.02, blur_sigma: float = 0.02, support_eps: float = 0.05,
-                 heatmap_field: str = "heatmap", image_dir: str = "noised", id_suffix: str = "-vis"):
+    def __init__(
+        self,
+        mode: str = "local",
+        noise: str = "diffusion",
+        step: int = 500,
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        blur_sigma: float = 0.02,
+        support_eps: float = 0.05,
+        heatmap_field: str = "heatmap",
+        image_dir: str = "noised",
+        id_suffix: str = "-vis",
+    ):
         super().__init__()
         if mode not in ("local", "global"):
             raise ValueError(f"builder.mode must be 'local' or 'global', got {mode!r}")
@@ -166,7 +196,7 @@ class LesionNoiseBuilder(BaseBuilder):
                 yield Outcome(skipped="no_lesion_region")  # a normal study has nothing to noise locally
                 continue
             rejected, fractions = [], []
-            for k, (path, img, mask) in enumerate(zip(s.images, imgs, masks)):
+            for path, img, mask in zip(s.images, imgs, masks):
                 if not mask.any():
                     rejected.append(path)  # an image without a lesion stays as it is
                     continue
@@ -177,15 +207,24 @@ class LesionNoiseBuilder(BaseBuilder):
                 dst = ctx.images.new(f"{self.image_dir}/{_safe(Path(rel).with_suffix('').as_posix())}_{key:08x}.png")
                 if str(dst) not in self._written:
                     rng = rng_for(ctx.seed, "lesion_noise", rel, key)
-                    noised = noise_image(img, mask, rng, self.noise, self.step, self.num_steps, self.beta_start, self.beta_end)
+                    noised = noise_image(
+                        img, mask, rng, self.noise, self.step, self.num_steps, self.beta_start, self.beta_end
+                    )
                     Image.fromarray(noised).save(dst)
                     self._written.add(str(dst))
                 rejected.append(str(dst))
                 fractions.append(float(mask.mean()))
             self.stats[f"mode/{self.mode}"] += 1
-            yield Outcome(with_rejected(s, images=rejected, suffix=self.id_suffix, curate_builder=self.name,
-                                        curate_noise={"mode": self.mode, "noise": self.noise, "step": self.step},
-                                        curate_mask_fraction=float(np.mean(fractions))))
+            yield Outcome(
+                with_rejected(
+                    s,
+                    images=rejected,
+                    suffix=self.id_suffix,
+                    curate_builder=self.name,
+                    curate_noise={"mode": self.mode, "noise": self.noise, "step": self.step},
+                    curate_mask_fraction=float(np.mean(fractions)),
+                )
+            )
 
 
 def _safe(name: str) -> str:

@@ -10,7 +10,7 @@ The same as running ``builder=hallucination``, ``builder=lesion_noise`` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 from unveil.curate.common import BaseBuilder, Context, Outcome
 from unveil.data.schema import Sample
@@ -19,7 +19,9 @@ from unveil.data.schema import Sample
 class MMedPOBuilder(BaseBuilder):
     name = "mmedpo"
 
-    def __init__(self, text: BaseBuilder | None = None, visual: BaseBuilder | None = None, weights: BaseBuilder | None = None):
+    def __init__(
+        self, text: BaseBuilder | None = None, visual: BaseBuilder | None = None, weights: BaseBuilder | None = None
+    ):
         super().__init__()
         if text is None and visual is None:
             raise ValueError("builder=mmedpo needs a text and/or a visual builder")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 5
 
 
-def agreement_score(score_fns: Sequence[Callable[[], float]], tolerance: float = 0.1,
-                    max_rounds: int = MAX_ROUNDS) -> tuple[float, int, list[float]]:
+def agreement_score(
+    score_fns: Sequence[Callable[[], float]], tolerance: float = 0.1, max_rounds: int = MAX_ROUNDS
+) -> tuple[float, int, list[float]]:
     """Ask scorers in turn (cycled) until two consecutive scores agree within ``tolerance``.
 
     Returns (weight, rounds used, scores). Agreement -> mean of the agreeing pair; no
@@ -104,7 +105,10 @@ class LesionContrastScorer:
 
         if not sample.boxes or sample.rejected is None or not sample.rejected.images:
             return float("nan")
-        grey = lambda a: a.astype(np.float32).mean(-1) if a.ndim == 3 else a.astype(np.float32)
+
+        def grey(a: np.ndarray) -> np.ndarray:
+            return a.astype(np.float32).mean(-1) if a.ndim == 3 else a.astype(np.float32)
+
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         vals = []
         for box, k in zip(sample.boxes, sample.box_images):
@@ -124,8 +128,15 @@ class RelevanceWeightBuilder(BaseBuilder):
 
     name = "relevance_weights"
 
-    def __init__(self, judges: list[dict] | None = None, tolerance: float = 0.1, max_rounds: int = MAX_ROUNDS,
-                 scorer: Callable[[Sample], float] | None = None, on_failure: float = 1.0, keep_unpaired: bool = False):
+    def __init__(
+        self,
+        judges: list[dict] | None = None,
+        tolerance: float = 0.1,
+        max_rounds: int = MAX_ROUNDS,
+        scorer: Callable[[Sample], float] | None = None,
+        on_failure: float = 1.0,
+        keep_unpaired: bool = False,
+    ):
         super().__init__()
         self.judge_cfgs = list(judges or [{"kind": "overlap"}])
         if not self.judge_cfgs:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from unveil.curate.common import BaseBuilder, Context, Outcome, clean_text, make_judge, to_canonical
 from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
@@ -55,19 +55,39 @@ def _norm(t: str) -> str:
 class SelfTrainingBuilder(BaseBuilder):
     name = "self_training"
 
-    def __init__(self, num_questions: int = 3, judge: dict | None = None, reference: str = "description",
-                 min_margin: float = 0.0, describe_prompt: str = "Describe this image in detail.",
-                 question_prompt: str = "Ask one question about this image that a doctor would ask.",
-                 describe_sample: bool = False, batch_size: int = 8, max_new_tokens: int = 48,
-                 question_max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 max_images: int | None = None, write_conversations: bool = True):
+    def __init__(
+        self,
+        num_questions: int = 3,
+        judge: dict | None = None,
+        reference: str = "description",
+        min_margin: float = 0.0,
+        describe_prompt: str = "Describe this image in detail.",
+        question_prompt: str = "Ask one question about this image that a doctor would ask.",
+        describe_sample: bool = False,
+        batch_size: int = 8,
+        max_new_tokens: int = 48,
+        question_max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_images: int | None = None,
+        write_conversations: bool = True,
+    ):
         super().__init__()
         if reference not in ("description", "none"):
             raise ValueError(f"builder.reference must be 'description' or 'none', got {reference!r}")
         self.k, self.judge_cfg, self.reference = int(num_questions), judge, reference
         self.min_margin = float(min_margin)
-        self.describe_prompt, self.question_prompt, self.describe_sample = describe_prompt, question_prompt, bool(describe_sample)
-        self.batch_size, self.max_new_tokens, self.q_tokens = int(batch_size), int(max_new_tokens), int(question_max_new_tokens)
+        self.describe_prompt, self.question_prompt, self.describe_sample = (
+            describe_prompt,
+            question_prompt,
+            bool(describe_sample),
+        )
+        self.batch_size, self.max_new_tokens, self.q_tokens = (
+            int(batch_size),
+            int(max_new_tokens),
+            int(question_max_new_tokens),
+        )
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.max_images = max_images
         self.write_conversations = bool(write_conversations)
@@ -80,18 +100,28 @@ class SelfTrainingBuilder(BaseBuilder):
         return self._judge
 
     # --- generation ------------------------------------------------------------------------
-    def _generate(self, ctx: Context, samples: list[Sample], n: int, sample: bool, max_new_tokens: int) -> list[list[str]]:
+    def _generate(
+        self, ctx: Context, samples: list[Sample], n: int, sample: bool, max_new_tokens: int
+    ) -> list[list[str]]:
         from unveil.data.collate import PromptCollator
         from unveil.models.generation import generate
 
         bb = ctx.backbone()
         batch = PromptCollator(bb)(samples)
         batch = {k: v.to(ctx.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        out = generate(bb, batch, max_new_tokens=max_new_tokens, do_sample=sample, num_return_sequences=n,
-                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        out = generate(
+            bb,
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            num_return_sequences=n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
         size = bb.extra.get("model_image_size") if bb.box_format.needs_image_size else None
         texts = [clean_text(to_canonical(t, bb.box_format, size)) for t in out["texts"]]
-        return [texts[i * n:(i + 1) * n] for i in range(len(samples))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(samples))]
 
     @staticmethod
     def _ph(images: list[str]) -> str:
@@ -118,17 +148,37 @@ class SelfTrainingBuilder(BaseBuilder):
             dialogues, sizes = dialogues[: int(self.max_images)], sizes[: int(self.max_images)]
         self._dialogues = dialogues
         for start in range(0, len(dialogues), self.batch_size):
-            chunk = dialogues[start:start + self.batch_size]
+            chunk = dialogues[start : start + self.batch_size]
             # 1. describe
-            desc = self._generate(ctx, [Sample(id=d.key, images=d.images, messages=self._describe_msgs(d)) for d in chunk],
-                                  1, self.describe_sample, self.max_new_tokens)
+            desc = self._generate(
+                ctx,
+                [Sample(id=d.key, images=d.images, messages=self._describe_msgs(d)) for d in chunk],
+                1,
+                self.describe_sample,
+                self.max_new_tokens,
+            )
             for d, (t,) in zip(chunk, desc):
                 d.description = t
             # 2. ask (the trailing empty assistant turn marks where the prompt ends)
-            qs = self._generate(ctx, [Sample(id=d.key, images=d.images, messages=[
-                *self._describe_msgs(d), {"role": "assistant", "content": d.description},
-                {"role": "user", "content": self.question_prompt}, {"role": "assistant", "content": ""}]) for d in chunk],
-                self.k, True, self.q_tokens)
+            qs = self._generate(
+                ctx,
+                [
+                    Sample(
+                        id=d.key,
+                        images=d.images,
+                        messages=[
+                            *self._describe_msgs(d),
+                            {"role": "assistant", "content": d.description},
+                            {"role": "user", "content": self.question_prompt},
+                            {"role": "assistant", "content": ""},
+                        ],
+                    )
+                    for d in chunk
+                ],
+                self.k,
+                True,
+                self.q_tokens,
+            )
             asks: list[tuple[_Dialogue, str]] = []
             for d, group in zip(chunk, qs):
                 seen = set()
@@ -146,10 +196,23 @@ class SelfTrainingBuilder(BaseBuilder):
             self.stats["questions"] += len(asks)
             # 3. answer twice, 4. judge
             if asks:
-                answers = self._generate(ctx, [Sample(id=d.key, images=d.images, messages=[
-                    {"role": "user", "content": self._ph(d.images) + q}]) for d, q in asks], 2, True, self.max_new_tokens)
-                items = [(q, d.description if self.reference == "description" else "", a)
-                         for (d, q), pair in zip(asks, answers) for a in pair]
+                answers = self._generate(
+                    ctx,
+                    [
+                        Sample(
+                            id=d.key, images=d.images, messages=[{"role": "user", "content": self._ph(d.images) + q}]
+                        )
+                        for d, q in asks
+                    ],
+                    2,
+                    True,
+                    self.max_new_tokens,
+                )
+                items = [
+                    (q, d.description if self.reference == "description" else "", a)
+                    for (d, q), pair in zip(asks, answers)
+                    for a in pair
+                ]
                 scores = self.judge().score_batch(items)
                 for j, ((d, q), (a, b)) in enumerate(zip(asks, answers)):
                     sa, sb = float(scores[2 * j]), float(scores[2 * j + 1])
@@ -165,14 +228,30 @@ class SelfTrainingBuilder(BaseBuilder):
                         (chosen, cs), (rejected, rs) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
                         d.turns.append((q, chosen, rejected))
                         query = self._ph(d.images) + q
-                        yield Outcome(Sample(
-                            id=f"{d.key}-st{len(d.turns) - 1}", images=list(d.images),
-                            messages=[{"role": "user", "content": query}, {"role": "assistant", "content": chosen}],
-                            task="vqa_open",
-                            rejected=Rejected(messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rejected}]),
-                            meta={"curate_builder": self.name, "self_description": d.description,
-                                  "curate_scores": [cs, rs], "source": "self_training"}))
-            ctx.advance(sum(sizes[start:start + self.batch_size]))
+                        yield Outcome(
+                            Sample(
+                                id=f"{d.key}-st{len(d.turns) - 1}",
+                                images=list(d.images),
+                                messages=[
+                                    {"role": "user", "content": query},
+                                    {"role": "assistant", "content": chosen},
+                                ],
+                                task="vqa_open",
+                                rejected=Rejected(
+                                    messages=[
+                                        {"role": "user", "content": query},
+                                        {"role": "assistant", "content": rejected},
+                                    ]
+                                ),
+                                meta={
+                                    "curate_builder": self.name,
+                                    "self_description": d.description,
+                                    "curate_scores": [cs, rs],
+                                    "source": "self_training",
+                                },
+                            )
+                        )
+            ctx.advance(sum(sizes[start : start + self.batch_size]))
 
     # --- multi-turn files with virtual-user turns ------------------------------------------
     def finish(self, ctx: Context, written: list[Sample]) -> None:
@@ -184,13 +263,29 @@ class SelfTrainingBuilder(BaseBuilder):
                 continue
             rel = [ctx.images.rel(p) for p in d.images]
             image = rel[0] if len(rel) == 1 else rel
-            head = [{"from": "human", "value": self._ph(d.images) + self.describe_prompt}, {"from": "gpt", "value": d.description}]
+            head = [
+                {"from": "human", "value": self._ph(d.images) + self.describe_prompt},
+                {"from": "gpt", "value": d.description},
+            ]
             turns = list(head)
             for j, (q, chosen, rejected) in enumerate(d.turns):
                 turns += [{"from": "vuser", "value": q}, {"from": "gpt", "value": chosen}]
-                dpo.append({"id": f"{d.key}-st{j}", "image": image,
-                            "chosen_conversations": [*head, {"from": "vuser", "value": q}, {"from": "gpt", "value": chosen}],
-                            "reject_conversations": [*head, {"from": "vuser", "value": q}, {"from": "gpt", "value": rejected}]})
+                dpo.append(
+                    {
+                        "id": f"{d.key}-st{j}",
+                        "image": image,
+                        "chosen_conversations": [
+                            *head,
+                            {"from": "vuser", "value": q},
+                            {"from": "gpt", "value": chosen},
+                        ],
+                        "reject_conversations": [
+                            *head,
+                            {"from": "vuser", "value": q},
+                            {"from": "gpt", "value": rejected},
+                        ],
+                    }
+                )
             conv.append({"id": d.key, "image": image, "conversations": turns})
         ctx.write_json(f"{ctx.split}.llava.json", conv)
         ctx.write_json(f"{ctx.split}.stllava_dpo.json", dpo)

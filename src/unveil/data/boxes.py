@@ -113,7 +113,17 @@ class Qwen2VLFormat(BoxFormat):
 
     name = "qwen2vl"
     scale = 1000
-    _re = re.compile(r"<\|box_start\|>\s*\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)\s*,\s*\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)\s*<\|box_end\|>")
+    _re = re.compile(
+        r"<\|box_start\|>\s*\(\s*"
+        + _NUM
+        + r"\s*,\s*"
+        + _NUM
+        + r"\s*\)\s*,\s*\(\s*"
+        + _NUM
+        + r"\s*,\s*"
+        + _NUM
+        + r"\s*\)\s*<\|box_end\|>"
+    )
 
     def format_box(self, box, image_size=None) -> str:
         x1, y1, x2, y2 = _grid_box(box, self.scale, self.scale)
@@ -165,6 +175,7 @@ def get_box_format(name: str) -> BoxFormat:
 
 
 # --- geometry shared by metrics and reward heads --------------------------------------------
+
 
 def iou_matrix(a, b, generalized: bool = False) -> np.ndarray:
     """Pairwise IoU (or GIoU) between boxes a (N, 4) and b (M, 4), normalised xyxy."""

@@ -7,7 +7,6 @@ tokens (all the backbones we support).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ def rewrite_boxes(text: str, box_format, image_size=None) -> str:
         return text
     out, last = [], 0
     for p in spans:
-        out.append(text[last:p.start])
+        out.append(text[last : p.start])
         out.append(box_format.format_box(p.box, image_size))
         last = p.end
     out.append(text[last:])
@@ -71,7 +70,13 @@ class SFTCollator:
     turns marked ``virtual_user``, so the model learns to ask about an image.
     """
 
-    def __init__(self, backbone, train_on_virtual_user: bool = False, max_length: int | None = None, image_cache: ImageCache | None = None):
+    def __init__(
+        self,
+        backbone,
+        train_on_virtual_user: bool = False,
+        max_length: int | None = None,
+        image_cache: ImageCache | None = None,
+    ):
         self.bb = backbone
         self.train_on_virtual_user = train_on_virtual_user
         self.max_length = max_length
@@ -103,9 +108,13 @@ class SFTCollator:
             if not rows:
                 continue
             gen = [msgs[i][j]["role"] == "assistant" for i in rows]
-            pre = self._lengths([self.bb.render(msgs[i][:j], add_generation_prompt=g) for i, g in zip(rows, gen)], [images[i] for i in rows])
+            pre = self._lengths(
+                [self.bb.render(msgs[i][:j], add_generation_prompt=g) for i, g in zip(rows, gen)],
+                [images[i] for i in rows],
+            )
             upto = (
-                batch["attention_mask"][rows].sum(1).tolist() if j == n_turns - 1 and all(len(msgs[i]) == j + 1 for i in rows)
+                batch["attention_mask"][rows].sum(1).tolist()
+                if j == n_turns - 1 and all(len(msgs[i]) == j + 1 for i in rows)
                 else self._lengths([self.bb.render(msgs[i][: j + 1]) for i in rows], [images[i] for i in rows])
             )
             for i, a, b in zip(rows, pre, upto):
@@ -120,7 +129,10 @@ class PromptCollator(SFTCollator):
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
         images = [[self.images(p) for p in s.images] for s in samples]
-        prompts = [self.bb.render(backbone_messages(self.bb, s)[: len(s.prompt_messages)], add_generation_prompt=True) for s in samples]
+        prompts = [
+            self.bb.render(backbone_messages(self.bb, s)[: len(s.prompt_messages)], add_generation_prompt=True)
+            for s in samples
+        ]
         batch = dict(self._encode(prompts, images, padding_side="left"))
         batch["samples"] = samples
         return batch

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -92,6 +92,7 @@ class UnveilDataModule(pl.LightningDataModule):
             cfg = dict(self.synthetic)
             if cfg.pop("kind", "single_image") == "multi_image":  # Med-MIM-style multiple choice
                 from unveil.data.synthetic.multi_image import MultiImageConfig, generate_multi_image
+
                 return generate_multi_image(MultiImageConfig(**cfg), self.root)
             cfg["studies_per_patient"] = tuple(cfg.get("studies_per_patient", (1, 3)))
             generate(SyntheticConfig(**cfg), self.root)
@@ -108,8 +109,14 @@ class UnveilDataModule(pl.LightningDataModule):
             if rel is None:
                 continue
             path = self.root / rel
-            samples = adapters.read(self.format, path, root=self.root, on_bad_record=self.on_bad_record,
-                                    check_images=self.check_images, **self.adapter_kwargs)
+            samples = adapters.read(
+                self.format,
+                path,
+                root=self.root,
+                on_bad_record=self.on_bad_record,
+                check_images=self.check_images,
+                **self.adapter_kwargs,
+            )
             self.skipped[split] = collect.last_skipped
             if split == "train" and self.train_tasks:
                 samples = [s for s in samples if s.task in self.train_tasks]
@@ -143,8 +150,9 @@ class UnveilDataModule(pl.LightningDataModule):
         shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
         if self.task_weights:
             w = torch.tensor([float(self.task_weights.get(s.task, 1.0)) for s in ds.samples])
-            sampler = ResumableWeightedSampler(w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed),
-                                               **shard)
+            sampler = ResumableWeightedSampler(
+                w, num_samples=len(ds), generator=torch.Generator().manual_seed(self.seed), **shard
+            )
         else:
             sampler = ResumableRandomSampler(ds, generator=gen, **shard)
         return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, generator=gen, **common)

@@ -6,8 +6,8 @@ file suffix, so a new medical format (DICOM, NIfTI, ...) is one function registe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -22,6 +22,7 @@ def register_loader(*suffixes: str):
         for s in suffixes:
             LOADERS[s.lower()] = fn
         return fn
+
     return deco
 
 
@@ -66,5 +67,6 @@ def image_size(path: str | Path, file: str | None = None, record=None, field: st
         raise
     except Exception as e:  # PIL raises several types for corrupt files
         raise RecordError(file, record, field, f"unreadable image {path}: {e}") from None
+
 
 from unveil.data import medical  # noqa: E402,F401  (registers the DICOM / NIfTI loaders)

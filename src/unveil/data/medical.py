@@ -178,18 +178,20 @@ def load_dicom(path: str | Path, **overrides) -> Image.Image:
 
         rgb = apply_color_lut(arr, ds).astype(np.float64)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return Image.fromarray(np.round(rgb / (2 ** bits - 1) * 255).clip(0, 255).astype(np.uint8))
+        return Image.fromarray(np.round(rgb / (2**bits - 1) * 255).clip(0, 255).astype(np.uint8))
     if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB)
         if arr.dtype != np.uint8:
             bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
-            arr = np.round(arr.astype(np.float64) / (2 ** bits - 1) * 255).clip(0, 255).astype(np.uint8)
+            arr = np.round(arr.astype(np.float64) / (2**bits - 1) * 255).clip(0, 255).astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(arr))
     if arr.ndim != 2:
         raise OSError(f"{path}: expected a 2D frame, got shape {arr.shape}")
     if o.window is not None:
         centre, width = (float(x) for x in o.window)
     else:
-        centre = _frame_attr(ds, k, "FrameVOILUTSequence", "WindowCenter", o.window_index) if o.use_file_window else None
+        centre = (
+            _frame_attr(ds, k, "FrameVOILUTSequence", "WindowCenter", o.window_index) if o.use_file_window else None
+        )
         width = _frame_attr(ds, k, "FrameVOILUTSequence", "WindowWidth", o.window_index) if o.use_file_window else None
         if centre is None or width is None or not width > 0:
             centre, width = percentile_window(arr, o.percentile)

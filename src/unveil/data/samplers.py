@@ -22,7 +22,7 @@ its own sampler, which saves no place, in theirs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -32,8 +32,9 @@ class _ResumableIterator:
     """Draws the epoch's order lazily, on the first ``next``, as torch's samplers do (the loader
     draws its base seed from the same generator in between)."""
 
-    def __init__(self, sampler: "_ShardedSampler", draw: Callable[[], list[int]],
-                 finish: Callable[[], object] | None = None):
+    def __init__(
+        self, sampler: _ShardedSampler, draw: Callable[[], list[int]], finish: Callable[[], object] | None = None
+    ):
         self.sampler, self.draw, self.generator, self.finish = sampler, draw, sampler.generator, finish
         self.generator_state: torch.Tensor | None = None
         self.order: list[int] | None = None
@@ -79,7 +80,7 @@ class _ShardedSampler(DistributedSampler):
             return order
         total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
         padded = (order * math.ceil(total / max(1, len(order))))[:total]
-        return padded[self.rank::self.num_replicas]
+        return padded[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         return math.ceil(self._draws() / self.num_replicas)
@@ -100,8 +101,9 @@ class ResumableRandomSampler(_ShardedSampler):
 class ResumableWeightedSampler(_ShardedSampler):
     """``WeightedRandomSampler(replacement=True)`` whose iterator saves and restores its place."""
 
-    def __init__(self, weights: torch.Tensor, num_samples: int, generator: torch.Generator, rank: int = 0,
-                 world: int = 1):
+    def __init__(
+        self, weights: torch.Tensor, num_samples: int, generator: torch.Generator, rank: int = 0, world: int = 1
+    ):
         w = torch.as_tensor(weights, dtype=torch.double)
         if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("data.task_weights: sample weights must be finite, >= 0 and not all 0")
@@ -112,5 +114,7 @@ class ResumableWeightedSampler(_ShardedSampler):
         return self.draw_count
 
     def __iter__(self) -> Iterator[int]:
-        draw = lambda: torch.multinomial(self.weights, self.draw_count, True, generator=self.generator).tolist()  # noqa: E731
+        def draw() -> list[int]:
+            return torch.multinomial(self.weights, self.draw_count, True, generator=self.generator).tolist()
+
         return _ResumableIterator(self, draw)

@@ -70,7 +70,7 @@ class Sample:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Sample":
+    def from_dict(d: dict[str, Any]) -> Sample:
         d = dict(d)
         if d.get("rejected") is not None and not isinstance(d["rejected"], Rejected):
             d["rejected"] = Rejected(**d["rejected"])

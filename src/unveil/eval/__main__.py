@@ -34,7 +34,9 @@ def load_for_eval(ckpt_path: str | Path, data_cfg=None):
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file or directory")
     run_dir = find_run_dir(ckpt)
     if run_dir is None and data_cfg is None:
-        raise ValueError(f"{ckpt}: not inside a training run (no .hydra/config.yaml above it); pass data=... explicitly")
+        raise ValueError(
+            f"{ckpt}: not inside a training run (no .hydra/config.yaml above it); pass data=... explicitly"
+        )
     run_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml") if run_dir else None
     dcfg = data_cfg if data_cfg is not None else run_cfg.data
     dm = hydra.utils.instantiate(dcfg, _convert_="all")
@@ -46,12 +48,15 @@ def load_for_eval(ckpt_path: str | Path, data_cfg=None):
         peft = run_cfg.get("peft")
     else:
         from omegaconf import OmegaConf as OC
+
         src = ckpt / "backbone" if (ckpt / "backbone" / "config.json").exists() else ckpt
-        model_cfg = (run_cfg.model.copy() if run_cfg else OC.create({"kind": "hf", "box_format": "int100"}))
+        model_cfg = run_cfg.model.copy() if run_cfg else OC.create({"kind": "hf", "box_format": "int100"})
         with open_dict(model_cfg):
             model_cfg.init_from = str(src)
         peft = None  # saved backbones have LoRA merged
-    backbone = build_backbone(model_cfg, peft=peft, corpus=dm.corpus(), cache_dir=(run_cfg or {}).get("paths", {}).get("cache_dir"))
+    backbone = build_backbone(
+        model_cfg, peft=peft, corpus=dm.corpus(), cache_dir=(run_cfg or {}).get("paths", {}).get("cache_dir")
+    )
     return backbone, dm
 
 
@@ -65,8 +70,16 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("max_samples"):
         samples = samples[: int(cfg.max_samples)]
     out = Path(cfg.paths.output_dir)
-    metrics = evaluate(backbone, samples, out, prefix="test", batch_size=cfg.batch_size,
-                       max_new_tokens=cfg.max_new_tokens, vocab=dm.findings(), coord_decoding=cfg.coord_decoding)
+    metrics = evaluate(
+        backbone,
+        samples,
+        out,
+        prefix="test",
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        vocab=dm.findings(),
+        coord_decoding=cfg.coord_decoding,
+    )
     write_metrics(out / "metrics.json", metrics)
     print(f"\nMetrics of {cfg.ckpt_path} on the {cfg.split} split ({out}):\n" + format_table(metrics))
     return metrics.get("test/iou")

@@ -34,10 +34,18 @@ def findings_vocab(samples: list[Sample]) -> list[str]:
     return sorted({f for s in samples for f in s.findings})
 
 
-def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None, prefix: str = "test",
-             batch_size: int = 32, max_new_tokens: int = 48, vocab: list[str] | None = None,
-             group_by: tuple[str, ...] = ("modality", "ability"), progress: bool = True,
-             coord_decoding: str = "argmax") -> dict[str, float]:
+def evaluate(
+    backbone,
+    samples: list[Sample],
+    out_dir: str | Path | None = None,
+    prefix: str = "test",
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    vocab: list[str] | None = None,
+    group_by: tuple[str, ...] = ("modality", "ability"),
+    progress: bool = True,
+    coord_decoding: str = "argmax",
+) -> dict[str, float]:
     """Greedy generation on ``samples``; writes ``predictions.jsonl`` into out_dir.
     ``coord_decoding="median"`` reads each box coordinate as the median grid value
     (:func:`unveil.models.generation.generate`)."""
@@ -50,22 +58,33 @@ def evaluate(backbone, samples: list[Sample], out_dir: str | Path | None = None,
     device = next(backbone.model.parameters()).device
     bar = tqdm(range(0, len(samples), batch_size), desc=f"eval {prefix}", disable=not progress)
     for i in bar:
-        chunk = samples[i: i + batch_size]
+        chunk = samples[i : i + batch_size]
         batch = collate(chunk)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         texts = generate(backbone, batch, max_new_tokens=max_new_tokens, coord_decoding=coord_decoding)["texts"]
         for s, text in zip(chunk, texts):
             # image paths, so a notebook can draw the boxes (unveil.eval.runs.draw_study)
-            rec = {"id": s.id, "task": s.task, "modality": s.modality, "images": s.images, "prediction": text,
-                   "reference": s.target}
+            rec = {
+                "id": s.id,
+                "task": s.task,
+                "modality": s.modality,
+                "images": s.images,
+                "prediction": text,
+                "reference": s.target,
+            }
             groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
             targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
             if s.task == "localize":
                 pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
                 for m in targets:
                     scores = m.update_study(pred, s.boxes, s.findings)
-                rec.update(scores, pred_boxes=[list(b) for b in pred.boxes], pred_labels=pred.labels,
-                           gt_boxes=s.boxes, gt_findings=s.findings)
+                rec.update(
+                    scores,
+                    pred_boxes=[list(b) for b in pred.boxes],
+                    pred_labels=pred.labels,
+                    gt_boxes=s.boxes,
+                    gt_findings=s.findings,
+                )
             elif s.task == "mcq":
                 ok = mcq_letter(text) is not None and mcq_letter(text) == mcq_letter(s.answer or "")
                 for m in targets:

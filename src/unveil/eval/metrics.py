@@ -26,8 +26,21 @@ from torchmetrics import Metric
 from unveil.data.boxes import match_boxes
 
 _STATES = [
-    "iou_sum", "iou_strict_sum", "n_abnormal", "hit50", "find_ok", "n_gt", "presence_ok", "n_studies",
-    "fp", "invented", "n_normal", "closed_ok", "n_closed", "mcq_ok", "n_mcq",
+    "iou_sum",
+    "iou_strict_sum",
+    "n_abnormal",
+    "hit50",
+    "find_ok",
+    "n_gt",
+    "presence_ok",
+    "n_studies",
+    "fp",
+    "invented",
+    "n_normal",
+    "closed_ok",
+    "n_closed",
+    "mcq_ok",
+    "n_mcq",
 ]
 
 
@@ -91,7 +104,12 @@ class GroundingMetrics(Metric):
         self.n_gt += len(gt_boxes)
         self.hit50 += float((per_gt >= self.iou_threshold).sum())
         self.find_ok += float(ok.sum())
-        out.update(iou=float(per_gt.mean()), iou_strict=strict, hit50=float((per_gt >= self.iou_threshold).mean()), finding_ok=float(ok.mean()))
+        out.update(
+            iou=float(per_gt.mean()),
+            iou_strict=strict,
+            hit50=float((per_gt >= self.iou_threshold).mean()),
+            finding_ok=float(ok.mean()),
+        )
         self._scores = out
 
     def compute(self) -> dict[str, float]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_NEGATIVE = re.compile(r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable|within normal limits)", re.I)
+_NEGATIVE = re.compile(
+    r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable|within normal limits)",
+    re.I,
+)
 _POSITIVE = re.compile(r"\b(abnormality detected|abnormal|lesion|present)\b", re.I)
 
 
@@ -38,10 +41,10 @@ def parse_answer(text: str, box_format, vocab: list[str], image_size=None) -> Pr
     for k, sp in enumerate(spans):
         # A box's label is the first finding named after it and before the next box, else before it.
         end = spans[k + 1].start if k + 1 < len(spans) else len(text)
-        lab = _first_finding(text[sp.end:end], vocab)
+        lab = _first_finding(text[sp.end : end], vocab)
         if lab is None:
             start = spans[k - 1].end if k > 0 else 0
-            lab = _first_finding(text[start:sp.start], vocab)
+            lab = _first_finding(text[start : sp.start], vocab)
         labels.append(lab)
     low = text.lower()
     named = [f for f in vocab if f.lower() in low]

@@ -18,8 +18,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TABLE_METRICS = ("presence_acc", "iou", "iou_strict", "acc50", "finding_acc", "fpr_normal", "invented_box_rate",
-                 "closed_acc", "mcq_acc")
+TABLE_METRICS = (
+    "presence_acc",
+    "iou",
+    "iou_strict",
+    "acc50",
+    "finding_acc",
+    "fpr_normal",
+    "invented_box_rate",
+    "closed_acc",
+    "mcq_acc",
+)
 
 
 @dataclass
@@ -34,7 +43,7 @@ class Run:
         return self.path.name
 
     def groups(self, prefix: str = "test") -> list[str]:
-        """"overall" and every group the evaluation split by, e.g. "modality/ct"."""
+        """ "overall" and every group the evaluation split by, e.g. "modality/ct"."""
         seen = []
         for k in self.metrics:
             parts = k.split("/")
@@ -79,7 +88,9 @@ def load_run(path: str | Path, predictions: bool = True) -> Run:
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(OmegaConf.load(p / ".hydra" / "config.yaml"), resolve=False)
-    return Run(path=p, metrics=json.loads((p / "metrics.json").read_text(encoding="utf-8")), predictions=preds, config=config)
+    return Run(
+        path=p, metrics=json.loads((p / "metrics.json").read_text(encoding="utf-8")), predictions=preds, config=config
+    )
 
 
 def localisation_breakdown(predictions: list[dict]) -> list[dict]:
@@ -95,8 +106,14 @@ def localisation_breakdown(predictions: list[dict]) -> list[dict]:
     rows = []
     for (n_gt, n_pred), rs in sorted(groups.items()):
         iou = sum(r.get("iou", 0.0) for r in rs) / len(rs)
-        row = {"gt_boxes": n_gt, "pred_boxes": n_pred, "studies": len(rs), "share": len(rs) / total, "iou": iou,
-               "iou_lost": len(rs) / total * (1 - iou)}
+        row = {
+            "gt_boxes": n_gt,
+            "pred_boxes": n_pred,
+            "studies": len(rs),
+            "share": len(rs) / total,
+            "iou": iou,
+            "iou_lost": len(rs) / total * (1 - iou),
+        }
         if all("iou_strict" in r for r in rs):
             row["iou_strict"] = sum(r["iou_strict"] for r in rs) / len(rs)
         rows.append(row)
@@ -117,8 +134,10 @@ def draw_study(record: dict, image=None, size: int = 256):
         image = load_image(paths[0])
     im = image.convert("RGB").resize((size, size))
     d = ImageDraw.Draw(im)
-    for boxes, labels, colour in ((record.get("gt_boxes") or [], record.get("gt_findings") or [], (0, 200, 0)),
-                                  (record.get("pred_boxes") or [], record.get("pred_labels") or [], (230, 30, 30))):
+    for boxes, labels, colour in (
+        (record.get("gt_boxes") or [], record.get("gt_findings") or [], (0, 200, 0)),
+        (record.get("pred_boxes") or [], record.get("pred_labels") or [], (230, 30, 30)),
+    ):
         for k, b in enumerate(boxes):
             x1, y1, x2, y2 = (max(0, min(size - 1, round(v * size))) for v in b)
             d.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=colour, width=2)

@@ -6,7 +6,7 @@ import importlib
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 _WORD = re.compile(r"[a-z0-9]+")
 _NEG = re.compile(r"\b(no|not|without|absent|negative|normal)\b")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -55,10 +55,23 @@ def parse_score(text: str, scale: float = 10.0) -> float:
 class HFJudge(Judge):
     name = "hf"
 
-    def __init__(self, name_or_path: str | None = None, model=None, tokenizer=None, mode: str = "score",
-                 max_new_tokens: int = 8, batch_size: int = 8, max_chars: int = 2000, scale: float = 10.0,
-                 prompt: str | None = None, use_chat_template: bool = True, device: str | None = None,
-                 dtype: str | None = None, local_files_only: bool = False, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        model=None,
+        tokenizer=None,
+        mode: str = "score",
+        max_new_tokens: int = 8,
+        batch_size: int = 8,
+        max_chars: int = 2000,
+        scale: float = 10.0,
+        prompt: str | None = None,
+        use_chat_template: bool = True,
+        device: str | None = None,
+        dtype: str | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+    ):
         if mode not in ("score", "yes_no"):
             raise ValueError(f"HFJudge.mode must be score or yes_no, got {mode!r}")
         if model is None:
@@ -68,8 +81,13 @@ class HFJudge(Judge):
 
             kw = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path, **kw)
-            torch_dtype = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                           "float16": torch.float16}[dtype]
+            torch_dtype = {
+                None: None,
+                "auto": "auto",
+                "float32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "float16": torch.float16,
+            }[dtype]
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
             if device:
                 model = model.to(device)
@@ -80,10 +98,18 @@ class HFJudge(Judge):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.mode = mode
-        self.max_new_tokens, self.batch_size, self.max_chars, self.scale = int(max_new_tokens), int(batch_size), int(max_chars), float(scale)
+        self.max_new_tokens, self.batch_size, self.max_chars, self.scale = (
+            int(max_new_tokens),
+            int(batch_size),
+            int(max_chars),
+            float(scale),
+        )
         self.prompt = prompt or (SCORE_PROMPT if mode == "score" else YES_NO_PROMPT)
         self.use_chat_template = bool(use_chat_template) and bool(getattr(tokenizer, "chat_template", None))
-        self._yes, self._no = self._word_ids(("Yes", " Yes", "yes", " yes")), self._word_ids(("No", " No", "no", " no"))
+        self._yes, self._no = (
+            self._word_ids(("Yes", " Yes", "yes", " yes")),
+            self._word_ids(("No", " No", "no", " no")),
+        )
 
     def _word_ids(self, words) -> list[int]:
         ids = set()
@@ -98,8 +124,9 @@ class HFJudge(Judge):
         text = self.prompt.format(question=clip(question), reference=clip(reference), answer=clip(answer))
         if self.use_chat_template:
             try:
-                return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True)
+                return self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                )
             except Exception:  # noqa: BLE001  (a template that wants other roles: fall back to plain text)
                 pass
         return text + ("\nScore:" if self.mode == "score" else "\nAnswer:")
@@ -130,16 +157,21 @@ class HFJudge(Judge):
             py, pn = p[:, self._yes].sum(-1), p[:, self._no].sum(-1)
             s = py / (py + pn)
             return [float(v) if math.isfinite(float(v)) else float("nan") for v in s.cpu()]
-        out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return [parse_score(t, self.scale) for t in texts]
 
     def score_batch(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
         items = list(items)
         out: list[float] = []
         for i in range(0, len(items), max(1, self.batch_size)):
-            chunk = items[i: i + self.batch_size]
+            chunk = items[i : i + self.batch_size]
             try:
                 prompts = [self._render(q, r, a) for q, r, a in chunk]
                 out += self._chunk(prompts)

@@ -23,8 +23,8 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 from unveil.judges.base import Judge
 
@@ -59,16 +59,31 @@ def parse_score(text: str, scale: float = 10.0) -> float:
 class OpenAIJudge(Judge):
     name = "openai"
 
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 30.0, retries: int = 2, backoff: float = 1.0, temperature: float = 0.0,
-                 max_tokens: int = 16, system_prompt: str = SYSTEM_PROMPT, prompt: str = USER_PROMPT,
-                 scale: float = 10.0, max_workers: int = 4, max_chars: int = 4000, extra_body: dict | None = None):
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "https://api.openai.com/v1",
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 1.0,
+        temperature: float = 0.0,
+        max_tokens: int = 16,
+        system_prompt: str = SYSTEM_PROMPT,
+        prompt: str = USER_PROMPT,
+        scale: float = 10.0,
+        max_workers: int = 4,
+        max_chars: int = 4000,
+        extra_body: dict | None = None,
+    ):
         if not model:
             raise ValueError("OpenAIJudge needs `model` (the endpoint's model name)")
         if not isinstance(api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
             # A literal key pasted here would end up in logged configs: refuse, without echoing it.
-            raise ValueError("OpenAIJudge.api_key_env must be the NAME of an environment variable holding the key "
-                             "(e.g. OPENAI_API_KEY), not the key itself")
+            raise ValueError(
+                "OpenAIJudge.api_key_env must be the NAME of an environment variable holding the key "
+                "(e.g. OPENAI_API_KEY), not the key itself"
+            )
         self.model, self.base_url, self.api_key_env = str(model), str(base_url).rstrip("/"), api_key_env
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
@@ -80,9 +95,17 @@ class OpenAIJudge(Judge):
     # --- what may be logged ----------------------------------------------------------------
     def config(self) -> dict:
         """Settings for logs and summaries: the variable's name, never its value."""
-        return {"kind": "openai", "model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env,
-                "timeout": self.timeout, "retries": self.retries, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "scale": self.scale}
+        return {
+            "kind": "openai",
+            "model": self.model,
+            "base_url": self.base_url,
+            "api_key_env": self.api_key_env,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "scale": self.scale,
+        }
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
@@ -95,17 +118,32 @@ class OpenAIJudge(Judge):
             h["Authorization"] = f"Bearer {key}"
         elif not self._warned:
             self._warned = True
-            log.warning("OpenAIJudge: environment variable %s is unset; sending no Authorization header", self.api_key_env)
+            log.warning(
+                "OpenAIJudge: environment variable %s is unset; sending no Authorization header", self.api_key_env
+            )
         return h
 
     def _body(self, question: str, reference: str, answer: str) -> bytes:
-        cut = lambda t: str(t)[: self.max_chars]
+
+        def cut(t) -> str:
+            return str(t)[: self.max_chars]
+
         msgs = []
         if self.system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
-        msgs.append({"role": "user", "content": self.prompt.format(question=cut(question), reference=cut(reference), answer=cut(answer))})
-        body = {"model": self.model, "messages": msgs, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                **self.extra_body}
+        msgs.append(
+            {
+                "role": "user",
+                "content": self.prompt.format(question=cut(question), reference=cut(reference), answer=cut(answer)),
+            }
+        )
+        body = {
+            "model": self.model,
+            "messages": msgs,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            **self.extra_body,
+        }
         return json.dumps(body).encode()
 
     def complete(self, question: str, reference: str, answer: str) -> str | None:
@@ -125,14 +163,16 @@ class OpenAIJudge(Judge):
                 log.warning("OpenAIJudge: HTTP %s from %s (attempt %d/%d)", e.code, url, attempt + 1, self.retries + 1)
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 retry = True
-                log.warning("OpenAIJudge: %s from %s (attempt %d/%d)", type(e).__name__, url, attempt + 1, self.retries + 1)
+                log.warning(
+                    "OpenAIJudge: %s from %s (attempt %d/%d)", type(e).__name__, url, attempt + 1, self.retries + 1
+                )
             except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON shape we expect
                 log.warning("OpenAIJudge: unexpected reply from %s: %s", url, type(e).__name__)
             except Exception as e:  # never raise into a training or curation loop
                 log.warning("OpenAIJudge: %s from %s", type(e).__name__, url)
             if not retry or attempt == self.retries:
                 return None
-            time.sleep(self.backoff * (2 ** attempt))
+            time.sleep(self.backoff * (2**attempt))
         return None
 
     def _score_one(self, item) -> float:

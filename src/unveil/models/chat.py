@@ -32,4 +32,6 @@ def render(backbone, messages: list[dict], add_generation_prompt: bool = False) 
         return backbone.processor.apply_chat_template(
             structured(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    return backbone.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return backbone.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )

@@ -19,8 +19,10 @@ _CONTENT = (  # content as a string or an HF content list; images rendered by IM
     "{%- endmacro -%}"
 )
 
-LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 # LLaVA-1.5 as trained (conv_llava_v1 / vicuna_v1): "SYS USER: <image>\nQ ASSISTANT: A</s>USER: ...".
 # (llava-hf's own template drops the </s> after answers, so a model tuned with it never learns
@@ -61,7 +63,8 @@ MANTIS_LLAVA_TEMPLATE = _CONTENT + (
 _QWEN_TEMPLATE = (
     "{%- set image_count = namespace(value=0) -%}"
     "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}{{ '<|im_start|>system\\n__SYSTEM__<|im_end|>\\n' }}{%- endif -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n__SYSTEM__<|im_end|>\\n' }}{%- endif -%}"
     "{{ '<|im_start|>' ~ message['role'] ~ '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for c in message['content'] -%}"
@@ -86,7 +89,8 @@ _IDEFICS_TEMPLATE = (
     "{%- else -%}{{ ': ' }}{%- endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for line in message['content'] -%}"
-    "{%- if line['type'] == 'text' -%}{{ line['text'] }}{%- elif line['type'] == 'image' -%}{{ '<image>' }}{%- endif -%}"
+    "{%- if line['type'] == 'text' -%}{{ line['text'] }}"
+    "{%- elif line['type'] == 'image' -%}{{ '<image>' }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{ '<end_of_utterance>\\n' }}"
     "{%- endfor -%}"
@@ -96,9 +100,13 @@ IDEFICS3_TEMPLATE = _IDEFICS_TEMPLATE.replace("__BOS__", "<|begin_of_text|>")
 SMOLVLM_TEMPLATE = _IDEFICS_TEMPLATE.replace("__BOS__", "<|im_start|>")
 
 CHAT_TEMPLATES = {
-    "llava15": LLAVA15_TEMPLATE, "llava_med": LLAVA_MED_TEMPLATE, "mantis": MANTIS_LLAVA_TEMPLATE,
-    "qwen2_vl": QWEN2_VL_TEMPLATE, "qwen25_vl": QWEN25_VL_TEMPLATE,
-    "idefics3": IDEFICS3_TEMPLATE, "smolvlm": SMOLVLM_TEMPLATE,
+    "llava15": LLAVA15_TEMPLATE,
+    "llava_med": LLAVA_MED_TEMPLATE,
+    "mantis": MANTIS_LLAVA_TEMPLATE,
+    "qwen2_vl": QWEN2_VL_TEMPLATE,
+    "qwen25_vl": QWEN25_VL_TEMPLATE,
+    "idefics3": IDEFICS3_TEMPLATE,
+    "smolvlm": SMOLVLM_TEMPLATE,
 }
 
 

@@ -38,9 +38,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 class ConvVisionConfig(PretrainedConfig):
     model_type = "unveil_conv_vision"
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, num_channels: int = 3, hidden_size: int = 96,
-                 widths: tuple[int, ...] = (32, 48, 64), num_hidden_layers: int = 1, num_attention_heads: int = 4,
-                 detector_pool: bool = True, slot_tokens: int = 0, **kwargs):
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 8,
+        num_channels: int = 3,
+        hidden_size: int = 96,
+        widths: tuple[int, ...] = (32, 48, 64),
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 4,
+        detector_pool: bool = True,
+        slot_tokens: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
         self.hidden_size, self.widths = hidden_size, list(widths)
@@ -65,9 +75,12 @@ class ConvVisionModel(PreTrainedModel):
         super().__init__(config)
         grid = config.image_size // config.patch_size
         n_down = config.patch_size.bit_length() - 1  # stride-2 stages to go from pixels to the patch grid
-        if 2 ** n_down != config.patch_size:
+        if 2**n_down != config.patch_size:
             raise ValueError(f"patch_size must be a power of two, got {config.patch_size}")
-        layers, c_in = [nn.Conv2d(config.num_channels + 2, config.widths[0], 3, padding=1), nn.GELU()], config.widths[0]
+        layers, c_in = (
+            [nn.Conv2d(config.num_channels + 2, config.widths[0], 3, padding=1), nn.GELU()],
+            config.widths[0],
+        )
         for i in range(n_down):
             c_out = config.widths[min(i + 1, len(config.widths) - 1)] if i < n_down - 1 else config.hidden_size
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
@@ -76,8 +89,15 @@ class ConvVisionModel(PreTrainedModel):
         self.position_embedding = nn.Parameter(torch.zeros(1, grid * grid, config.hidden_size))
         self.global_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(config.hidden_size, config.num_attention_heads, 2 * config.hidden_size,
-                                       dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                config.hidden_size,
+                config.num_attention_heads,
+                2 * config.hidden_size,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(config.num_hidden_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size)
@@ -130,7 +150,13 @@ class ConvVisionModel(PreTrainedModel):
         logits = self.slot_objectness(x).transpose(1, 2)
         return logits, torch.einsum("bkn,bnc->bkc", logits.softmax(-1), x)
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
         x, states, logits, pooled = self.encode(pixel_values)
         patches = x
         if logits is not None:

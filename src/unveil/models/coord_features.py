@@ -25,8 +25,9 @@ def fourier(u: torch.Tensor, n_freq: int = N_FREQ) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_number_rows(model, tokenizer, grid: int = 100, scale_in: float = 0.1, scale_out: float = 0.3,
-                     seed: int = 0) -> int:
+def init_number_rows(
+    model, tokenizer, grid: int = 100, scale_in: float = 0.1, scale_out: float = 0.3, seed: int = 0
+) -> int:
     """Give the number tokens "0".."grid" their value's Fourier code, in a random subspace.
 
     Returns how many rows were set (tokens missing from the vocabulary are left alone).

@@ -42,12 +42,23 @@ class Backbone:
         """Ids generation must never emit (image placeholders and their wrappers)."""
         tok = self.tokenizer
         ids = set()
-        for t in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>", "<global-img>",
-                  "<|video_pad|>", "<|vision_pad|>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))):
+        for t in (
+            "<image>",
+            "<|image_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<fake_token_around_image>",
+            "<global-img>",
+            "<|video_pad|>",
+            "<|vision_pad|>",
+            *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+        ):
             i = tok.convert_tokens_to_ids(t)
             if isinstance(i, int) and i != tok.unk_token_id and i is not None:
                 ids.add(i)
-        cfg_id = getattr(self.base_model.config, "image_token_id", None) or getattr(self.base_model.config, "image_token_index", None)
+        cfg_id = getattr(self.base_model.config, "image_token_id", None) or getattr(
+            self.base_model.config, "image_token_index", None
+        )
         if cfg_id is not None:
             ids.add(int(cfg_id))
         return sorted(ids)
@@ -67,10 +78,13 @@ class Backbone:
         model = self.model
         if hasattr(model, "merge_and_unload"):
             import copy
+
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.processor.save_pretrained(path)
-        (path / "unveil_backbone.txt").write_text(f"box_format={self.box_format.name}\nstructured_chat={self.structured_chat}\n")
+        (path / "unveil_backbone.txt").write_text(
+            f"box_format={self.box_format.name}\nstructured_chat={self.structured_chat}\n"
+        )
 
 
 def _hf_load(path: str, cfg, dtype):
@@ -83,6 +97,7 @@ def _hf_load(path: str, cfg, dtype):
     processor = AutoProcessor.from_pretrained(path, **kw, **(cfg.get("processor_kwargs") or {}))
     if cfg.get("chat_template"):  # a checkpoint whose own template does not fit training (llava-hf) or is missing
         from unveil.models.chat_templates import resolve_chat_template
+
         processor.chat_template = resolve_chat_template(cfg.chat_template)
     if cfg.get("eos_token"):  # the token that ends an assistant turn, where the tokenizer names another
         processor.tokenizer.eos_token = cfg.eos_token
@@ -93,7 +108,13 @@ def _hf_load(path: str, cfg, dtype):
 
 
 def _dtype(name: str | None):
-    return {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {
+        None: None,
+        "auto": "auto",
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[name]
 
 
 def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
@@ -106,9 +127,19 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
             p = p / "backbone"
         if (p / "config.json").exists():
             model, processor = _hf_load(str(p), cfg, _dtype(cfg.get("dtype")))
-            meta = dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split()) if (p / "unveil_backbone.txt").exists() else {}
-            bb = Backbone(model, processor, get_box_format(meta.get("box_format", cfg.box_format)), name=str(p),
-                          structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", kind != "tiny_llava"))) == "True")
+            meta = (
+                dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split())
+                if (p / "unveil_backbone.txt").exists()
+                else {}
+            )
+            bb = Backbone(
+                model,
+                processor,
+                get_box_format(meta.get("box_format", cfg.box_format)),
+                name=str(p),
+                structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", kind != "tiny_llava")))
+                == "True",
+            )
             log.info("backbone initialised from %s", p)
             return _finish(bb, cfg, peft)
         if p.suffix != ".ckpt":
@@ -123,24 +154,44 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         # the chat template's own words, so they are single tokens rather than letter runs
         corpus = list(corpus) + ["USER: ASSISTANT: </s>"] * 50
         tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
-        bb = Backbone(build_model(tok, spec, seed=int(cfg.get("init_seed", 0))), build_processor(tok, spec),
-                      get_box_format(cfg.box_format), name="tiny_llava", structured_chat=False)
+        bb = Backbone(
+            build_model(tok, spec, seed=int(cfg.get("init_seed", 0))),
+            build_processor(tok, spec),
+            get_box_format(cfg.box_format),
+            name="tiny_llava",
+            structured_chat=False,
+        )
     elif kind == "tiny_hf":
         from unveil.models.tiny_hf import build_tiny_hf
 
         if not corpus:
             raise ValueError("model=tiny_hf trains its tokenizer on the data's text: pass the training corpus")
         model, processor, box_format, extra = build_tiny_hf(
-            cfg.arch, corpus, dict(cfg.get("spec") or {}), seed=int(cfg.get("init_seed", 0)),
-            cache_dir=Path(cache_dir) / "tokenizers" if cache_dir else None)
-        bb = Backbone(model, processor, get_box_format(cfg.get("box_format") or box_format), name=f"tiny_{cfg.arch}",
-                      structured_chat=True, extra=extra)
+            cfg.arch,
+            corpus,
+            dict(cfg.get("spec") or {}),
+            seed=int(cfg.get("init_seed", 0)),
+            cache_dir=Path(cache_dir) / "tokenizers" if cache_dir else None,
+        )
+        bb = Backbone(
+            model,
+            processor,
+            get_box_format(cfg.get("box_format") or box_format),
+            name=f"tiny_{cfg.arch}",
+            structured_chat=True,
+            extra=extra,
+        )
     elif kind == "hf":
         if not cfg.get("name_or_path"):
             raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
         model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
-        bb = Backbone(model, processor, get_box_format(cfg.box_format), name=str(cfg.name_or_path),
-                      structured_chat=bool(cfg.get("structured_chat", True)))
+        bb = Backbone(
+            model,
+            processor,
+            get_box_format(cfg.box_format),
+            name=str(cfg.name_or_path),
+            structured_chat=bool(cfg.get("structured_chat", True)),
+        )
     else:
         raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | tiny_hf | hf)")
     if init_from and str(init_from).endswith(".ckpt"):
@@ -162,10 +213,16 @@ def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
     bb.extra.update(extra if isinstance(extra, dict) else OmegaConf.to_container(extra, resolve=True))
     lora = peft_cfg is not None and peft_cfg.get("kind", "none") == "lora"
     if lora and cfg.get("peft_target_modules"):  # architectures whose LM is not `language_model`
-        peft_cfg = OmegaConf.create({**OmegaConf.to_container(OmegaConf.create(peft_cfg), resolve=True),
-                                     "target_modules": cfg.peft_target_modules})
+        peft_cfg = OmegaConf.create(
+            {
+                **OmegaConf.to_container(OmegaConf.create(peft_cfg), resolve=True),
+                "target_modules": cfg.peft_target_modules,
+            }
+        )
     fz = cfg.get("freeze") or {}
-    apply_freeze(bb.model, bool(fz.get("vision", False)), bool(fz.get("projector", False)), bool(fz.get("language", False)))
+    apply_freeze(
+        bb.model, bool(fz.get("vision", False)), bool(fz.get("projector", False)), bool(fz.get("language", False))
+    )
     if lora:
         bb.model = apply_lora(bb.model, peft_cfg)
     if cfg.get("gradient_checkpointing", False):
@@ -177,7 +234,9 @@ def load_lightning_weights(model: torch.nn.Module, ckpt_path: str | Path) -> Non
     """Load a Lightning checkpoint's ``model.*`` weights (weights_only: no pickled code runs)."""
     state = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)["state_dict"]
     prefix = "model."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [m for m in missing if "lora" not in m]:
-        raise RuntimeError(f"{ckpt_path}: weights do not fit this backbone (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"{ckpt_path}: weights do not fit this backbone (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )

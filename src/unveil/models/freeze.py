@@ -24,7 +24,9 @@ def _find(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Modul
     return [m for _, m in found]
 
 
-def apply_freeze(model: torch.nn.Module, vision: bool = False, projector: bool = False, language: bool = False) -> None:
+def apply_freeze(
+    model: torch.nn.Module, vision: bool = False, projector: bool = False, language: bool = False
+) -> None:
     for part, flag in (("vision", vision), ("projector", projector), ("language", language)):
         if not flag:
             continue
@@ -43,7 +45,9 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(
-        r=int(cfg.r), lora_alpha=int(cfg.alpha), lora_dropout=float(cfg.dropout),
+        r=int(cfg.r),
+        lora_alpha=int(cfg.alpha),
+        lora_dropout=float(cfg.dropout),
         target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str) else cfg.target_modules,
         modules_to_save=list(cfg.get("modules_to_save") or []) or None,
         bias="none",

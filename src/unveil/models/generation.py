@@ -16,12 +16,27 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
-                    "pixel_attention_mask", "image_attention_mask", "mm_token_type_ids")
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "image_attention_mask",
+    "mm_token_type_ids",
+)
 
 
 # Special tokens that are answer text, not markup: Qwen2-VL's boxes and object references.
-KEEP_SPECIAL = ("<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|quad_start|>", "<|quad_end|>")
+KEEP_SPECIAL = (
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+)
 
 
 def decode(tok, ids) -> list[str]:
@@ -47,8 +62,10 @@ def grid_token_ids(tok, scale: int) -> list[int]:
     for v in range(scale + 1):
         enc = tok.encode(str(v), add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(f"coord_decoding=median needs every box-grid value as one token; this tokenizer "
-                             f"splits '{v}' into {len(enc)} tokens. Use coord_decoding=argmax with this backbone.")
+            raise ValueError(
+                f"coord_decoding=median needs every box-grid value as one token; this tokenizer "
+                f"splits '{v}' into {len(enc)} tokens. Use coord_decoding=argmax with this backbone."
+            )
         ids.append(enc[0])
     return ids
 
@@ -80,7 +97,9 @@ def coord_processor(backbone, coord_decoding: str):
         return None
     scale = getattr(backbone.box_format, "scale", None)
     if scale is None:
-        raise ValueError(f"coord_decoding=median needs an integer-grid box format; {backbone.box_format.name} is not one")
+        raise ValueError(
+            f"coord_decoding=median needs an integer-grid box format; {backbone.box_format.name} is not one"
+        )
     key = ("grid_token_ids", scale)  # one tokenizer pass per backbone, not per batch
     if key not in backbone.cache:
         backbone.cache[key] = grid_token_ids(backbone.tokenizer, scale)
@@ -88,15 +107,30 @@ def coord_processor(backbone, coord_decoding: str):
 
 
 @torch.no_grad()
-def generate(backbone, batch: dict, max_new_tokens: int = 48, do_sample: bool = False, num_return_sequences: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, coord_decoding: str = "argmax") -> dict:
+def generate(
+    backbone,
+    batch: dict,
+    max_new_tokens: int = 48,
+    do_sample: bool = False,
+    num_return_sequences: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    coord_decoding: str = "argmax",
+) -> dict:
     """Returns prompt+completion ids, the completion ids/mask and decoded completion texts.
     ``coord_decoding`` applies to greedy decoding only; sampling always samples."""
     model = backbone.model
     tok = backbone.tokenizer
     inputs = model_inputs(batch)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        use_cache=True,
+    )
     if do_sample:
         kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     bad = backbone.image_token_ids
@@ -117,4 +151,10 @@ def generate(backbone, batch: dict, max_new_tokens: int = 48, do_sample: bool = 
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
     mask = (~after & (completion != tok.pad_token_id) | is_eos & ~after).long()
     texts = decode(tok, completion.masked_fill(mask == 0, tok.pad_token_id))
-    return {"sequences": out, "completion_ids": completion, "completion_mask": mask, "texts": texts, "prompt_length": plen}
+    return {
+        "sequences": out,
+        "completion_ids": completion,
+        "completion_mask": mask,
+        "texts": texts,
+        "prompt_length": plen,
+    }

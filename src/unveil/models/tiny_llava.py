@@ -37,11 +37,15 @@ def build_processor(tokenizer, spec: TinyLlavaSpec):
 
     image_processor = SiglipImageProcessor(
         size={"height": spec.image_size, "width": spec.image_size},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="full", num_additional_image_tokens=spec.slot_tokens,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=spec.slot_tokens,
         chat_template=tokenizer.chat_template,
     )
 
@@ -52,36 +56,54 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
     if spec.vision == "conv":
         from unveil.models.conv_vision import ConvVisionConfig
 
-        vision = ConvVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.vision_hidden,
-                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                                  slot_tokens=spec.slot_tokens)
+        vision = ConvVisionConfig(
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            hidden_size=spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            slot_tokens=spec.slot_tokens,
+        )
     elif spec.slot_tokens:
         raise ValueError(f"model.spec.slot_tokens needs model.spec.vision=conv, got {spec.vision!r}")
     elif spec.vision == "siglip":
         vision = SiglipVisionConfig(
-            hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size, patch_size=spec.patch_size,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_hidden * 2,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
         )
     else:
         raise ValueError(f"model.spec.vision must be conv or siglip, got {spec.vision!r}")
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text,
+        vision_config=vision,
+        text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(spec.image_size // spec.patch_size) ** 2 + spec.slot_tokens,
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
         if spec.number_code:
             from unveil.models.coord_features import init_number_rows
+
             init_number_rows(model, tokenizer, seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from filelock import FileLock
 
@@ -37,7 +37,6 @@ TINY_CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path | None = None):
     """Train (or load from cache) a tokenizer on ``texts``; returns a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
@@ -66,7 +65,13 @@ def _build(texts, vocab_size):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[SPECIAL["pad_token"], SPECIAL["unk_token"], SPECIAL["bos_token"], SPECIAL["eos_token"], IMAGE_TOKEN],
+        special_tokens=[
+            SPECIAL["pad_token"],
+            SPECIAL["unk_token"],
+            SPECIAL["bos_token"],
+            SPECIAL["eos_token"],
+            IMAGE_TOKEN,
+        ],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

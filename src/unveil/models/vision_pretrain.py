@@ -67,7 +67,9 @@ def patch_targets(samples, grid: int, classes: list[str]):
     cx, cy = _centres(grid)
     for i, s in enumerate(samples):
         # larger boxes first, so a small lesion inside a big one keeps its own patches
-        order = sorted(range(len(s.boxes)), key=lambda k: -(s.boxes[k][2] - s.boxes[k][0]) * (s.boxes[k][3] - s.boxes[k][1]))
+        order = sorted(
+            range(len(s.boxes)), key=lambda k: -(s.boxes[k][2] - s.boxes[k][0]) * (s.boxes[k][3] - s.boxes[k][1])
+        )
         on_image = [k for k in range(len(s.boxes)) if not s.box_images or s.box_images[k] == 0]
         lead = min(on_image, key=lambda k: (s.boxes[k][0], s.boxes[k][1])) if on_image else None
         for k in order:
@@ -112,8 +114,10 @@ def _abnormal_batches(tower, processor, samples, images, batch_size: int):
     device = next(tower.parameters()).device
     try:
         for i in range(0, len(abnormal), batch_size):
-            chunk = abnormal[i: i + batch_size]
-            pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")["pixel_values"].to(device)
+            chunk = abnormal[i : i + batch_size]
+            pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")[
+                "pixel_values"
+            ].to(device)
             yield chunk, tower.encode(pv)
     finally:
         tower.train(was)
@@ -138,7 +142,8 @@ def slot_loss(tower, head_box, head_present, tokens, mask, boxes, present) -> to
     exists. ``tokens``: the normed patch tokens (B, N, C); targets from :func:`slot_targets`."""
     logits, pooled = tower.slots(tokens)  # (B, K, N), (B, K, C)
     loss = nn.functional.binary_cross_entropy_with_logits(
-        logits, mask.float(), pos_weight=torch.tensor(5.0, device=tokens.device))
+        logits, mask.float(), pos_weight=torch.tensor(5.0, device=tokens.device)
+    )
     loss = loss + nn.functional.binary_cross_entropy_with_logits(head_present(pooled).squeeze(-1), present.float())
     if present.any():
         loss = loss + 0.5 * code_loss(head_box(pooled[present]), boxes[present])
@@ -160,8 +165,16 @@ def slot_box_iou(tower, head_box, processor, samples, images, slots: int, batch_
     return [sum(v) / len(v) if v else float("nan") for v in ious]
 
 
-def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4, batch_size: int = 32,
-                          seed: int = 0, progress: bool = True, val_samples=None) -> dict[str, float]:
+def pretrain_vision_tower(
+    backbone,
+    samples,
+    steps: int = 400,
+    lr: float = 3e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    val_samples=None,
+) -> dict[str, float]:
     """Train ``backbone``'s vision tower in place; returns the final losses (and, given
     ``val_samples``, the IoU of the box the pooled token decodes to: is the tower any good?)."""
     model = backbone.base_model
@@ -201,7 +214,9 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
     bar = tqdm(range(steps), desc="vision warm-up", disable=not progress)
     for _ in bar:
         batch = [pool[rng.randrange(len(pool))] for _ in range(batch_size)]
-        pv = backbone.processor.image_processor([images(s.images[0]) for s in batch], return_tensors="pt")["pixel_values"].to(device)
+        pv = backbone.processor.image_processor([images(s.images[0]) for s in batch], return_tensors="pt")[
+            "pixel_values"
+        ].to(device)
         cls, box, first, first_box = (t.to(device) for t in patch_targets(batch, grid, classes))
         if hasattr(tower, "encode"):  # the patch tokens alone, without slot tokens after them
             tokens, _, obj, pooled = tower.encode(pv)
@@ -215,16 +230,25 @@ def pretrain_vision_tower(backbone, samples, steps: int = 400, lr: float = 3e-4,
         if obj is not None:
             # the pool points at the first box, and what it pools decodes to that box's edges
             abnormal = first.any(1)
-            loss_obj = nn.functional.binary_cross_entropy_with_logits(obj, first.float(), pos_weight=torch.tensor(5.0, device=device))
-            loss_pool = code_loss(head_box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
+            loss_obj = nn.functional.binary_cross_entropy_with_logits(
+                obj, first.float(), pos_weight=torch.tensor(5.0, device=device)
+            )
+            loss_pool = (
+                code_loss(head_box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
+            )
             loss = loss + loss_obj + 0.5 * loss_pool
         if n_slots:
-            loss = loss + slot_loss(tower, head_box, head_present, tokens, *(t.to(device) for t in slot_targets(batch, grid, n_slots)))
+            loss = loss + slot_loss(
+                tower, head_box, head_present, tokens, *(t.to(device) for t in slot_targets(batch, grid, n_slots))
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad()
-        stats = {"vision_warmup/cls_loss": loss_cls.item(), "vision_warmup/box_loss": loss_box.item(),
-                 "vision_warmup/pool_box_loss": loss_pool.item()}
+        stats = {
+            "vision_warmup/cls_loss": loss_cls.item(),
+            "vision_warmup/box_loss": loss_box.item(),
+            "vision_warmup/pool_box_loss": loss_pool.item(),
+        }
         bar.set_postfix(cls=f"{loss_cls.item():.3f}", box=f"{loss_box.item():.3f}", pool=f"{loss_pool.item():.3f}")
     for p, f in zip(tower.parameters(), flags):
         p.requires_grad_(f)

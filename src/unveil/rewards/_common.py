@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -46,8 +46,13 @@ def per_sample(name: str, fn: Callable[[int], float], n: int) -> torch.Tensor:
         try:
             out[i] = finite_or_nan(fn(i))
         except Exception as e:  # noqa: BLE001  (a head must survive any model text)
-            warn_once(f"{name}:{type(e).__name__}", "reward head %s failed on a completion (%s: %s); scored NaN",
-                      name, type(e).__name__, e)
+            warn_once(
+                f"{name}:{type(e).__name__}",
+                "reward head %s failed on a completion (%s: %s); scored NaN",
+                name,
+                type(e).__name__,
+                e,
+            )
     return out
 
 

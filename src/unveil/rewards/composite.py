@@ -83,8 +83,12 @@ def group_spread(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tenso
     k = int(inv.max()) + 1 if inv.numel() else 0
     v = scores.float().to(inv.device)
     ok = torch.isfinite(v)
-    hi = torch.full((k,), -float("inf"), device=v.device).scatter_reduce(0, inv, torch.where(ok, v, -float("inf")), "amax")
-    lo = torch.full((k,), float("inf"), device=v.device).scatter_reduce(0, inv, torch.where(ok, v, float("inf")), "amin")
+    hi = torch.full((k,), -float("inf"), device=v.device).scatter_reduce(
+        0, inv, torch.where(ok, v, -float("inf")), "amax"
+    )
+    lo = torch.full((k,), float("inf"), device=v.device).scatter_reduce(
+        0, inv, torch.where(ok, v, float("inf")), "amin"
+    )
     finite = torch.zeros(k, dtype=torch.bool, device=v.device).scatter_reduce(0, inv, ok, "amax")
     return torch.where(finite, hi - lo, torch.zeros_like(hi)), finite, inv
 
@@ -160,7 +164,9 @@ class CompositeReward:
             stats[f"reward/{spec.name}/mean"] = mean
             stats[f"reward/{spec.name}/std"] = std
             stats[f"reward/{spec.name}/zero_spread_frac"] = zero_spread_fraction(raw, group)
-            stats[f"reward/{spec.name}/applicable_frac"] = float(torch.isfinite(raw).float().mean()) if n else float("nan")
+            stats[f"reward/{spec.name}/applicable_frac"] = (
+                float(torch.isfinite(raw).float().mean()) if n else float("nan")
+            )
         mean, std = _mean_std(total)
         stats["reward/total/mean"] = mean
         stats["reward/total/std"] = std

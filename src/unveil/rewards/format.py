@@ -43,8 +43,13 @@ class FormatReward(RewardHead):
     name: ClassVar[str] = "format"
     needs: ClassVar[frozenset[str]] = frozenset({"text"})
 
-    def __init__(self, opening_regex: str = DEFAULT_OPENING, clause_regex: str = DEFAULT_CLAUSE,
-                 templates: list[str] | tuple[str, ...] = DEFAULT_TEMPLATES, tasks: list[str] | str | None = ("localize",)):
+    def __init__(
+        self,
+        opening_regex: str = DEFAULT_OPENING,
+        clause_regex: str = DEFAULT_CLAUSE,
+        templates: list[str] | tuple[str, ...] = DEFAULT_TEMPLATES,
+        tasks: list[str] | str | None = ("localize",),
+    ):
         self.opening = re.compile(opening_regex)
         if "normal" not in self.opening.groupindex or "abnormal" not in self.opening.groupindex:
             raise ValueError("format.opening_regex needs named groups (?P<normal>...) and (?P<abnormal>...)")
@@ -56,13 +61,19 @@ class FormatReward(RewardHead):
     def _patterns(self, vocab: list[str]):
         key = tuple(vocab)
         if key not in self._compiled:
-            finding = "(?:" + "|".join(re.escape(v) for v in sorted(vocab, key=len, reverse=True)) + ")" if vocab else r"[a-z][a-z \-]*"
+            finding = (
+                "(?:" + "|".join(re.escape(v) for v in sorted(vocab, key=len, reverse=True)) + ")"
+                if vocab
+                else r"[a-z][a-z \-]*"
+            )
 
             def sub(p: str) -> str:
                 return p.replace(BOX, re.escape(BOX)).replace(FINDING, finding)
 
-            self._compiled[key] = (re.compile(sub(self.clause_src), re.I),
-                                   [re.compile(sub(t), re.I) for t in self.templates_src])
+            self._compiled[key] = (
+                re.compile(sub(self.clause_src), re.I),
+                [re.compile(sub(t), re.I) for t in self.templates_src],
+            )
         return self._compiled[key]
 
     def score(self, text: str, box_format, vocab: list[str], image_size=None) -> float:
@@ -70,7 +81,7 @@ class FormatReward(RewardHead):
         spans = box_format.parse_spans(text, image_size)
         parts, last = [], 0
         for sp in spans:  # a literal "<box>" the model wrote itself is not a box
-            parts += [text[last:sp.start].replace(BOX, "<_box>"), BOX]
+            parts += [text[last : sp.start].replace(BOX, "<_box>"), BOX]
             last = sp.end
         t = "".join(parts + [text[last:].replace(BOX, "<_box>")])
         clause, templates = self._patterns(vocab)

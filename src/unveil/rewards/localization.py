@@ -30,17 +30,26 @@ from unveil.eval.parse import parse_answer
 from unveil.rewards._common import applies, box_format_of, image_size_for, per_sample, task_set
 from unveil.rewards.base import RewardHead, RolloutBatch
 
-DEFAULT_NORMAL_REGEX = (r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable"
-                        r"|within normal limits)")
+DEFAULT_NORMAL_REGEX = (
+    r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable"
+    r"|within normal limits)"
+)
 
 
 class LocalizationReward(RewardHead):
     name: ClassVar[str] = "localization"
     needs: ClassVar[frozenset[str]] = frozenset({"text"})
 
-    def __init__(self, mode: str = "iou", normal_credit: float = 1.0, extra_box_penalty: float = 0.1,
-                 min_score: float = -1.0, match_label: bool = False, normal_regex: str = DEFAULT_NORMAL_REGEX,
-                 tasks: list[str] | str | None = ("localize",)):
+    def __init__(
+        self,
+        mode: str = "iou",
+        normal_credit: float = 1.0,
+        extra_box_penalty: float = 0.1,
+        min_score: float = -1.0,
+        match_label: bool = False,
+        normal_regex: str = DEFAULT_NORMAL_REGEX,
+        tasks: list[str] | str | None = ("localize",),
+    ):
         if mode not in ("iou", "giou"):
             raise ValueError(f"localization.mode must be iou or giou, got {mode!r}")
         self.mode = mode

@@ -32,7 +32,9 @@ class OverlongReward(RewardHead):
 
     def __init__(self, max_len: int, cache: int = 16, tasks: list[str] | str | None = None):
         if int(max_len) < 1 or not 0 < int(cache) <= int(max_len):
-            raise ValueError(f"overlong: need max_len >= 1 and 0 < cache <= max_len, got max_len={max_len}, cache={cache}")
+            raise ValueError(
+                f"overlong: need max_len >= 1 and 0 < cache <= max_len, got max_len={max_len}, cache={cache}"
+            )
         self.max_len, self.cache = int(max_len), int(cache)
         self.tasks = task_set(tasks)
 

@@ -59,11 +59,18 @@ class RelevanceReward(RewardHead):
         try:
             scores = list(self.judge.score_batch(items))
         except Exception as e:  # noqa: BLE001  (a judge outage must not stop training)
-            warn_once(f"relevance:{type(e).__name__}", "judge %s raised %s: %s; relevance scored NaN",
-                      getattr(self.judge, "name", "?"), type(e).__name__, e)
+            warn_once(
+                f"relevance:{type(e).__name__}",
+                "judge %s raised %s: %s; relevance scored NaN",
+                getattr(self.judge, "name", "?"),
+                type(e).__name__,
+                e,
+            )
             return out
         if len(scores) != len(items):
-            warn_once("relevance:len", "judge returned %d scores for %d items; relevance scored NaN", len(scores), len(items))
+            warn_once(
+                "relevance:len", "judge returned %d scores for %d items; relevance scored NaN", len(scores), len(items)
+            )
             return out
         for i, v in zip(idx, scores):
             v = finite_or_nan(v)

@@ -63,6 +63,7 @@ _NAN = float("nan")
 
 # --- shared model plumbing ----------------------------------------------------------------------
 
+
 def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -126,8 +127,12 @@ def _can_chunk(inputs: dict, n: int, samples) -> bool:
 
 
 @torch.no_grad()
-def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-               chunk_size: int = 8) -> dict:
+def run_policy(
+    batch: RolloutBatch,
+    key_weights: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    chunk_size: int = 8,
+) -> dict:
     """Forward the policy over prompt + completion.
 
     Returns ``token_logps`` [N, T] (log-prob of each completion token) and, when ``key_weights``
@@ -165,14 +170,16 @@ def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pix
             kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
             if "pixel_values" in kw and kw["pixel_values"].is_floating_point():
                 kw["pixel_values"] = kw["pixel_values"].to(next(model.parameters()).dtype)
-            call = dict(input_ids=ids[lo:hi], attention_mask=am[lo:hi], output_attentions=want_att, use_cache=False, **kw)
+            call = dict(
+                input_ids=ids[lo:hi], attention_mask=am[lo:hi], output_attentions=want_att, use_cache=False, **kw
+            )
             if pos is not None:
                 call["position_ids"] = pos[lo:hi]
             try:
                 out = model(**call, logits_to_keep=t + 1)
             except TypeError:  # a forward without logits_to_keep: full logits
                 out = model(**call)
-            logits = out.logits[:, -(t + 1):-1].float()
+            logits = out.logits[:, -(t + 1) : -1].float()
             lp = torch.log_softmax(logits, -1).gather(-1, comp[lo:hi].unsqueeze(-1)).squeeze(-1)
             logps.append(lp.cpu())
             if want_att:
@@ -180,8 +187,11 @@ def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pix
                     raise RuntimeError("the model returned no attentions in eager mode")
                 w = key_weights[lo:hi].to(device=device, dtype=torch.float32)
                 # [chunk, heads, rows, keys] -> mass on the weighted keys of rows P-1 .. P+T-1
-                masses.append(torch.stack([(a[:, :, p - 1:, :].float() * w[:, None, None, :]).sum(-1).cpu()
-                                           for a in out.attentions]))
+                masses.append(
+                    torch.stack(
+                        [(a[:, :, p - 1 :, :].float() * w[:, None, None, :]).sum(-1).cpu() for a in out.attentions]
+                    )
+                )
             del out
     res = {"token_logps": torch.cat(logps), "mask": cmask.cpu().float(), "prompt_len": p}
     if want_att:
@@ -190,6 +200,7 @@ def run_policy(batch: RolloutBatch, key_weights: torch.Tensor | None = None, pix
 
 
 # --- image-token layout and box patches ---------------------------------------------------------
+
 
 def patch_mask(boxes, gh: int, gw: int) -> torch.Tensor:
     """[gh * gw] bool, row-major: patches whose centre is inside any box (or holding its centre)."""
@@ -232,10 +243,12 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
         if k == 0:
             grids = None
         elif grid_thw is not None:
-            thw = grid_thw[ptr: ptr + n_img]
+            thw = grid_thw[ptr : ptr + n_img]
             ptr += n_img
             dims = [(int(h) // merge, int(w) // merge) for _t, h, w in thw.tolist()]
-            if sum(int(t) * h * w for (t, _, _), (h, w) in zip(thw.tolist(), dims)) == k and all(int(t) == 1 for t, _, _ in thw.tolist()):
+            if sum(int(t) * h * w for (t, _, _), (h, w) in zip(thw.tolist(), dims)) == k and all(
+                int(t) == 1 for t, _, _ in thw.tolist()
+            ):
                 grids = dims
         elif g and k % (g * g + extra) == 0:
             grids = [(g, g)] * (k // (g * g + extra))
@@ -246,7 +259,7 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
             continue
         items, start = [], 0
         for gh, gw in grids:
-            items.append((pos[start: start + gh * gw], gh, gw))
+            items.append((pos[start : start + gh * gw], gh, gw))
             start += gh * gw + extra
         out.append(items)
     return out
@@ -276,6 +289,7 @@ def box_key_weights(backbone, batch: RolloutBatch) -> tuple[torch.Tensor, list[b
 
 
 # --- finding tokens -----------------------------------------------------------------------------
+
 
 def finding_pattern(terms) -> re.Pattern | None:
     terms = sorted({str(t).strip() for t in terms if str(t).strip()}, key=len, reverse=True)
@@ -339,15 +353,21 @@ def _ensure_ids(batch: RolloutBatch) -> bool:
 
 def _has_model_inputs(batch: RolloutBatch) -> bool:
     pi = batch.prompt_inputs
-    return (batch.backbone is not None and pi is not None and "input_ids" in pi and "attention_mask" in pi)
+    return batch.backbone is not None and pi is not None and "input_ids" in pi and "attention_mask" in pi
 
 
 class VisionRelevanceReward(RewardHead):
     name: ClassVar[str] = "vision_relevance"
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
-    def __init__(self, layers: list[int] | None = None, heads: list[int] | None = None, query: str = "token",
-                 chunk_size: int = 8, tasks: list[str] | str | None = ("localize",)):
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        heads: list[int] | None = None,
+        query: str = "token",
+        chunk_size: int = 8,
+        tasks: list[str] | str | None = ("localize",),
+    ):
         if query not in ("token", "predict"):
             raise ValueError(f"vision_relevance.query must be token or predict, got {query!r}")
         self.layers = None if layers is None else [int(l) for l in layers]
@@ -362,7 +382,10 @@ class VisionRelevanceReward(RewardHead):
         if "key_mass" not in cache:
             w, ok = box_key_weights(batch.backbone, batch)
             if not any(ok):
-                warn_once("vision_relevance:layout", "vision_relevance: no image-token layout found for this backbone; scored NaN")
+                warn_once(
+                    "vision_relevance:layout",
+                    "vision_relevance: no image-token layout found for this backbone; scored NaN",
+                )
                 cache["key_mass"], cache["key_ok"] = None, ok
                 return None
             res = run_policy(batch, key_weights=w, chunk_size=self.chunk_size)
@@ -391,7 +414,9 @@ class VisionRelevanceReward(RewardHead):
             m = m.mean(dim=(0, 2))  # [N, T + 1]
             tok = batch.backbone.tokenizer
             vocab = set(batch.vocab or [])
-            cmask = batch.completion_mask if batch.completion_mask is not None else torch.ones_like(batch.completion_ids)
+            cmask = (
+                batch.completion_mask if batch.completion_mask is not None else torch.ones_like(batch.completion_ids)
+            )
             for i in rows:
                 if not ok[i]:
                     continue
@@ -409,12 +434,18 @@ class VisionRelevanceReward(RewardHead):
                 v = float(m[i, sel].mean())
                 out[i] = min(max(v, 0.0), 1.0) if math.isfinite(v) else _NAN
         except Exception as e:  # noqa: BLE001  (never raise in a training step)
-            warn_once(f"vision_relevance:{type(e).__name__}", "vision_relevance failed (%s: %s); scored NaN", type(e).__name__, e)
+            warn_once(
+                f"vision_relevance:{type(e).__name__}",
+                "vision_relevance failed (%s: %s); scored NaN",
+                type(e).__name__,
+                e,
+            )
             return torch.full((n,), _NAN, dtype=torch.float32)
         return out
 
 
 # --- counterfactual variant ---------------------------------------------------------------------
+
 
 def grey_value(processor, dtype=torch.float32, fill: float = 0.5) -> torch.Tensor:
     """Per-channel value of a raw ``fill`` intensity after the image processor's normalisation."""
@@ -455,8 +486,9 @@ class VisionCounterfactualReward(RewardHead):
     name: ClassVar[str] = "vision_counterfactual"
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
-    def __init__(self, fill: float = 0.5, clip: float = 10.0, chunk_size: int = 8,
-                 tasks: list[str] | str | None = ("localize",)):
+    def __init__(
+        self, fill: float = 0.5, clip: float = 10.0, chunk_size: int = 8, tasks: list[str] | str | None = ("localize",)
+    ):
         self.fill = float(fill)
         self.clip = float(clip)
         self.chunk_size = int(chunk_size)
@@ -480,11 +512,16 @@ class VisionCounterfactualReward(RewardHead):
                 pv = batch.prompt_inputs["pixel_values"]
                 masked = mask_pixel_values(pv, batch.samples, grey_value(batch.backbone.processor, fill=self.fill))
                 if masked is None:
-                    warn_once("vision_counterfactual:layout", "vision_counterfactual: pixel_values of shape %s not supported; NaN",
-                              tuple(pv.shape))
+                    warn_once(
+                        "vision_counterfactual:layout",
+                        "vision_counterfactual: pixel_values of shape %s not supported; NaN",
+                        tuple(pv.shape),
+                    )
                     batch.cache[key] = None
                 else:
-                    batch.cache[key] = run_policy(batch, pixel_values=masked, chunk_size=self.chunk_size)["token_logps"]
+                    batch.cache[key] = run_policy(batch, pixel_values=masked, chunk_size=self.chunk_size)[
+                        "token_logps"
+                    ]
             cf = batch.cache[key]
             if cf is None:
                 return out
@@ -494,7 +531,11 @@ class VisionCounterfactualReward(RewardHead):
                 v = float(gap[i])
                 out[i] = min(max(v, -self.clip), self.clip) if math.isfinite(v) else _NAN
         except Exception as e:  # noqa: BLE001
-            warn_once(f"vision_counterfactual:{type(e).__name__}", "vision_counterfactual failed (%s: %s); scored NaN",
-                      type(e).__name__, e)
+            warn_once(
+                f"vision_counterfactual:{type(e).__name__}",
+                "vision_counterfactual failed (%s: %s); scored NaN",
+                type(e).__name__,
+                e,
+            )
             return torch.full((n,), _NAN, dtype=torch.float32)
         return out

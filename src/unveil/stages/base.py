@@ -42,7 +42,9 @@ class StageModule(pl.LightningModule):
             for decay in (True, False):
                 ps = [p for p in params if (id(p) in vision_ids) == is_vision and (p.ndim >= 2) == decay]
                 if ps:
-                    groups.append({"params": ps, "weight_decay": wd if decay else 0.0, "lr": lr * (scale if is_vision else 1.0)})
+                    groups.append(
+                        {"params": ps, "weight_decay": wd if decay else 0.0, "lr": lr * (scale if is_vision else 1.0)}
+                    )
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(o.get("warmup_steps", 0))
@@ -93,5 +95,9 @@ class StageModule(pl.LightningModule):
             if len(states) == world:
                 set_rng_state(states[rank])
             else:
-                log.warning("checkpoint has the random state of %d processes, this run has %d: not restored, "
-                            "so sampling after the resume differs from the uninterrupted run", len(states), world)
+                log.warning(
+                    "checkpoint has the random state of %d processes, this run has %d: not restored, "
+                    "so sampling after the resume differs from the uninterrupted run",
+                    len(states),
+                    world,
+                )

@@ -66,8 +66,13 @@ WEIGHT_NORMS = ("none", "raw", "mmedpo")
 
 
 # --- the pieces, as plain functions (tested one by one) --------------------------------------
-def preference_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, loss_type: str = "sigmoid",
-                    beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
+def preference_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair loss from policy/reference log-ratios (for ``ipo``, pass token-averaged ratios)."""
     delta = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
@@ -86,8 +91,13 @@ def weight_moments(raw: torch.Tensor) -> tuple[float, float]:
     return float(raw.mean()), sigma
 
 
-def normalize_weights(raw: torch.Tensor, kind: str = "none", stats: tuple[float, float] | None = None,
-                      var: float = 0.1, clip: tuple[float, float] = (0.75, 1.25)) -> torch.Tensor:
+def normalize_weights(
+    raw: torch.Tensor,
+    kind: str = "none",
+    stats: tuple[float, float] | None = None,
+    var: float = 0.1,
+    clip: tuple[float, float] = (0.75, 1.25),
+) -> torch.Tensor:
     """Effective per-pair weights (see the module docstring for ``none`` / ``raw`` / ``mmedpo``)."""
     if kind == "none":
         return torch.ones_like(raw)
@@ -136,10 +146,22 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 # --- the stage --------------------------------------------------------------------------------
 class DPOModule(StageModule):
-    def __init__(self, backbone, optim: dict | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, logp_agg: str = "sum", weight_norm: str = "none",
-                 weight_stats: str = "dataset", weight_var: float = 0.1, weight_clip: tuple[float, float] = (0.75, 1.25),
-                 sft_weight: float = 0.0, dropout: bool = False, max_length: int | None = None):
+    def __init__(
+        self,
+        backbone,
+        optim: dict | None = None,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        logp_agg: str = "sum",
+        weight_norm: str = "none",
+        weight_stats: str = "dataset",
+        weight_var: float = 0.1,
+        weight_clip: tuple[float, float] = (0.75, 1.25),
+        sft_weight: float = 0.0,
+        dropout: bool = False,
+        max_length: int | None = None,
+    ):
         super().__init__(backbone, optim)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"stage.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
@@ -151,7 +173,12 @@ class DPOModule(StageModule):
             raise ValueError(f"stage.weight_stats={weight_stats!r}: expected 'dataset' or 'batch'")
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("stage.label_smoothing applies to loss_type=sigmoid only")
-        self.beta, self.loss_type, self.label_smoothing, self.logp_agg = float(beta), loss_type, float(label_smoothing), logp_agg
+        self.beta, self.loss_type, self.label_smoothing, self.logp_agg = (
+            float(beta),
+            loss_type,
+            float(label_smoothing),
+            logp_agg,
+        )
         self.weight_norm, self.weight_scope = weight_norm, weight_stats
         self.weight_var, self.weight_clip = float(weight_var), tuple(float(c) for c in weight_clip)
         self.sft_weight = float(sft_weight)
@@ -173,12 +200,16 @@ class DPOModule(StageModule):
         for split in ("train", "val"):  # fail now rather than at the first batch without a pair
             unpaired = [s.id for s in data.get(split, []) if s.rejected is None]
             if unpaired:
-                raise ValueError(f"stage=dpo: {len(unpaired)} {split} record(s) have no 'rejected' side "
-                                 f"(e.g. {unpaired[:3]}): train on preference records (unveil.curate writes them)")
+                raise ValueError(
+                    f"stage=dpo: {len(unpaired)} {split} record(s) have no 'rejected' side "
+                    f"(e.g. {unpaired[:3]}): train on preference records (unveil.curate writes them)"
+                )
         if self.weight_norm == "mmedpo" and self.weight_scope == "dataset" and self._weight_stats is None:
             if "train" not in data:
-                raise RuntimeError("weight_norm=mmedpo with weight_stats=dataset needs the training split: use a "
-                                   "datamodule with .data['train'], call fit_weight_stats(weights), or weight_stats=batch")
+                raise RuntimeError(
+                    "weight_norm=mmedpo with weight_stats=dataset needs the training split: use a "
+                    "datamodule with .data['train'], call fit_weight_stats(weights), or weight_stats=batch"
+                )
             self.fit_weight_stats(torch.tensor([float(s.weight) for s in data["train"]]))
 
     def fit_weight_stats(self, raw_weights: torch.Tensor) -> tuple[float, float]:
@@ -231,7 +262,9 @@ class DPOModule(StageModule):
             chosen_n, rejected_n = n_tokens.chunk(2)
             per_pair = preference_loss(chosen_logratios / chosen_n, rejected_logratios / rejected_n, "ipo", self.beta)
         else:
-            per_pair = preference_loss(chosen_logratios, rejected_logratios, self.loss_type, self.beta, self.label_smoothing)
+            per_pair = preference_loss(
+                chosen_logratios, rejected_logratios, self.loss_type, self.beta, self.label_smoothing
+            )
 
         weights = self.pair_weights(batch["weights"].to(per_pair))
         loss = (weights * per_pair).mean()
@@ -241,31 +274,51 @@ class DPOModule(StageModule):
             out["sft_loss"] = -token_logps.chunk(2)[0].sum() / chosen_mask.sum().clamp(min=1)
             loss = loss + self.sft_weight * out["sft_loss"]
 
-        chosen_rewards, rejected_rewards = self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
-        out.update({
-            "loss": loss,
-            "per_pair_loss": per_pair.detach(),
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "logps/chosen": chosen_logps.detach(),
-            "logps/rejected": rejected_logps.detach(),
-            "weights": weights.detach(),
-        })
+        chosen_rewards, rejected_rewards = (
+            self.beta * chosen_logratios.detach(),
+            self.beta * rejected_logratios.detach(),
+        )
+        out.update(
+            {
+                "loss": loss,
+                "per_pair_loss": per_pair.detach(),
+                "rewards/chosen": chosen_rewards,
+                "rewards/rejected": rejected_rewards,
+                "rewards/margins": chosen_rewards - rejected_rewards,
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                "logps/chosen": chosen_logps.detach(),
+                "logps/rejected": rejected_logps.detach(),
+                "weights": weights.detach(),
+            }
+        )
         return out
 
     # --- Lightning hooks ------------------------------------------------------------------------
     def _log_metrics(self, split: str, out: dict) -> None:
         n = out["per_pair_loss"].numel()
-        logged = {k: out[k].mean() for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                                             "rewards/accuracies", "logps/chosen", "logps/rejected")}
+        logged = {
+            k: out[k].mean()
+            for k in (
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "rewards/accuracies",
+                "logps/chosen",
+                "logps/rejected",
+            )
+        }
         logged["weights/mean"] = out["weights"].mean()
         if "sft_loss" in out:
             logged["sft_loss"] = out["sft_loss"]
         for k, v in logged.items():
-            self.log(f"{split}/{k}", v.detach(), batch_size=n, prog_bar=k in ("loss", "rewards/accuracies"),
-                     sync_dist=split == "val")
+            self.log(
+                f"{split}/{k}",
+                v.detach(),
+                batch_size=n,
+                prog_bar=k in ("loss", "rewards/accuracies"),
+                sync_dist=split == "val",
+            )
 
     def training_step(self, batch, batch_idx):
         out = self.compute_loss(batch)

@@ -55,7 +55,9 @@ class GRPOModule(RLStageModule):
         self.loss_type = loss_type
         self.epsilon_low = float(epsilon)
         # DAPO's clip-higher: a wider upper bound keeps exploring low-probability tokens.
-        self.epsilon_high = float(epsilon_high) if epsilon_high is not None else (0.28 if loss_type == "dapo" else self.epsilon_low)
+        self.epsilon_high = (
+            float(epsilon_high) if epsilon_high is not None else (0.28 if loss_type == "dapo" else self.epsilon_low)
+        )
         # Dr. GRPO removes the std scaling (it biases towards groups with small spread).
         self.scale_rewards = scale_rewards or ("none" if loss_type == "dr_grpo" else "group")
         self.num_iterations = max(1, int(num_iterations))
@@ -170,9 +172,17 @@ class GRPOModule(RLStageModule):
                 lp = self.logprobs(self.model, mb, with_entropy=True)
                 old = mb.extra.get("old_logps", lp.logps.detach())
                 loss, m = grpo_loss(
-                    lp.logps, old, mb.extra["advantages"], mb.completion_mask, ref_logps=mb.extra.get("ref_logps"),
-                    beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high, loss_type=self.loss_type,
-                    max_completion_length=self.max_new_tokens, entropy=lp.entropy,
+                    lp.logps,
+                    old,
+                    mb.extra["advantages"],
+                    mb.completion_mask,
+                    ref_logps=mb.extra.get("ref_logps"),
+                    beta=self.beta,
+                    eps_low=self.epsilon_low,
+                    eps_high=self.epsilon_high,
+                    loss_type=self.loss_type,
+                    max_completion_length=self.max_new_tokens,
+                    entropy=lp.entropy,
                 )
                 m["grad_norm"] = self.update(loss)
                 m["loss"] = loss.detach()

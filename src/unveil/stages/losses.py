@@ -56,7 +56,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 # ---------------------------------------------------------------------------------------------
 # GRPO
 # ---------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group: torch.Tensor, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Group-relative advantages ``[N]``: reward minus its group's mean, optionally / (std + eps).
 
     ``group`` holds the prompt index of each completion (any integer ids). ``scale``: ``group``
@@ -71,7 +73,7 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "g
     mean = torch.zeros_like(n).index_add_(0, inv, r) / n
     adv = r - mean[inv]
     if scale == "group":
-        ss = torch.zeros_like(n).index_add_(0, inv, adv ** 2)
+        ss = torch.zeros_like(n).index_add_(0, inv, adv**2)
         std = torch.where(n > 1, (ss / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
         adv = adv / (std[inv] + eps)
     elif scale == "batch":
@@ -93,8 +95,13 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float = 0.2, eps_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``; returns (loss, ratio, clipped).
 
     ``advantages`` is ``[N]`` (one per sequence) or ``[N, T]``. ``clipped`` marks tokens whose
@@ -110,8 +117,9 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     return loss, ratio, clipped
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
-              max_completion_length: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_completion_length: int | None = None
+) -> torch.Tensor:
     """Reduce a per-token loss ``[N, T]`` to a scalar by ``loss_type`` (see module docstring)."""
     m = mask.to(per_token.dtype)
     if loss_type == "grpo":
@@ -124,10 +132,19 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
     raise ValueError(f"loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              ref_logps: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
-              eps_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None,
-              entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective and its metrics (``kl``, ``clip_frac``, ``approx_kl``, ``entropy``)."""
     per_token, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
     metrics: dict[str, torch.Tensor] = {}
@@ -158,8 +175,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), t, torch.zeros_like(t)).max(1).values
 
 
-def ppo_token_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None,
-                      mask: torch.Tensor, kl_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_token_rewards(
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, kl_coef: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``[N, T]``: ``-kl_coef * (logp - ref)`` on every token, plus the sequence's
     score on its last real token. Returns (rewards, per-token k1 KL)."""
     m = mask.to(logps.dtype)
@@ -169,8 +187,9 @@ def ppo_token_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torc
     return rewards * m, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion tokens; returns (advantages, returns).
 
     The episode ends after the last real token (its next value is 0); padded positions get 0.
@@ -190,8 +209,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss ``0.5 * masked_mean(max((V-R)^2, (V_clip-R)^2))``; returns (loss, clip fraction)."""
     l1 = (values - returns) ** 2
     if clip is None:
@@ -201,10 +221,20 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.max(l1, l2), mask), masked_mean((l2 > l1).float(), mask).detach()
 
 
-def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-             values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-             entropy: torch.Tensor | None = None, clip_eps: float = 0.2, value_clip: float | None = 0.2,
-             vf_coef: float = 0.1, ent_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 0.1,
+    ent_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip actor-critic loss (token-level advantages ``[N, T]``) and its metrics."""
     per_token, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, clip_eps, clip_eps)
     pg = masked_mean(per_token, mask)

@@ -94,8 +94,14 @@ class PPOModule(RLStageModule):
         return super().trainable_parameters() + list(self.value_head.parameters())
 
     def policy_and_values(self, ro, with_entropy: bool = False):
-        lp = completion_logprobs(self.model, ro, self.temperature, with_entropy=with_entropy, with_hidden=True,
-                                 chunk_size=self.forward_batch_size)
+        lp = completion_logprobs(
+            self.model,
+            ro,
+            self.temperature,
+            with_entropy=with_entropy,
+            with_hidden=True,
+            chunk_size=self.forward_batch_size,
+        )
         return lp, self.value_head(lp.hidden) * ro.completion_mask
 
     def training_step(self, batch, batch_idx):
@@ -126,9 +132,18 @@ class PPOModule(RLStageModule):
                 mb = ro.select(idx)
                 lp, values = self.policy_and_values(mb, with_entropy=True)
                 loss, m = ppo_loss(
-                    lp.logps, mb.extra["old_logps"], mb.extra["advantages"], mb.completion_mask, values,
-                    mb.extra["old_values"], mb.extra["returns"], entropy=lp.entropy, clip_eps=self.clip_eps,
-                    value_clip=self.value_clip, vf_coef=self.vf_coef, ent_coef=self.ent_coef,
+                    lp.logps,
+                    mb.extra["old_logps"],
+                    mb.extra["advantages"],
+                    mb.completion_mask,
+                    values,
+                    mb.extra["old_values"],
+                    mb.extra["returns"],
+                    entropy=lp.entropy,
+                    clip_eps=self.clip_eps,
+                    value_clip=self.value_clip,
+                    vf_coef=self.vf_coef,
+                    ent_coef=self.ent_coef,
                 )
                 m["grad_norm"] = self.update(loss)
                 m["loss"] = loss.detach()

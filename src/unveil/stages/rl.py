@@ -21,8 +21,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 def mean_metrics(history: list[dict]) -> dict[str, float]:
     """Average each metric over the optimiser steps of one rollout batch (None entries skipped)."""
     keys = {k for h in history for k, v in h.items() if v is not None}
-    return {k: sum(float(h[k]) for h in history if h.get(k) is not None) / sum(h.get(k) is not None for h in history)
-            for k in sorted(keys)}
+    return {
+        k: sum(float(h[k]) for h in history if h.get(k) is not None) / sum(h.get(k) is not None for h in history)
+        for k in sorted(keys)
+    }
 
 
 class RLStageModule(StageModule):
@@ -103,8 +106,15 @@ class RLStageModule(StageModule):
     def rollout(self, batch: dict, num_generations: int | None = None) -> tuple[Rollout, RewardOutput]:
         """G sampled completions per prompt and their rewards (wall times kept for ``log_step``)."""
         t0 = time.perf_counter()
-        ro = sample_rollouts(self.backbone, batch, num_generations or self.num_generations, self.max_new_tokens,
-                             self.temperature, self.top_p, self.top_k)
+        ro = sample_rollouts(
+            self.backbone,
+            batch,
+            num_generations or self.num_generations,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+        )
         t1 = time.perf_counter()
         reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))
         ro.extra["reward"] = reward.total.to(self.device).float()
@@ -136,8 +146,12 @@ class RLStageModule(StageModule):
     def log_step(self, ro: Rollout, reward: RewardOutput, metrics: dict[str, float], prefix: str = "train") -> None:
         n_prompts = int(ro.group.max()) + 1 if len(ro) else 1
         logs = {k: v for k, v in reward.stats.items() if isinstance(v, float) and math.isfinite(v)}
-        logs.update({f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
-        logs["reward/total/zero_spread_frac"] = zero_spread_fraction(ro.extra["reward"], ro.group)  # groups without signal
+        logs.update(
+            {f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        )
+        logs["reward/total/zero_spread_frac"] = zero_spread_fraction(
+            ro.extra["reward"], ro.group
+        )  # groups without signal
         logs[f"{prefix}/completion_len"] = float(ro.lengths.float().mean())
         eos = self.backbone.tokenizer.eos_token_id
         ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
@@ -146,8 +160,14 @@ class RLStageModule(StageModule):
         t = self._times
         if t:
             total_s = time.perf_counter() - t["start"]
-            logs.update({"time/generate_s": t["generate"], "time/reward_s": t["reward"],
-                         "time/update_s": max(0.0, total_s - t["generate"] - t["reward"]), "time/step_s": total_s})
+            logs.update(
+                {
+                    "time/generate_s": t["generate"],
+                    "time/reward_s": t["reward"],
+                    "time/update_s": max(0.0, total_s - t["generate"] - t["reward"]),
+                    "time/step_s": total_s,
+                }
+            )
         bar = {"reward/total/mean", f"{prefix}/loss", f"{prefix}/kl"}
         for k, v in logs.items():
             self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=n_prompts)
@@ -165,9 +185,15 @@ class RLStageModule(StageModule):
         for i in keep:
             s = ro.samples[i]
             row = {
-                "step": int(self.global_step), "rollout_step": step, "sample_id": s.id, "task": s.task, "group": int(ro.group[i]),
-                "prompt": s.prompt_messages[-1]["content"] if s.prompt_messages else "", "completion": ro.texts[i],
-                "reference": s.target, "reward": float(reward.total[i]),
+                "step": int(self.global_step),
+                "rollout_step": step,
+                "sample_id": s.id,
+                "task": s.task,
+                "group": int(ro.group[i]),
+                "prompt": s.prompt_messages[-1]["content"] if s.prompt_messages else "",
+                "completion": ro.texts[i],
+                "reference": s.target,
+                "reward": float(reward.total[i]),
                 "advantage": float(advantages[i].float().mean()) if advantages is not None else None,
             }
             for h in heads:
@@ -186,7 +212,9 @@ class RLStageModule(StageModule):
         for lg in self.loggers:
             if isinstance(lg, WandbLogger) and rows:
                 cols = list(rows[0])
-                lg.log_table(key="completions", columns=cols, data=[[r[c] for c in cols] for r in rows], step=self.global_step)
+                lg.log_table(
+                    key="completions", columns=cols, data=[[r[c] for c in cols] for r in rows], step=self.global_step
+                )
 
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

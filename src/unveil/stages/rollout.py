@@ -40,7 +40,7 @@ def _image_rows(inputs: dict, n_images: list[int]) -> dict[str, list[int]] | Non
             per_image = inputs["image_grid_thw"].prod(-1).tolist()  # patch rows per image
             rows, k = [], 0
             for n in n_images:
-                rows.append(int(sum(per_image[k:k + n])))
+                rows.append(int(sum(per_image[k : k + n])))
                 k += n
             out[key] = rows
         elif key == "pixel_values" and v.dim() == 5:
@@ -92,25 +92,34 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
 
-    def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
+    def select(self, idx: torch.Tensor | list[int]) -> Rollout:
         """The completions ``idx`` (a minibatch)."""
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         il = idx_t.tolist()
         dev = self.completion_ids.device
         return Rollout(
             inputs=select_inputs(self.inputs, il, self.n_images),
-            completion_ids=self.completion_ids[idx_t.to(dev)], completion_mask=self.completion_mask[idx_t.to(dev)],
-            texts=[self.texts[i] for i in il], samples=[self.samples[i] for i in il], group=self.group[idx_t.to(self.group.device)],
-            extra={k: (v[idx_t.to(v.device)] if torch.is_tensor(v) else [v[i] for i in il]) for k, v in self.extra.items()},
+            completion_ids=self.completion_ids[idx_t.to(dev)],
+            completion_mask=self.completion_mask[idx_t.to(dev)],
+            texts=[self.texts[i] for i in il],
+            samples=[self.samples[i] for i in il],
+            group=self.group[idx_t.to(self.group.device)],
+            extra={
+                k: (v[idx_t.to(v.device)] if torch.is_tensor(v) else [v[i] for i in il]) for k, v in self.extra.items()
+            },
         )
 
-    def to(self, device) -> "Rollout":
+    def to(self, device) -> Rollout:
         """The same completions with every tensor on ``device``."""
         move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
         return Rollout(
-            inputs={k: move(v) for k, v in self.inputs.items()}, completion_ids=move(self.completion_ids),
-            completion_mask=move(self.completion_mask), texts=list(self.texts), samples=list(self.samples),
-            group=move(self.group), extra={k: move(v) for k, v in self.extra.items()},
+            inputs={k: move(v) for k, v in self.inputs.items()},
+            completion_ids=move(self.completion_ids),
+            completion_mask=move(self.completion_mask),
+            texts=list(self.texts),
+            samples=list(self.samples),
+            group=move(self.group),
+            extra={k: move(v) for k, v in self.extra.items()},
         )
 
     def state(self) -> dict[str, Any]:
@@ -118,25 +127,39 @@ class Rollout:
         holds, and what ``torch.load(weights_only=True)`` gives back."""
         ro = self.to("cpu")
         return {
-            "inputs": dict(ro.inputs), "completion_ids": ro.completion_ids, "completion_mask": ro.completion_mask,
-            "texts": ro.texts, "samples": [s.to_dict() for s in ro.samples], "group": ro.group, "extra": dict(ro.extra),
+            "inputs": dict(ro.inputs),
+            "completion_ids": ro.completion_ids,
+            "completion_mask": ro.completion_mask,
+            "texts": ro.texts,
+            "samples": [s.to_dict() for s in ro.samples],
+            "group": ro.group,
+            "extra": dict(ro.extra),
         }
 
     @staticmethod
-    def from_state(state: dict[str, Any]) -> "Rollout":
+    def from_state(state: dict[str, Any]) -> Rollout:
         from unveil.data.schema import Sample
 
         return Rollout(
-            inputs=dict(state["inputs"]), completion_ids=state["completion_ids"], completion_mask=state["completion_mask"],
-            texts=list(state["texts"]), samples=[Sample.from_dict(d) for d in state["samples"]], group=state["group"],
+            inputs=dict(state["inputs"]),
+            completion_ids=state["completion_ids"],
+            completion_mask=state["completion_mask"],
+            texts=list(state["texts"]),
+            samples=[Sample.from_dict(d) for d in state["samples"]],
+            group=state["group"],
             extra=dict(state["extra"]),
         )
 
     def reward_batch(self, backbone=None, vocab: list[str] | None = None) -> RolloutBatch:
         return RolloutBatch(
-            samples=self.samples, completions=self.texts, group=self.group,
-            completion_ids=self.completion_ids, completion_mask=self.completion_mask,
-            prompt_inputs=self.inputs, backbone=backbone, vocab=list(vocab or []),
+            samples=self.samples,
+            completions=self.texts,
+            group=self.group,
+            completion_ids=self.completion_ids,
+            completion_mask=self.completion_mask,
+            prompt_inputs=self.inputs,
+            backbone=backbone,
+            vocab=list(vocab or []),
         )
 
 
@@ -180,24 +203,46 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         inputs=inputs,
         completion_ids=torch.cat([_pad_to(p.completion_ids, width, pad_token_id, left=False) for p in parts]),
         completion_mask=torch.cat([_pad_to(p.completion_mask, width, 0, left=False) for p in parts]),
-        texts=[t for p in parts for t in p.texts], samples=[x for p in parts for x in p.samples],
-        group=torch.cat(groups), extra=extra,
+        texts=[t for p in parts for t in p.texts],
+        samples=[x for p in parts for x in p.samples],
+        group=torch.cat(groups),
+        extra=extra,
     )
 
 
-def sample_rollouts(backbone, batch: dict, num_generations: int, max_new_tokens: int = 48, temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0, do_sample: bool = True) -> Rollout:
+def sample_rollouts(
+    backbone,
+    batch: dict,
+    num_generations: int,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+) -> Rollout:
     """G completions per prompt of a :class:`PromptCollator` batch, from one ``generate`` call."""
     samples = batch["samples"]
-    out = generate(backbone, batch, max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_generations,
-                   temperature=temperature, top_p=top_p, top_k=top_k)
+    out = generate(
+        backbone,
+        batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_generations,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
     g = num_generations
     rows = torch.arange(len(samples)).repeat_interleave(g)  # generate() repeats each prompt G times in a row
     n_images = [len(s.images) for s in samples]
     inputs = select_inputs(model_inputs(batch), rows, n_images)
     return Rollout(
-        inputs=inputs, completion_ids=out["completion_ids"], completion_mask=out["completion_mask"], texts=out["texts"],
-        samples=[samples[i] for i in rows.tolist()], group=rows.to(out["completion_ids"].device),
+        inputs=inputs,
+        completion_ids=out["completion_ids"],
+        completion_mask=out["completion_mask"],
+        texts=out["texts"],
+        samples=[samples[i] for i in rows.tolist()],
+        group=rows.to(out["completion_ids"].device),
     )
 
 
@@ -214,8 +259,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def _forward_logprobs(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                      temperature: float, with_entropy: bool, with_hidden: bool) -> LogProbs:
+def _forward_logprobs(
+    model,
+    inputs: dict,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    with_hidden: bool,
+) -> LogProbs:
     T = completion_ids.shape[1]
     fwd = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     input_ids = torch.cat([inputs["input_ids"], completion_ids], dim=1)
@@ -235,33 +287,52 @@ def _forward_logprobs(model, inputs: dict, completion_ids: torch.Tensor, complet
     finally:
         if handle is not None:
             handle.remove()
-    logits = out.logits[:, -(T + 1):-1, :].float()  # position j predicts token j + 1
+    logits = out.logits[:, -(T + 1) : -1, :].float()  # position j predicts token j + 1
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     mask = completion_mask.to(logp_all.dtype)
     logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * mask
     entropy = -(logp_all.exp() * logp_all).sum(-1) * mask if with_entropy else None
-    h = hidden[-1][:, -(T + 1):-1, :] if with_hidden else None
+    h = hidden[-1][:, -(T + 1) : -1, :] if with_hidden else None
     return LogProbs(logps=logps, entropy=entropy, hidden=h)
 
 
-def completion_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False,
-                        with_hidden: bool = False, chunk_size: int | None = None) -> LogProbs:
+def completion_logprobs(
+    model,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+    chunk_size: int | None = None,
+) -> LogProbs:
     """Per-token log-probs of the rollout's completions under ``model`` (grad flows if enabled).
 
     ``chunk_size`` bounds the rows of one forward pass (memory); results are concatenated.
     """
     n = len(rollout)
     if not chunk_size or chunk_size >= n:
-        return _forward_logprobs(model, rollout.inputs, rollout.completion_ids, rollout.completion_mask,
-                                 temperature, with_entropy, with_hidden)
+        return _forward_logprobs(
+            model,
+            rollout.inputs,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            temperature,
+            with_entropy,
+            with_hidden,
+        )
     parts = []
     for s in range(0, n, chunk_size):
         sub = rollout.select(list(range(s, min(n, s + chunk_size))))
-        parts.append(_forward_logprobs(model, sub.inputs, sub.completion_ids, sub.completion_mask,
-                                       temperature, with_entropy, with_hidden))
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None  # noqa: E731
+        parts.append(
+            _forward_logprobs(
+                model, sub.inputs, sub.completion_ids, sub.completion_mask, temperature, with_entropy, with_hidden
+            )
+        )
+
+    def cat(name: str) -> torch.Tensor | None:
+        return torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
+
     return LogProbs(logps=cat("logps"), entropy=cat("entropy"), hidden=cat("hidden"))
 
 
@@ -289,7 +360,7 @@ class ReferencePolicy:
         if not self.adapter_off:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def to(self, device) -> "ReferencePolicy":
+    def to(self, device) -> ReferencePolicy:
         if self.copy is not None:
             self.copy.to(device)
         return self

@@ -85,5 +85,10 @@ class CSVHistory:
             first = min(steps)
             kept = [r for r in old if _step(r) < first]
             _write(path, header, kept + new)
-            log.info("%s: kept %d rows from before the resume (steps < %d), dropped %d it logged again",
-                     path, len(kept), first, len(old) - len(kept))
+            log.info(
+                "%s: kept %d rows from before the resume (steps < %d), dropped %d it logged again",
+                path,
+                len(kept),
+                first,
+                len(old) - len(kept),
+            )

@@ -14,7 +14,10 @@ def scrub(obj: Any) -> Any:
     Fields that *name* an environment variable (``*_env``) are kept: they hold no secret.
     """
     if isinstance(obj, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET.search(k) and v not in (None, "") else scrub(v)) for k, v in obj.items()}
+        return {
+            k: ("***" if isinstance(k, str) and _SECRET.search(k) and v not in (None, "") else scrub(v))
+            for k, v in obj.items()
+        }
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj

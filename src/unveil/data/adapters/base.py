@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from unveil.data.errors import ArrayIndex, RecordError
 from unveil.data.schema import Sample, validate_sample
@@ -73,7 +74,9 @@ def collect(
                 raise
             skipped.append(str(e))
     if skipped:
-        log.warning("%s: skipped %d bad record(s) (data.on_bad_record=skip); first: %s", path, len(skipped), skipped[0])
+        log.warning(
+            "%s: skipped %d bad record(s) (data.on_bad_record=skip); first: %s", path, len(skipped), skipped[0]
+        )
     collect.last_skipped = len(skipped)  # read by the datamodule to log the count as a metric
     return out
 

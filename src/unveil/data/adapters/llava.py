@@ -45,9 +45,12 @@ from unveil.data.images import image_size, resolve
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
 
 SPEAKERS = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant",
-    "vuser": "virtual_user", "virtual_user": "virtual_user",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "vuser": "virtual_user",
+    "virtual_user": "virtual_user",
     "system": "system",
 }
 
@@ -78,7 +81,9 @@ def turns_to_messages(turns: Any, path, n, field: str, strip_assistant: bool = F
             raise RecordError(f, n, f"{field}[{i}].from", f"unknown speaker {who!r}; known: {sorted(SPEAKERS)}")
         value = t.get("value")
         if not isinstance(value, str):
-            raise RecordError(f, n, f"{field}[{i}].value", f"expected a string, got {type(value).__name__}: {value!r:.80}")
+            raise RecordError(
+                f, n, f"{field}[{i}].value", f"expected a string, got {type(value).__name__}: {value!r:.80}"
+            )
         if strip_assistant and role == "assistant":
             value = value.strip()
         out.append({"role": role, "content": value})
@@ -91,8 +96,9 @@ def n_placeholders(messages: list[dict[str, str]]) -> int:
     return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] != "assistant")
 
 
-def fit_placeholders(messages: list[dict[str, str]], n_images: int, path, n, field: str,
-                     add_missing: bool = True) -> bool:
+def fit_placeholders(
+    messages: list[dict[str, str]], n_images: int, path, n, field: str, add_missing: bool = True
+) -> bool:
     """Check one ``<image>`` per image in the non-assistant turns (in place).
 
     With ``add_missing`` a record that has images but no placeholder at all gets them at the
@@ -106,12 +112,17 @@ def fit_placeholders(messages: list[dict[str, str]], n_images: int, path, n, fie
             if m["role"] == "user":
                 m["content"] = f"{IMAGE_PLACEHOLDER}\n" * n_images + m["content"]
                 return True
-    raise RecordError(str(path), n, field,
-                      f"{k} '{IMAGE_PLACEHOLDER}' placeholder(s) in the non-assistant turns for {n_images} image(s)")
+    raise RecordError(
+        str(path),
+        n,
+        field,
+        f"{k} '{IMAGE_PLACEHOLDER}' placeholder(s) in the non-assistant turns for {n_images} image(s)",
+    )
 
 
-def image_paths(rels: list, root: Path, path, n, field: str, check_images: bool,
-                image_dir: str | None = None) -> list[str]:
+def image_paths(
+    rels: list, root: Path, path, n, field: str, check_images: bool, image_dir: str | None = None
+) -> list[str]:
     """Resolve relative image paths under the data root (optionally under ``image_dir`` in it)."""
     out = []
     for i, r in enumerate(rels):
@@ -126,7 +137,9 @@ def image_paths(rels: list, root: Path, path, n, field: str, check_images: bool,
     return out
 
 
-def record_images(rec: dict, key: str, root: Path, path, n, check_images: bool, image_dir: str | None = None) -> list[str]:
+def record_images(
+    rec: dict, key: str, root: Path, path, n, check_images: bool, image_dir: str | None = None
+) -> list[str]:
     """``rec[key]`` as a list of resolved paths: absent/None -> [], a str -> [one], a list -> all."""
     v = rec.get(key)
     if v is None:
@@ -172,8 +185,15 @@ def unique_ids(samples: list[Sample]) -> list[Sample]:
 def modality_name(v: Any) -> str:
     """Normalise modality labels from the various tables to unveil's names (ct, xray, mri, ...)."""
     s = str(v).strip().lower().replace(" ", "").replace("-", "").replace("_", "")
-    return {"xray": "xray", "cxr": "xray", "chestxray": "xray", "ct": "ct", "ctscan": "ct", "mri": "mri",
-            "mr": "mri"}.get(s, str(v).strip().lower())
+    return {
+        "xray": "xray",
+        "cxr": "xray",
+        "chestxray": "xray",
+        "ct": "ct",
+        "ctscan": "ct",
+        "mri": "mri",
+        "mr": "mri",
+    }.get(s, str(v).strip().lower())
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,8 +202,15 @@ def modality_name(v: Any) -> str:
 _CONV_KNOWN = {"id", "image", "conversations"}
 
 
-def convert_conversation(rec: dict, n, path: Path, root: Path, check_images: bool = True,
-                         image_dir: str | None = None, source: str = "llava") -> Sample:
+def convert_conversation(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    check_images: bool = True,
+    image_dir: str | None = None,
+    source: str = "llava",
+) -> Sample:
     rid = require(rec, "id", (str, int), path, n)
     images = record_images(rec, "image", root, path, n, check_images, image_dir)
     messages = turns_to_messages(require(rec, "conversations", list, path, n), path, n, "conversations")
@@ -198,8 +225,15 @@ def convert_conversation(rec: dict, n, path: Path, root: Path, check_images: boo
 _EVAL_KNOWN = {"question_id", "image", "text", "gpt4_answer", "domain", "type"}
 
 
-def convert_eval(rec: dict, n, path: Path, root: Path, check_images: bool = True,
-                 image_dir: str | None = None, source: str = "llava_med_eval") -> Sample:
+def convert_eval(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    check_images: bool = True,
+    image_dir: str | None = None,
+    source: str = "llava_med_eval",
+) -> Sample:
     f = str(path)
     qid = require(rec, "question_id", (int, str), path, n)
     images = image_paths([require(rec, "image", str, path, n)], root, path, n, "image", check_images, image_dir)
@@ -217,15 +251,27 @@ def convert_eval(rec: dict, n, path: Path, root: Path, check_images: bool = True
     domain = rec.get("domain") or {}
     if not isinstance(domain, dict) or not all(isinstance(v, bool) for v in domain.values()):
         raise RecordError(f, n, "domain", f"expected an object of booleans, got {domain!r:.120}")
-    true = [k for k in DOMAIN_MODALITY if domain.get(k)] + [k for k, v in domain.items() if v and k not in DOMAIN_MODALITY]
+    true = [k for k in DOMAIN_MODALITY if domain.get(k)] + [
+        k for k, v in domain.items() if v and k not in DOMAIN_MODALITY
+    ]
     meta = {k: v for k, v in rec.items() if k not in _EVAL_KNOWN}
-    meta.update(source=source, raw_text=raw, type=kind, domains=[DOMAIN_MODALITY.get(d, d) for d in true],
-                modality=DOMAIN_MODALITY.get(true[0], true[0]) if true else "unknown")
+    meta.update(
+        source=source,
+        raw_text=raw,
+        type=kind,
+        domains=[DOMAIN_MODALITY.get(d, d) for d in true],
+        modality=DOMAIN_MODALITY.get(true[0], true[0]) if true else "unknown",
+    )
     return Sample(
-        id=str(qid), images=images,
-        messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
-                  {"role": "assistant", "content": reference}],
-        task=EVAL_TYPE_TASK[kind], answer=None, meta=meta,
+        id=str(qid),
+        images=images,
+        messages=[
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+            {"role": "assistant", "content": reference},
+        ],
+        task=EVAL_TYPE_TASK[kind],
+        answer=None,
+        meta=meta,
     )
 
 
@@ -233,8 +279,13 @@ def _is_eval(rec: Any) -> bool:
     return isinstance(rec, dict) and "question_id" in rec and "text" in rec and "conversations" not in rec
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True,
-         image_dir: str | None = None) -> list[Sample]:
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    image_dir: str | None = None,
+) -> list[Sample]:
     """Read LLaVA instruction JSON/JSONL or LLaVA-Med eval JSONL (told apart per record).
 
     ``image_dir``: folder under ``root`` that the records' image paths are relative to

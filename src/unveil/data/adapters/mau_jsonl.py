@@ -30,8 +30,21 @@ from unveil.data.errors import RecordError
 from unveil.data.images import image_size, resolve
 from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
 
-_KNOWN = {"id", "image", "images", "query", "answer", "boxes", "box_units", "box_image", "findings", "task",
-          "short_answer", "rejected", "weight"}
+_KNOWN = {
+    "id",
+    "image",
+    "images",
+    "query",
+    "answer",
+    "boxes",
+    "box_units",
+    "box_image",
+    "findings",
+    "task",
+    "short_answer",
+    "rejected",
+    "weight",
+}
 
 
 def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True) -> Sample:
@@ -61,7 +74,11 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
         raise RecordError(f, n, "box_image", f"expected {len(raw_boxes)} image indices, got {box_image!r:.80}")
     boxes = []
     for i, b in enumerate(raw_boxes):
-        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+        if not (
+            isinstance(b, list)
+            and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
+        ):
             raise RecordError(f, n, f"boxes[{i}]", f"expected four numbers [x1, y1, x2, y2], got {b!r:.80}")
         if not isinstance(box_image[i], int) or not 0 <= box_image[i] < max(1, len(images)):
             raise RecordError(f, n, f"box_image[{i}]", f"no image {box_image[i]!r} in this record")
@@ -78,22 +95,30 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
         boxes.append([float(v) for v in b])
     findings = rec.get("findings") or []
     if not isinstance(findings, list) or len(findings) != len(boxes) or not all(isinstance(x, str) for x in findings):
-        raise RecordError(f, n, "findings", f"expected {len(boxes)} label string(s), one per box, got {findings!r:.80}")
+        raise RecordError(
+            f, n, "findings", f"expected {len(boxes)} label string(s), one per box, got {findings!r:.80}"
+        )
     rejected = None
     if rec.get("rejected") is not None:
         rj = rec["rejected"]
         if not isinstance(rj, dict) or not isinstance(rj.get("answer", answer), str):
-            raise RecordError(f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}")
+            raise RecordError(
+                f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}"
+            )
         rj_images = rj.get("images")
         if rj_images is not None:
             if not isinstance(rj_images, list) or len(rj_images) != len(images):
-                raise RecordError(f, n, "rejected.images", f"expected {len(images)} path(s) or null, got {rj_images!r:.80}")
+                raise RecordError(
+                    f, n, "rejected.images", f"expected {len(images)} path(s) or null, got {rj_images!r:.80}"
+                )
             rj_images = [str(resolve(root, r, f, n, "rejected.images")) for r in rj_images]
             if check_images:
                 for p in rj_images:
                     image_size(p, f, n, "rejected.images")
-        rejected = Rejected(messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rj.get("answer", answer)}],
-                            images=rj_images)
+        rejected = Rejected(
+            messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rj.get("answer", answer)}],
+            images=rj_images,
+        )
     weight = rec.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RecordError(f, n, "weight", f"expected a number, got {weight!r:.80}")
@@ -102,15 +127,23 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
     if any(sizes):
         meta["image_sizes"] = [list(s) for s in sizes if s]
     return Sample(
-        id=str(rid), images=images,
+        id=str(rid),
+        images=images,
         messages=[{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
-        boxes=boxes, box_images=list(box_image), findings=findings,
+        boxes=boxes,
+        box_images=list(box_image),
+        findings=findings,
         task=str(rec.get("task", "localize" if boxes else "vqa_open")),
-        answer=rec.get("short_answer"), rejected=rejected, weight=float(weight), meta=meta,
+        answer=rec.get("short_answer"),
+        rejected=rejected,
+        weight=float(weight),
+        meta=meta,
     )
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True) -> list[Sample]:
+def read(
+    path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True
+) -> list[Sample]:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     return collect(path, iter_json_records(path), lambda r, n: convert(r, n, path, root, check_images), on_bad_record)

@@ -77,8 +77,16 @@ def parse_options(text: str) -> dict[str, str]:
     return opts
 
 
-def convert(rec: dict, n, path: Path, root: Path, ability: str, held_out: bool, check_images: bool = True,
-            image_dir: str | None = None) -> Sample:
+def convert(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    ability: str,
+    held_out: bool,
+    check_images: bool = True,
+    image_dir: str | None = None,
+) -> Sample:
     f = str(path)
     rid = require(rec, "id", (str, int), path, n)
     rels = require(rec, "images", list, path, n)
@@ -95,8 +103,9 @@ def convert(rec: dict, n, path: Path, root: Path, ability: str, held_out: bool, 
             raise RecordError(f, n, f"conversation[{i}].role", f"expected 'user' or 'assistant', got {role!r:.80}")
         content = t.get("content")
         if not isinstance(content, str):
-            raise RecordError(f, n, f"conversation[{i}].content",
-                              f"expected a string, got {type(content).__name__}: {content!r:.80}")
+            raise RecordError(
+                f, n, f"conversation[{i}].content", f"expected a string, got {type(content).__name__}: {content!r:.80}"
+            )
         messages.append({"role": role, "content": content})
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -104,8 +113,12 @@ def convert(rec: dict, n, path: Path, root: Path, ability: str, held_out: bool, 
         raise RecordError(f, n, "conversation", "expected a user turn and an assistant turn")
     k = n_placeholders(messages)
     if k != len(images):
-        raise RecordError(f, n, "conversation",
-                          f"{k} '{IMAGE_PLACEHOLDER}' placeholder(s) in the user turn for {len(images)} image(s)")
+        raise RecordError(
+            f,
+            n,
+            "conversation",
+            f"{k} '{IMAGE_PLACEHOLDER}' placeholder(s) in the user turn for {len(images)} image(s)",
+        )
     source = rec.get("source", "")
     if not isinstance(source, str):
         raise RecordError(f, n, "source", f"expected a string, got {source!r:.80}")
@@ -113,8 +126,14 @@ def convert(rec: dict, n, path: Path, root: Path, ability: str, held_out: bool, 
     question = messages[users[-1]]["content"]
     raw_answer = messages[answers[-1]]["content"]
     meta = {k: v for k, v in rec.items() if k not in _KNOWN}
-    meta.update(source=source or "med_mim", dataset="med_mim", ability=ability, held_out=held_out, orig_id=rid,
-                n_images=len(images))
+    meta.update(
+        source=source or "med_mim",
+        dataset="med_mim",
+        ability=ability,
+        held_out=held_out,
+        orig_id=rid,
+        n_images=len(images),
+    )
     low = source.lower()
     meta["modality"] = next((mod for key, mod in _MODALITY if key in low), "unknown")
 
@@ -136,8 +155,14 @@ def convert(rec: dict, n, path: Path, root: Path, ability: str, held_out: bool, 
     return Sample(id=f"{ability}/{rid}#{n}", images=images, messages=messages, task=task, answer=answer, meta=meta)
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True,
-         ability: str | None = None, image_dir: str | None = None) -> list[Sample]:
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    ability: str | None = None,
+    image_dir: str | None = None,
+) -> list[Sample]:
     """Read one Med-MIM ability file. ``ability`` overrides what the file name says."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -145,12 +170,18 @@ def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = 
     if ability is None:
         got = ability_from_name(path)
         if got is None:
-            log.warning("%s: cannot tell the Med-MIM ability from the file name; meta['ability']='unknown' "
-                        "(pass ability=...)", path)
+            log.warning(
+                "%s: cannot tell the Med-MIM ability from the file name; meta['ability']='unknown' (pass ability=...)",
+                path,
+            )
             ability = "unknown"
         else:
             ability, held_out = got
     else:
         held_out = ability.startswith("held_out")
-    return collect(path, iter_json_records(path),
-                   lambda r, n: convert(r, n, path, root, ability, held_out, check_images, image_dir), on_bad_record)
+    return collect(
+        path,
+        iter_json_records(path),
+        lambda r, n: convert(r, n, path, root, ability, held_out, check_images, image_dir),
+        on_bad_record,
+    )

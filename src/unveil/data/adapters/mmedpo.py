@@ -34,18 +34,44 @@ import re
 from pathlib import Path
 
 from unveil.data.adapters.base import collect, iter_json_records, require
-from unveil.data.adapters.llava import (fit_placeholders, image_paths, is_yes_no, number, record_images,
-                                        turns_to_messages, unique_ids)
+from unveil.data.adapters.llava import (
+    fit_placeholders,
+    image_paths,
+    is_yes_no,
+    number,
+    record_images,
+    turns_to_messages,
+    unique_ids,
+)
 from unveil.data.errors import RecordError
 from unveil.data.schema import Rejected, Sample
 
 _SCAFFOLD = re.compile(
-    r"^\s*Question:[^\n]*\n-Original Answer:(?P<orig>[^\n]*)\n(?:-Candidate Answer\s*\d+:[^\n]*(?:\n|$))*(?P<rest>.*)$",
-    re.S)
+    r"^\s*Question:[^\n]*\n-Original Answer:(?P<orig>[^\n]*)\n"
+    r"(?:-Candidate Answer\s*\d+:[^\n]*(?:\n|$))*(?P<rest>.*)$",
+    re.S,
+)
 _REPORT_SETS = ("iuxray", "iu_xray", "iu-xray", "mimic")
-_DATASETS = {"slake": "slake", "vqa-rad": "vqa_rad", "vqa_rad": "vqa_rad", "vqarad": "vqa_rad", "iuxray": "iu_xray",
-             "iu_xray": "iu_xray", "iu-xray": "iu_xray", "mimic": "mimic_cxr", "pathvqa": "pathvqa"}
-_KNOWN = {"id", "image", "conversations", "rejected_conversations", "weighted_score", "rejected_image", "rejected_noised"}
+_DATASETS = {
+    "slake": "slake",
+    "vqa-rad": "vqa_rad",
+    "vqa_rad": "vqa_rad",
+    "vqarad": "vqa_rad",
+    "iuxray": "iu_xray",
+    "iu_xray": "iu_xray",
+    "iu-xray": "iu_xray",
+    "mimic": "mimic_cxr",
+    "pathvqa": "pathvqa",
+}
+_KNOWN = {
+    "id",
+    "image",
+    "conversations",
+    "rejected_conversations",
+    "weighted_score",
+    "rejected_image",
+    "rejected_noised",
+}
 
 
 def clean_answer(raw: str, clean_scaffolding: bool = True) -> tuple[str, bool]:
@@ -69,15 +95,25 @@ def _last_assistant(messages) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
-def convert(rec: dict, n, path: Path, root: Path, check_images: bool = True, image_dir: str | None = None,
-            clean_scaffolding: bool = True, task: str | None = None) -> Sample:
+def convert(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    check_images: bool = True,
+    image_dir: str | None = None,
+    clean_scaffolding: bool = True,
+    task: str | None = None,
+) -> Sample:
     f = str(path)
     rid = require(rec, "id", (str, int), path, n)
     if isinstance(rid, bool):
         raise RecordError(f, n, "id", f"expected str or int, got {rid!r}")
     images = image_paths([require(rec, "image", str, path, n)], root, path, n, "image", check_images, image_dir)
     chosen = turns_to_messages(require(rec, "conversations", list, path, n), path, n, "conversations")
-    rejected = turns_to_messages(require(rec, "rejected_conversations", list, path, n), path, n, "rejected_conversations")
+    rejected = turns_to_messages(
+        require(rec, "rejected_conversations", list, path, n), path, n, "rejected_conversations"
+    )
     fit_placeholders(chosen, len(images), path, n, "conversations", add_missing=False)
     fit_placeholders(rejected, len(images), path, n, "rejected_conversations", add_missing=False)
     if [m for m in chosen if m["role"] != "assistant"] != [m for m in rejected if m["role"] != "assistant"]:
@@ -110,17 +146,32 @@ def convert(rec: dict, n, path: Path, root: Path, check_images: bool = True, ima
 
     answer = chosen[ic]["content"]
     if task is None:
-        task = "vqa_closed" if is_yes_no(answer) else (
-            "report" if any(k in path.name.lower() for k in _REPORT_SETS) else "vqa_open")
+        task = (
+            "vqa_closed"
+            if is_yes_no(answer)
+            else ("report" if any(k in path.name.lower() for k in _REPORT_SETS) else "vqa_open")
+        )
     return Sample(
-        id=str(rid), images=images, messages=chosen, task=task,
+        id=str(rid),
+        images=images,
+        messages=chosen,
+        task=task,
         answer=answer if task in ("vqa_closed", "vqa_open", "mcq") else None,
-        rejected=Rejected(messages=rejected, images=rj_images), weight=weight, meta=meta,
+        rejected=Rejected(messages=rejected, images=rj_images),
+        weight=weight,
+        meta=meta,
     )
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True,
-         image_dir: str | None = None, clean_scaffolding: bool = True, task: str | None = None) -> list[Sample]:
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    image_dir: str | None = None,
+    clean_scaffolding: bool = True,
+    task: str | None = None,
+) -> list[Sample]:
     """Read an MMedPO ``*_dpo_weighted.json`` file.
 
     ``clean_scaffolding=False`` keeps leaked scaffolding in the training text (as released);
@@ -128,6 +179,11 @@ def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = 
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    return unique_ids(collect(path, iter_json_records(path),
-                              lambda r, n: convert(r, n, path, root, check_images, image_dir, clean_scaffolding, task),
-                              on_bad_record))
+    return unique_ids(
+        collect(
+            path,
+            iter_json_records(path),
+            lambda r, n: convert(r, n, path, root, check_images, image_dir, clean_scaffolding, task),
+            on_bad_record,
+        )
+    )

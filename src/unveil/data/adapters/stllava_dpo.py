@@ -36,8 +36,12 @@ def convert(rec: dict, n, path: Path, root: Path, check_images: bool = True, ima
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise RecordError(f, n, "id", f"expected str or int, got {rid!r:.80}")
     if "rejected_conversations" in rec and "reject_conversations" not in rec:
-        raise RecordError(f, n, "reject_conversations",
-                          "missing required field (found 'rejected_conversations': is this an MMedPO file? use format=mmedpo)")
+        raise RecordError(
+            f,
+            n,
+            "reject_conversations",
+            "missing required field (found 'rejected_conversations': is this an MMedPO file? use format=mmedpo)",
+        )
     images = record_images(rec, "image", root, path, n, check_images, image_dir)
     chosen = turns_to_messages(require(rec, "chosen_conversations", list, path, n), path, n, "chosen_conversations")
     reject = turns_to_messages(require(rec, "reject_conversations", list, path, n), path, n, "reject_conversations")
@@ -51,13 +55,30 @@ def convert(rec: dict, n, path: Path, root: Path, check_images: bool = True, ima
         meta["prompt_differs"] = True
     if any(m["role"] == "virtual_user" for m in chosen):
         meta["has_virtual_user"] = True
-    return Sample(id=str(rid), images=images, messages=chosen, task="vqa_open",
-                  rejected=Rejected(messages=reject, images=None), meta=meta)
+    return Sample(
+        id=str(rid),
+        images=images,
+        messages=chosen,
+        task="vqa_open",
+        rejected=Rejected(messages=reject, images=None),
+        meta=meta,
+    )
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True,
-         image_dir: str | None = None) -> list[Sample]:
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    image_dir: str | None = None,
+) -> list[Sample]:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    return unique_ids(collect(path, iter_json_records(path),
-                              lambda r, n: convert(r, n, path, root, check_images, image_dir), on_bad_record))
+    return unique_ids(
+        collect(
+            path,
+            iter_json_records(path),
+            lambda r, n: convert(r, n, path, root, check_images, image_dir),
+            on_bad_record,
+        )
+    )

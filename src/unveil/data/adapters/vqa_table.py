@@ -30,8 +30,9 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from unveil.data.adapters.base import collect, iter_json_records
 from unveil.data.adapters.llava import image_paths, is_yes_no, modality_name, unique_ids
@@ -53,8 +54,15 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(fh, delimiter=delimiter)
         for row in reader:
             if None in row:  # more cells than header columns
-                yield reader.line_num, RecordError(str(path), reader.line_num, None,
-                                                   f"{len(row[None])} cell(s) more than the header's {len(reader.fieldnames)}")
+                yield (
+                    reader.line_num,
+                    RecordError(
+                        str(path),
+                        reader.line_num,
+                        None,
+                        f"{len(row[None])} cell(s) more than the header's {len(reader.fieldnames)}",
+                    ),
+                )
                 continue
             yield reader.line_num, row
 
@@ -85,7 +93,9 @@ def iter_rows(path: Path, table_format: str | None = None) -> Iterator[tuple[int
         return _csv_rows(path, "\t" if fmt == "tsv" else ",")
     if fmt in ("parquet", "pq"):
         return _parquet_rows(path)
-    raise RecordError(str(path), None, None, f"unknown table format {fmt!r}: expected json, jsonl, csv, tsv or parquet")
+    raise RecordError(
+        str(path), None, None, f"unknown table format {fmt!r}: expected json, jsonl, csv, tsv or parquet"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,7 +130,9 @@ def cache_bytes(data: bytes, cache: Path, name_hint: str | None, file: str, n, f
                 im.verify()
         except Exception as e:
             raise RecordError(file, n, field, f"undecodable image bytes ({len(data)} bytes): {e}") from None
-        suffix = suffix or {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif"}.get(fmt, f".{fmt or 'img'}")
+        suffix = suffix or {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif"}.get(
+            fmt, f".{fmt or 'img'}"
+        )
     out = cache / f"{hashlib.sha1(data).hexdigest()[:20]}{suffix}"
     if not out.exists():
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
@@ -133,13 +145,27 @@ def cache_bytes(data: bytes, cache: Path, name_hint: str | None, file: str, n, f
 # ----------------------------------------------------------------------------------------
 # one row -> one Sample
 # ----------------------------------------------------------------------------------------
-def convert(rec: dict, n, path: Path, root: Path, cache: Path | None, check_images: bool = True, *,
-            image_key: str | None = None, question_key: str = "question", answer_key: str = "answer",
-            answer_type_key: str = "answer_type", id_key: str | None = None, image_dir: str | None = None) -> Sample:
+def convert(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    cache: Path | None,
+    check_images: bool = True,
+    *,
+    image_key: str | None = None,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    answer_type_key: str = "answer_type",
+    id_key: str | None = None,
+    image_dir: str | None = None,
+) -> Sample:
     f = str(path)
     ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
     if ikey is None or ikey not in rec:
-        raise RecordError(f, n, image_key or "image", f"missing image column (looked for {image_key or '/'.join(IMAGE_KEYS)})")
+        raise RecordError(
+            f, n, image_key or "image", f"missing image column (looked for {image_key or '/'.join(IMAGE_KEYS)})"
+        )
     img = rec[ikey]
     name_hint = None
     if isinstance(img, dict):  # HF datasets' Image feature: {"bytes": b"..." | None, "path": "..."}
@@ -152,7 +178,9 @@ def convert(rec: dict, n, path: Path, root: Path, cache: Path | None, check_imag
     elif isinstance(img, str):
         images = image_paths([img], root, path, n, ikey, check_images, image_dir)
     else:
-        raise RecordError(f, n, ikey, f"expected a path, image bytes or {{'bytes', 'path'}}, got {type(img).__name__}: {img!r:.80}")
+        raise RecordError(
+            f, n, ikey, f"expected a path, image bytes or {{'bytes', 'path'}}, got {type(img).__name__}: {img!r:.80}"
+        )
 
     if question_key not in rec:
         raise RecordError(f, n, question_key, "missing required field")
@@ -163,7 +191,9 @@ def convert(rec: dict, n, path: Path, root: Path, cache: Path | None, check_imag
         raise RecordError(f, n, answer_key, "missing required field")
     answer = rec[answer_key]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise RecordError(f, n, answer_key, f"expected a string (or number), got {type(answer).__name__}: {answer!r:.80}")
+        raise RecordError(
+            f, n, answer_key, f"expected a string (or number), got {type(answer).__name__}: {answer!r:.80}"
+        )
     raw_answer = answer
     answer = (str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)).strip()
     if not answer:
@@ -195,16 +225,33 @@ def convert(rec: dict, n, path: Path, root: Path, cache: Path | None, check_imag
         meta["raw_answer"] = raw_answer
     if meta.get("modality") is not None:
         meta["modality"] = modality_name(meta["modality"])
-    return Sample(id=str(rid), images=images,
-                  messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                  task=task, answer=answer, meta=meta)
+    return Sample(
+        id=str(rid),
+        images=images,
+        messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        task=task,
+        answer=answer,
+        meta=meta,
+    )
 
 
-def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True, *,
-         image_key: str | None = None, question_key: str = "question", answer_key: str = "answer",
-         answer_type_key: str = "answer_type", id_key: str | None = None, lang: str | None = None,
-         lang_key: str = "q_lang", image_dir: str | None = None, image_cache: str | Path | None = None,
-         table_format: str | None = None) -> list[Sample]:
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    *,
+    image_key: str | None = None,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    answer_type_key: str = "answer_type",
+    id_key: str | None = None,
+    lang: str | None = None,
+    lang_key: str = "q_lang",
+    image_dir: str | None = None,
+    image_cache: str | Path | None = None,
+    table_format: str | None = None,
+) -> list[Sample]:
     """Read a VQA table. ``lang`` keeps only rows whose ``lang_key`` equals it (SLAKE: "en").
 
     ``image_dir``: folder under ``root`` the image names are relative to (SLAKE ``imgs``,
@@ -219,7 +266,10 @@ def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = 
         for n, rec in iter_rows(path, table_format):
             if lang is not None and isinstance(rec, dict):
                 if lang_key not in rec:
-                    yield n, RecordError(str(path), n, lang_key, f"missing language field (lang={lang!r} was asked for)")
+                    yield (
+                        n,
+                        RecordError(str(path), n, lang_key, f"missing language field (lang={lang!r} was asked for)"),
+                    )
                     continue
                 if str(rec[lang_key]).strip().lower() != str(lang).lower():
                     dropped[0] += 1
@@ -230,14 +280,30 @@ def read(path: str | Path, root: str | Path | None = None, on_bad_record: str = 
         nonlocal cache
         ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
         v = rec.get(ikey) if ikey else None
-        if cache is None and (isinstance(v, (bytes, bytearray, memoryview)) or (isinstance(v, dict) and v.get("bytes") is not None)):
+        if cache is None and (
+            isinstance(v, (bytes, bytearray, memoryview)) or (isinstance(v, dict) and v.get("bytes") is not None)
+        ):
             cache = _cache_dir(root, image_cache)
-        return convert(rec, n, path, root, cache, check_images, image_key=image_key, question_key=question_key,
-                       answer_key=answer_key, answer_type_key=answer_type_key, id_key=id_key, image_dir=image_dir)
+        return convert(
+            rec,
+            n,
+            path,
+            root,
+            cache,
+            check_images,
+            image_key=image_key,
+            question_key=question_key,
+            answer_key=answer_key,
+            answer_type_key=answer_type_key,
+            id_key=id_key,
+            image_dir=image_dir,
+        )
 
     out = collect(path, rows(), conv, on_bad_record)
     if dropped[0]:
-        log.info("%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0])
+        log.info(
+            "%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0]
+        )
     read.last_filtered = dropped[0]
     return unique_ids(out)
 

@@ -40,7 +40,9 @@ def ct(rng: np.random.Generator, size: int):
     sep = rng.uniform(0.17, 0.21)
     lungs = np.zeros_like(body)
     for side in (-1, 1):
-        lungs |= _ellipse(x, y, 0.5 + side * sep, 0.48, rng.uniform(0.13, 0.16), rng.uniform(0.19, 0.23), side * rng.uniform(0, 0.2))
+        lungs |= _ellipse(
+            x, y, 0.5 + side * sep, 0.48, rng.uniform(0.13, 0.16), rng.uniform(0.19, 0.23), side * rng.uniform(0, 0.2)
+        )
     lungs &= body
     img[lungs] = 0.12
     img[_ellipse(x, y, 0.5, 0.78, 0.06, 0.05)] = 0.9  # vertebra
@@ -58,7 +60,9 @@ def xray(rng: np.random.Generator, size: int):
     img = np.where(thorax, 0.65, img).astype(np.float32)
     lungs = np.zeros_like(thorax)
     for side in (-1, 1):
-        lungs |= _ellipse(x, y, 0.5 + side * rng.uniform(0.18, 0.22), 0.5, rng.uniform(0.14, 0.17), rng.uniform(0.28, 0.33))
+        lungs |= _ellipse(
+            x, y, 0.5 + side * rng.uniform(0.18, 0.22), 0.5, rng.uniform(0.14, 0.17), rng.uniform(0.28, 0.33)
+        )
     img[lungs] = 0.3
     # ribs: bright arcs crossing the lung fields
     phase = rng.uniform(0, 1)

@@ -86,23 +86,48 @@ def render_study(cfg: SyntheticConfig, rng: np.random.Generator, modality: str, 
 def _records(cfg, rng, pid: str, sid: str, rel: str, modality: str, boxes, findings) -> list[dict]:
     mod = anatomy.MODALITY_NAMES[modality]
     base = {"images": [rel], "modality": modality, "source": "synthetic", "patient_id": pid, "study_id": sid}
-    recs = [{
-        **base, "id": f"{sid}-loc", "task": "localize",
-        "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
-        "answer": text.localize_answer(boxes, findings),
-        "boxes": boxes, "box_units": "normalized", "findings": findings,
-    }]
+    recs = [
+        {
+            **base,
+            "id": f"{sid}-loc",
+            "task": "localize",
+            "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
+            "answer": text.localize_answer(boxes, findings),
+            "boxes": boxes,
+            "box_units": "normalized",
+            "findings": findings,
+        }
+    ]
     if cfg.closed_questions:
         yn = "yes" if boxes else "no"
-        recs.append({**base, "id": f"{sid}-presence", "task": "vqa_closed",
-                     "query": text.pick(rng, text.PRESENCE_QUERIES, mod=mod), "answer": yn, "short_answer": yn,
-                     "boxes": boxes, "box_units": "normalized", "findings": findings})
+        recs.append(
+            {
+                **base,
+                "id": f"{sid}-presence",
+                "task": "vqa_closed",
+                "query": text.pick(rng, text.PRESENCE_QUERIES, mod=mod),
+                "answer": yn,
+                "short_answer": yn,
+                "boxes": boxes,
+                "box_units": "normalized",
+                "findings": findings,
+            }
+        )
         if boxes:
             kind = findings[0]
-            recs.append({**base, "id": f"{sid}-type", "task": "vqa_closed",
-                         "query": text.pick(rng, text.TYPE_QUERIES, choices=", ".join(cfg.findings)),
-                         "answer": kind, "short_answer": kind,
-                         "boxes": boxes, "box_units": "normalized", "findings": findings})
+            recs.append(
+                {
+                    **base,
+                    "id": f"{sid}-type",
+                    "task": "vqa_closed",
+                    "query": text.pick(rng, text.TYPE_QUERIES, choices=", ".join(cfg.findings)),
+                    "answer": kind,
+                    "short_answer": kind,
+                    "boxes": boxes,
+                    "box_units": "normalized",
+                    "findings": findings,
+                }
+            )
     return recs
 
 
@@ -124,8 +149,10 @@ def _generate(cfg: SyntheticConfig, out: Path, progress: bool = True) -> Path:
         return out
     if not done.exists() and any(out.glob("*.jsonl")):
         # Never overwrite someone's real data: e.g. `data=mau_jsonl` combined with a synthetic override.
-        raise FileExistsError(f"{out} holds JSONL files that the synthetic generator did not write; "
-                              "refusing to generate into it (set data.synthetic=null to read them instead)")
+        raise FileExistsError(
+            f"{out} holds JSONL files that the synthetic generator did not write; "
+            "refusing to generate into it (set data.synthetic=null to read them instead)"
+        )
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     split_rng = np.random.default_rng([cfg.seed, 1])
@@ -142,7 +169,11 @@ def _generate(cfg: SyntheticConfig, out: Path, progress: bool = True) -> Path:
             if rng.uniform() < cfg.p_normal:
                 n = 0
             else:
-                n = 1 if cfg.max_lesions < 2 or rng.uniform() >= cfg.p_multi else int(rng.integers(2, cfg.max_lesions + 1))
+                n = (
+                    1
+                    if cfg.max_lesions < 2 or rng.uniform() >= cfg.p_multi
+                    else int(rng.integers(2, cfg.max_lesions + 1))
+                )
             arr, boxes, findings = render_study(cfg, rng, modality, n)
             rel = f"images/{sid}.png"
             Image.fromarray(arr if arr.ndim == 3 else arr, mode=None).save(out / rel)
@@ -152,8 +183,12 @@ def _generate(cfg: SyntheticConfig, out: Path, progress: bool = True) -> Path:
         with open(out / f"{name}.jsonl", "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
-    info = {"fingerprint": cfg.fingerprint(), "config": asdict(cfg), "studies": counts,
-            "records": {k: len(v) for k, v in splits.items()}}
+    info = {
+        "fingerprint": cfg.fingerprint(),
+        "config": asdict(cfg),
+        "studies": counts,
+        "records": {k: len(v) for k, v in splits.items()},
+    }
     done.write_text(json.dumps(info, indent=2, default=list))
     log.info("synthetic data set in %s: %s", out, info["records"])
     return out

@@ -48,9 +48,19 @@ log = logging.getLogger(__name__)
 _VERSION = 4  # bump when the rendering changes: cached sets are regenerated
 
 # label -> option text, per ability (the option text is what the answer names after the letter)
-COMPARISON = {"grown": "grown", "shrunk": "shrunk", "new": "new lesion", "resolved": "resolved", "unchanged": "unchanged"}
-TEMPORAL = {"increasing": "increasing", "decreasing": "decreasing", "stable": "stable",
-            "transient": "appears then resolves"}
+COMPARISON = {
+    "grown": "grown",
+    "shrunk": "shrunk",
+    "new": "new lesion",
+    "resolved": "resolved",
+    "unchanged": "unchanged",
+}
+TEMPORAL = {
+    "increasing": "increasing",
+    "decreasing": "decreasing",
+    "stable": "stable",
+    "transient": "appears then resolves",
+}
 ABILITIES = ("comparison", "temporal", "coreference")
 
 # Short on purpose: the tiny default model pays for every token, and 2-3 images already cost
@@ -115,8 +125,10 @@ class MultiImageConfig:
         unknown = set(self.abilities) - set(ABILITIES)
         if unknown:
             raise ValueError(f"unknown abilities {sorted(unknown)}; known: {ABILITIES}")
-        for name, labels, known in (("comparison_labels", self.comparison_labels, COMPARISON),
-                                    ("temporal_labels", self.temporal_labels, TEMPORAL)):
+        for name, labels, known in (
+            ("comparison_labels", self.comparison_labels, COMPARISON),
+            ("temporal_labels", self.temporal_labels, TEMPORAL),
+        ):
             if not set(labels) <= set(known) or len(labels) < 2:
                 raise ValueError(f"{name}: at least two of {list(known)}, got {labels}")
         lo, hi = self.coreference_images
@@ -138,6 +150,7 @@ class MultiImageConfig:
 
 
 # --- rendering ------------------------------------------------------------------------------
+
 
 @dataclass
 class Lesion:
@@ -165,7 +178,9 @@ def _place(rng, zone: np.ndarray, r: float):
     return 0.5, 0.5
 
 
-def _render(cfg: MultiImageConfig, bg: np.ndarray, lesion: Lesion | None, r: float, noise_rng) -> tuple[np.ndarray, list]:
+def _render(
+    cfg: MultiImageConfig, bg: np.ndarray, lesion: Lesion | None, r: float, noise_rng
+) -> tuple[np.ndarray, list]:
     """One image: background + the lesion at radius r (None or r=0: no lesion) + noise."""
     img = bg.copy()
     boxes = []
@@ -176,8 +191,9 @@ def _render(cfg: MultiImageConfig, bg: np.ndarray, lesion: Lesion | None, r: flo
     return (img * 255).astype(np.uint8), boxes
 
 
-def _options(rng, labels: list[str], texts: dict[str, str], answer: str,
-             shuffle: bool = True) -> tuple[str, str, dict[str, str]]:
+def _options(
+    rng, labels: list[str], texts: dict[str, str], answer: str, shuffle: bool = True
+) -> tuple[str, str, dict[str, str]]:
     """Option lines ``A: ...`` (shuffled unless told); returns (lines, "B: <text>", {letter: text}).
 
     The options dict has the shape the Med-MIM adapter puts in ``meta["options"]``.
@@ -222,9 +238,16 @@ def _comparison(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         image_boxes.append(boxes)
     lines, answer, opts = _options(rng, cfg.comparison_labels, COMPARISON, label, cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(cfg, rng, COMPARISON_QUERIES, 2, lines, mod=mod), "answer": answer, "label": label,
-           "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
-           "radii": [round(r, 5) for r in radii], "current": 1}
+    rec = {
+        "query": _query(cfg, rng, COMPARISON_QUERIES, 2, lines, mod=mod),
+        "answer": answer,
+        "label": label,
+        "options": opts,
+        "image_boxes": image_boxes,
+        "image_findings": [[kind] * len(b) for b in image_boxes],
+        "radii": [round(r, 5) for r in radii],
+        "current": 1,
+    }
     return rec, images
 
 
@@ -250,9 +273,16 @@ def _temporal(cfg, rng, modality, bg_seed) -> tuple[dict, list[np.ndarray]]:
         image_boxes.append(boxes)
     lines, answer, opts = _options(rng, cfg.temporal_labels, TEMPORAL, label, cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(cfg, rng, TEMPORAL_QUERIES, 3, lines, mod=mod), "answer": answer, "label": label,
-           "options": opts, "image_boxes": image_boxes, "image_findings": [[kind] * len(b) for b in image_boxes],
-           "radii": [round(r, 5) for r in radii], "current": 2}
+    rec = {
+        "query": _query(cfg, rng, TEMPORAL_QUERIES, 3, lines, mod=mod),
+        "answer": answer,
+        "label": label,
+        "options": opts,
+        "image_boxes": image_boxes,
+        "image_findings": [[kind] * len(b) for b in image_boxes],
+        "radii": [round(r, 5) for r in radii],
+        "current": 2,
+    }
     return rec, images
 
 
@@ -267,7 +297,9 @@ def _coreference(cfg, rng, modality, patient_seed) -> tuple[dict, list[np.ndarra
     for v in range(n):
         # each view is its own acquisition of the patient: its own anatomy draw
         bg, zone = _background(cfg, modality, [*patient_seed, 100 + v])
-        kind = target if v == k else (others[int(rng.integers(len(others)))] if others and rng.uniform() < 0.5 else None)
+        kind = (
+            target if v == k else (others[int(rng.integers(len(others)))] if others and rng.uniform() < 0.5 else None)
+        )
         r = float(rng.uniform(*lesions.FINDINGS[kind])) if kind else 0.0
         lesion = None
         if kind:
@@ -280,9 +312,16 @@ def _coreference(cfg, rng, modality, patient_seed) -> tuple[dict, list[np.ndarra
     labels = [f"image {i + 1}" for i in range(n)]
     lines, answer, opts = _options(rng, labels, {l: l for l in labels}, labels[k], cfg.shuffle_options)
     mod = anatomy.MODALITY_NAMES[modality]
-    rec = {"query": _query(cfg, rng, COREFERENCE_QUERIES, n, lines, mod=mod, finding=target), "answer": answer,
-           "label": labels[k], "options": opts, "image_boxes": image_boxes, "image_findings": image_findings,
-           "target_finding": target, "current": k}
+    rec = {
+        "query": _query(cfg, rng, COREFERENCE_QUERIES, n, lines, mod=mod, finding=target),
+        "answer": answer,
+        "label": labels[k],
+        "options": opts,
+        "image_boxes": image_boxes,
+        "image_findings": image_findings,
+        "target_finding": target,
+        "current": k,
+    }
     return rec, images
 
 
@@ -318,27 +357,58 @@ def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> l
             boxes = rec["image_boxes"][cur]
             query = rec.pop("query")
             mcq = {
-                "id": sid, "images": rels, "query": query, "answer": answer,
-                "short_answer": answer, "answer_letter": answer[0], "task": "mcq", "ability": ability, "modality": modality,
-                "source": "synthetic_mim", "patient_id": pid, "study_id": sid,
-                "boxes": boxes, "box_units": "normalized", "box_image": [cur] * len(boxes),
-                "findings": rec["image_findings"][cur], **rec,
+                "id": sid,
+                "images": rels,
+                "query": query,
+                "answer": answer,
+                "short_answer": answer,
+                "answer_letter": answer[0],
+                "task": "mcq",
+                "ability": ability,
+                "modality": modality,
+                "source": "synthetic_mim",
+                "patient_id": pid,
+                "study_id": sid,
+                "boxes": boxes,
+                "box_units": "normalized",
+                "box_image": [cur] * len(boxes),
+                "findings": rec["image_findings"][cur],
+                **rec,
             }
             recs.append(mcq)
             if cfg.open_questions:
                 opt = rec["options"][answer[0]]
-                recs.append({**{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
-                             "id": f"{sid}-open", "query": query[: query.index("\nA: ")], "answer": opt,
-                             "short_answer": opt, "task": "vqa_closed"})
+                recs.append(
+                    {
+                        **{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
+                        "id": f"{sid}-open",
+                        "query": query[: query.index("\nA: ")],
+                        "answer": opt,
+                        "short_answer": opt,
+                        "task": "vqa_closed",
+                    }
+                )
             if localize and ability != "coreference":
                 mod = anatomy.MODALITY_NAMES[modality]
                 for i, (rel, img_boxes) in enumerate(zip(rels, rec["image_boxes"])):
                     img_findings = rec["image_findings"][i]
-                    recs.append({"id": f"{sid}-loc{i}", "images": [rel], "task": "localize",
-                                 "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
-                                 "answer": text.localize_answer(img_boxes, img_findings), "boxes": img_boxes,
-                                 "box_units": "normalized", "findings": img_findings, "ability": ability,
-                                 "modality": modality, "source": "synthetic_mim", "patient_id": pid, "study_id": sid})
+                    recs.append(
+                        {
+                            "id": f"{sid}-loc{i}",
+                            "images": [rel],
+                            "task": "localize",
+                            "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
+                            "answer": text.localize_answer(img_boxes, img_findings),
+                            "boxes": img_boxes,
+                            "box_units": "normalized",
+                            "findings": img_findings,
+                            "ability": ability,
+                            "modality": modality,
+                            "source": "synthetic_mim",
+                            "patient_id": pid,
+                            "study_id": sid,
+                        }
+                    )
     return recs
 
 
@@ -381,9 +451,13 @@ def _generate_multi_image(cfg: MultiImageConfig, out: Path, progress: bool = Fal
             for r in recs:
                 f.write(json.dumps(r) + "\n")
     info = {
-        "fingerprint": cfg.fingerprint(), "config": asdict(cfg),
+        "fingerprint": cfg.fingerprint(),
+        "config": asdict(cfg),
         "records": {k: len(v) for k, v in splits.items()},
-        "abilities": {k: {a: sum(r["ability"] == a and r["task"] == "mcq" for r in v) for a in ABILITIES} for k, v in splits.items()},
+        "abilities": {
+            k: {a: sum(r["ability"] == a and r["task"] == "mcq" for r in v) for a in ABILITIES}
+            for k, v in splits.items()
+        },
         "labels": {k: {f"{r['ability']}/{r['label']}": 0 for r in v if r["task"] == "mcq"} for k, v in splits.items()},
         "chance": {k: chance(v) for k, v in splits.items() if v},
     }
