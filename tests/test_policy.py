@@ -1,0 +1,170 @@
+"""The one home for running the policy (``unveil.models.policy``), on the real architectures.
+
+- The prompt once per group: log-probs and every parameter's gradient equal the unshared
+  computation (<= 1e-5 in fp32) on tiny LLaVA, Qwen2-VL, Qwen2.5-VL and Idefics3, LoRA and full,
+  one and two images per prompt.
+- Memory-bounded log-probs: chunked, checkpointed log-softmax equals the full-vocabulary one, its
+  gradient too, and the entropy matches.
+- Attention mass without maps: equals the mass read off eager attention maps (<= 1e-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_backbones import dm, localize_samples, make_backbone  # noqa: F401  (its fixtures build the tiny archs)
+
+from unveil.data.collate import PromptCollator
+from unveil.data.schema import Sample
+from unveil.models import policy
+from unveil.stages.rollout import sample_rollouts
+
+ARCHS = ["llava15", "qwen2_vl", "qwen25_vl", "idefics3"]
+
+
+def two_image_sample(dm) -> Sample:  # noqa: F811
+    paths = sorted({p for s in dm.data["train"] for p in s.images})[:2]
+    return Sample(
+        id="mim-0",
+        images=paths,
+        task="compare",
+        messages=[
+            {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
+            {"role": "assistant", "content": "The second image."},
+        ],
+    )
+
+
+def rollout_for(bb, samples, g: int = 3, tokens: int = 6):
+    torch.manual_seed(0)
+    return sample_rollouts(bb, PromptCollator(bb)(samples), num_generations=g, max_new_tokens=tokens)
+
+
+def logps_and_grads(model, ro, share: bool):
+    model.zero_grad(set_to_none=True)
+    lp = policy.completion_logprobs(
+        model,
+        ro.inputs,
+        ro.completion_ids,
+        ro.completion_mask,
+        group=ro.group if share else None,
+        n_images=ro.n_images,
+        with_entropy=True,
+    )
+    (lp.logps.sum() + 0.1 * (lp.logps.exp() * ro.completion_mask).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lp, grads
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("images", [1, 2])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_equals_unshared_logps_and_gradients(make_backbone, dm, arch, images, peft):  # noqa: F811
+    bb = make_backbone(arch, f"peft={peft}", "model.dtype=float32")
+    samples = localize_samples(dm, 2)[:2] if images == 1 else [two_image_sample(dm), localize_samples(dm, 1)[0]]
+    ro = rollout_for(bb, samples)
+    assert ro.completion_mask.sum() > 0 and len(torch.unique(ro.group)) < len(ro)
+    model = bb.model.train()
+    policy.disable_dropout(model)
+    shared, g_shared = logps_and_grads(model, ro, share=True)
+    whole, g_whole = logps_and_grads(model, ro, share=False)
+    torch.testing.assert_close(shared.logps, whole.logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy, whole.entropy, atol=1e-5, rtol=1e-5)
+    assert g_shared.keys() == g_whole.keys() and g_shared
+    if peft == "lora":
+        assert all("lora_" in n for n in g_shared)
+    for n in g_whole:
+        torch.testing.assert_close(g_shared[n], g_whole[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_shared_prompt_runs_the_vision_tower_once_per_prompt(make_backbone, dm):  # noqa: F811
+    bb = make_backbone("llava15")
+    ro = rollout_for(bb, localize_samples(dm, 2)[:2], g=4)
+    tower = policy.unwrap(bb.model).model.vision_tower
+    seen = []
+    h = tower.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            policy.completion_logprobs(
+                bb.model, ro.inputs, ro.completion_ids, ro.completion_mask, group=ro.group, n_images=ro.n_images
+            )
+            policy.completion_logprobs(bb.model, ro.inputs, ro.completion_ids, ro.completion_mask)
+    finally:
+        h.remove()
+    assert seen == [2, 8]  # 2 prompts x 1 image shared; 8 completions unshared
+
+
+def test_chunked_logsoftmax_equals_the_full_vocabulary_one():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    lp, ent = policy.token_logprobs(head, hidden, targets, mask, temperature=0.7, with_entropy=True, chunk_tokens=4)
+    lp.sum().backward()
+    g_chunk, w_chunk = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    full = torch.log_softmax(head(hidden) / 0.7, -1)
+    want = full.gather(-1, targets[..., None]).squeeze(-1) * mask
+    want.sum().backward()
+    torch.testing.assert_close(lp, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, g_chunk, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(head.weight.grad, w_chunk, atol=1e-6, rtol=1e-5)
+    want_ent = -(full.exp() * full).sum(-1) * mask
+    torch.testing.assert_close(ent, want_ent.detach(), atol=1e-5, rtol=1e-5)
+    assert not ent.requires_grad  # no graph unless a loss term needs it
+    _, ent_g = policy.token_logprobs(head, hidden, targets, mask, with_entropy=True, entropy_grad=True)
+    assert ent_g.requires_grad
+
+
+def eager_mass(bb, ro, weights):
+    """The reference: attention maps from an eager pass (output_attentions), mass on the weighted keys."""
+    model = bb.model
+    base = policy.unwrap(model)
+    prev = base.config.get_text_config()._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        t = ro.completion_ids.shape[1]
+        inputs = dict(ro.inputs)
+        ids = torch.cat([inputs.pop("input_ids"), ro.completion_ids], 1)
+        am = torch.cat([inputs.pop("attention_mask"), ro.completion_mask], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(ro.completion_ids)], 1
+            )
+        if "image_grid_thw" not in inputs:
+            inputs["position_ids"] = policy.position_ids_from_mask(am)
+        with torch.no_grad(), policy.eval_mode(model):
+            out = model(input_ids=ids, attention_mask=am, output_attentions=True, use_cache=False, **inputs)
+        return torch.stack([(a[:, :, -(t + 1) :].float() * weights[:, None, None, :]).sum(-1) for a in out.attentions])
+    finally:
+        base.set_attn_implementation(prev)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_mass_equals_the_eager_maps(make_backbone, dm, arch, share):  # noqa: F811
+    bb = make_backbone(arch, "model.dtype=float32")
+    samples = [two_image_sample(dm), localize_samples(dm, 1)[0]]
+    ro = rollout_for(bb, samples)
+    n, p = ro.inputs["input_ids"].shape
+    torch.manual_seed(1)
+    weights = (torch.rand(n, p + ro.completion_ids.shape[1]) < 0.3).float()
+    weights[:, :p] = weights[ro.group * 3, :p]  # the prompt's keys weigh the same for all G of its completions
+    want = eager_mass(bb, ro, weights)
+    got, logps = policy.key_mass(
+        bb.model,
+        ro.inputs,
+        ro.completion_ids,
+        ro.completion_mask,
+        weights,
+        group=ro.group if share else None,
+        n_images=ro.n_images,
+    )
+    assert got.shape == want.shape
+    valid = torch.cat([torch.ones(n, 1), ro.completion_mask.float()], 1).bool()  # padded queries are ignored
+    torch.testing.assert_close(got.permute(1, 3, 0, 2)[valid], want.permute(1, 3, 0, 2)[valid], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        ref = policy.completion_logprobs(bb.model, ro.inputs, ro.completion_ids, ro.completion_mask).logps
+    torch.testing.assert_close(logps, ref, atol=1e-5, rtol=1e-5)
