@@ -190,7 +190,7 @@ def test_save_and_load_back_as_model_hf_offline(make_backbone, dm, tmp_path, arc
         torch.testing.assert_close(b1[k], b2[k])
     bb.model.eval(), loaded.model.eval()
     with torch.no_grad():
-        from unveil.models.generation import model_inputs
+        from unveil.models.inputs import model_inputs
 
         torch.testing.assert_close(bb.model(**model_inputs(b1)).logits, loaded.model(**model_inputs(b2)).logits)
     from unveil.data.collate import PromptCollator
@@ -308,7 +308,7 @@ def test_two_image_sample_through_the_sft_collator(make_backbone, dm, arch):
         assert batch["pixel_values"].shape[:2] == batch["pixel_attention_mask"].shape[:2]
         assert batch["pixel_values"].shape[1] == 2 * 5  # 2 images x (2x2 tiles + global)
         assert (ids[0] == bb.tokenizer.convert_tokens_to_ids("<row_2_col_2>")).sum().item() == 2
-    from unveil.models.generation import model_inputs
+    from unveil.models.inputs import model_inputs
 
     bb.model.train()
     out = bb.model(**model_inputs(batch), labels=batch["labels"])
@@ -409,7 +409,8 @@ def test_rollout_tokens_rescore_as_greedy_with_left_padded_prompts(make_backbone
     (as the RL stages do): every generated token has the top log-prob among the tokens generation
     may emit, and the stage's completion_logprobs agree. Positions, M-RoPE and images line up."""
     from unveil.data.collate import PromptCollator
-    from unveil.stages.rollout import completion_logprobs, position_ids_from_mask, sample_rollouts
+    from unveil.models.policy import position_ids_from_mask
+    from unveil.stages.rollout import sample_rollouts
 
     bb = make_backbone(arch)
     batch = PromptCollator(bb)(localize_samples(dm))
@@ -425,7 +426,7 @@ def test_rollout_tokens_rescore_as_greedy_with_left_padded_prompts(make_backbone
     T = ids.shape[1]
     with torch.no_grad():
         logp = bb.model(**inputs).logits[:, -(T + 1) : -1].float().log_softmax(-1)
-        stage_logps = completion_logprobs(bb.model, ro).logps
+        stage_logps = ro.logprobs(bb.model).logps
     chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logp[..., bb.image_token_ids] = -math.inf  # generation suppresses them
     gap = (logp.max(-1).values - chosen)[mask.bool()]

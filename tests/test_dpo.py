@@ -17,7 +17,14 @@ from PIL import Image
 import unveil.utils.resolvers  # noqa: F401
 from unveil.data.collate import IGNORE
 from unveil.data.schema import Rejected, Sample
-from unveil.stages.dpo import DPOModule, answer_token_logps, normalize_weights, preference_loss, weight_moments
+from unveil.models.inputs import model_inputs
+from unveil.models.policy import answer_logprobs
+from unveil.stages.dpo import DPOModule, normalize_weights, preference_loss, weight_moments
+
+
+def answer_token_logps(model, batch):
+    return answer_logprobs(model, model_inputs(batch), batch["labels"])
+
 
 CONF = "/work/main/conf"
 
@@ -89,7 +96,7 @@ def test_loss_matches_trl_dpo_trainer(tiny, tmp_path, loss_type):
     bb = make()
     pairs = text_pairs(dm.data["train"], 4)
     module = DPOModule(bb, loss_type=loss_type)  # reference = frozen copy of the starting policy
-    reference = copy.deepcopy(module.ref_model)
+    reference = copy.deepcopy(module.reference.copy)
     perturb(module.model)  # policy != reference, or every loss is trivially log 2
     batch = module.collator(pairs)
     ours = module.compute_loss(batch)
@@ -221,7 +228,7 @@ def test_ipo_uses_per_token_log_ratios_and_mean_aggregation(tiny):
     perturb(module.model)
     batch = module.collator(text_pairs(dm.data["train"], 3))
     logps, mask = answer_token_logps(module.model, batch)
-    with module.reference() as ref:
+    with module.reference.model() as ref:
         ref_logps, _ = answer_token_logps(ref, batch)
     n = mask.sum(1)
     ratio = (logps.sum(1) - ref_logps.sum(1)) / n
@@ -263,14 +270,14 @@ def test_reference_with_adapter_off_is_the_base_model(tiny):
     base = make("none").model  # same init seed: the weights under the adapter
     bb = make("lora")
     module = DPOModule(bb)
-    assert module.uses_adapter_reference and module.ref_model is None  # no second copy under LoRA
+    assert module.reference.adapter_off and module.reference.copy is None  # no second copy under LoRA
     perturb(module.model, scale=0.5, only="lora_B")  # a trained adapter
     batch = module.collator(text_pairs(dm.data["train"], 3))
     base.eval(), module.model.eval()
     with torch.no_grad():
         want, mask = answer_token_logps(base, batch)
         policy, _ = answer_token_logps(module.model, batch)
-        with module.reference() as ref:
+        with module.reference.model() as ref:
             got, _ = answer_token_logps(ref, batch)
         again, _ = answer_token_logps(module.model, batch)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -283,17 +290,17 @@ def test_frozen_copy_reference_without_peft(tiny):
     dm, make = tiny
     module = DPOModule(make())
     batch = module.collator(text_pairs(dm.data["train"], 2))
-    with module.reference() as ref:
+    with module.reference.model() as ref:
         before, _ = answer_token_logps(ref, batch)
     perturb(module.model, scale=0.05)
-    with module.reference() as ref:
-        assert ref is module.ref_model and not any(p.requires_grad for p in ref.parameters())
+    with module.reference.model() as ref:
+        assert ref is module.reference.copy and not any(p.requires_grad for p in ref.parameters())
         after, _ = answer_token_logps(ref, batch)
     torch.testing.assert_close(after, before)  # training the policy leaves the reference alone
-    assert not any(k.startswith("ref_model") for k in module.state_dict())  # not in checkpoints
+    assert not any(k.startswith("reference") for k in module.state_dict())  # not in checkpoints
     out = module.compute_loss(batch)
     out["loss"].backward()
-    assert all(p.grad is None for p in module.ref_model.parameters())
+    assert all(p.grad is None for p in module.reference.copy.parameters())
 
 
 # --- the collator -----------------------------------------------------------------------------

@@ -240,43 +240,36 @@ def test_matches_independent_recomputation(bb, image, opts):
 
 
 def test_handmade_attentions_give_known_mass(bb, image, monkeypatch):
-    """Replace the attentions with ones whose mass inside the box is known; the head must return it."""
+    """Replace the policy's mass on the box keys with one whose value is known; the head must return it."""
+    import unveil.rewards.vision_relevance as vr
+
     b = make_batch(bb, [_sample(image), _sample(image)], [GOOD, "Region [50, 50, 100, 100]: cyst."])
-    p = b.prompt_inputs["input_ids"].shape[1]
-    img = (b.prompt_inputs["input_ids"][0] == bb.model.config.image_token_index).nonzero().flatten()
-    inside, outside = img[BOX_PATCHES], img[[0, 1, 2, 3]]
     tok = bb.tokenizer
     hits = [
         finding_token_mask(tok, b.completion_ids[i][b.completion_mask[i].bool()].tolist(), finding_pattern(VOCAB))
         for i in range(2)
     ]
     assert all(any(h) for h in hits)
-    real_forward = bb.model.forward
     per_layer = [0.2, 0.6]  # mass inside the box on finding-token queries, per layer (mean 0.4)
+    seen = {}
 
-    def fake_forward(*args, **kw):
-        out = real_forward(*args, **kw)
-        n, L = kw["input_ids"].shape
-        atts = []
-        for frac in per_layer:
-            a = torch.zeros(n, 2, L, L)
-            a[:, :, :, outside] = 0.9 / len(outside)  # non-finding queries: 0.1 inside
-            a[:, :, :, inside] = 0.1 / len(inside)
+    def fake_key_mass(model, inputs, completion_ids, completion_mask, key_weights, **kw):
+        n, t = completion_ids.shape
+        seen["weights"] = key_weights
+        mass = torch.full((len(per_layer), n, 2, t + 1), 0.1)  # non-finding queries: 0.1 inside
+        for li, frac in enumerate(per_layer):
             for r in range(n):
                 for k, h in enumerate(hits[r]):
-                    if h:
-                        a[r, :, p + k] = 0.0
-                        a[r, 0, p + k, inside] = frac / len(inside)  # head 0: frac, head 1: frac / 2
-                        a[r, 1, p + k, inside] = frac / 2 / len(inside)
-                        a[r, :, p + k, 0] += torch.tensor([1 - frac, 1 - frac / 2])
-            atts.append(a)
-        out.attentions = tuple(atts)
-        return out
+                    if h:  # row k + 1: the query of completion token k
+                        mass[li, r, :, k + 1] = torch.tensor([frac, frac / 2])  # head 0: frac, head 1: frac / 2
+        return mass, torch.zeros(n, t)
 
-    monkeypatch.setattr(bb.model, "forward", fake_forward)
+    monkeypatch.setattr(vr, "key_mass", fake_key_mass)
     r = VisionRelevanceReward()(b)
     want = np.mean([f * 0.75 for f in per_layer])  # heads average (1 + 1/2) / 2 = 0.75
     assert torch.allclose(r, torch.tensor([want, want], dtype=torch.float32), atol=1e-6)
+    img = (b.prompt_inputs["input_ids"][0] == bb.model.config.image_token_index).nonzero().flatten()
+    assert seen["weights"][0].nonzero().flatten().tolist() == img[BOX_PATCHES].tolist()  # the box's patches
     b.cache.clear()
     r = VisionRelevanceReward(layers=[1], heads=[0])(b)
     assert torch.allclose(r, torch.tensor([0.6, 0.6]), atol=1e-6)
@@ -286,8 +279,11 @@ def test_handmade_attentions_give_known_mass(bb, image, monkeypatch):
 
 
 def test_forward_shared_between_heads(bb, image):
+    from unveil.models.policy import body_and_head
+
     calls = []
-    h = bb.model.register_forward_hook(lambda *a: calls.append(1))
+    tower = body_and_head(bb.model)[0].vision_tower
+    h = tower.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
     try:
         comp = build_composite(
             {
@@ -314,7 +310,9 @@ def test_forward_shared_between_heads(bb, image):
         out = comp(make_batch(bb, [s, s, s, s], [GOOD, "Region [50, 50, 100, 100]: nodule.", "mass", ""]))
     finally:
         h.remove()
-    assert len(calls) == 2  # one eager pass (shared by vr, vr_last and cf's real-image log-probs) + one masked pass
+    # one pass (shared by vr, vr_last and cf's real-image log-probs) + one masked pass, each running
+    # the tower once per prompt (4 completions of 2 prompts)
+    assert calls == [2, 2]
     assert torch.isfinite(out.total).all() and set(out.per_head) == {"vr", "vr_last", "cf"}
     assert torch.isfinite(out.per_head["cf"]).all()
 

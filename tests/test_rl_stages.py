@@ -11,8 +11,9 @@ import torch
 from omegaconf.errors import InterpolationResolutionError
 
 import unveil.utils.resolvers  # noqa: F401
+from unveil.models.policy import ReferencePolicy, position_ids_from_mask
 from unveil.rewards.base import RewardOutput
-from unveil.stages.rollout import ReferencePolicy, completion_logprobs, position_ids_from_mask, sample_rollouts
+from unveil.stages.rollout import sample_rollouts
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -133,12 +134,12 @@ def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
         ro.completion_ids[ro.completion_mask.bool()].tolist()
     )
 
-    lp = completion_logprobs(bb.model, ro, with_entropy=True)
+    lp = ro.logprobs(bb.model, with_entropy=True)
     assert lp.logps.shape == ro.completion_ids.shape
     assert (lp.logps[ro.completion_mask == 0] == 0).all() and (lp.logps[ro.completion_mask == 1] < 0).all()
     assert (lp.entropy[ro.completion_mask == 1] > 0).all()
     # chunked forward passes give the same numbers
-    assert torch.allclose(completion_logprobs(bb.model, ro, chunk_size=5).logps, lp.logps, atol=1e-5)
+    assert torch.allclose(ro.logprobs(bb.model, chunk_size=5).logps, lp.logps, atol=1e-5)
 
     # each row alone, without any padding, gives the same log-probs
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_rollout_shapes_and_logprobs_match_unpadded_and_generate(tiny):
         samples=batch["samples"],
         group=torch.arange(4),
     )
-    assert torch.allclose(completion_logprobs(model, ro2).logps, gen_lp, atol=1e-4)
+    assert torch.allclose(ro2.logprobs(model).logps, gen_lp, atol=1e-4)
 
 
 def test_concat_rollouts_repads_and_keeps_logprobs(tiny):
@@ -202,9 +203,9 @@ def test_concat_rollouts_repads_and_keeps_logprobs(tiny):
     assert len(both) == 7 and both.group.tolist() == [0, 0, 1, 1, 2, 2, 2]
     assert torch.equal(both.extra["reward"], torch.cat([a.extra["reward"], b.extra["reward"]]))
     assert [s.id for s in both.samples] == [s.id for s in a.samples + b.samples]
-    joined = completion_logprobs(bb.model, both).logps
+    joined = both.logprobs(bb.model).logps
     for part, rows in ((a, slice(0, 4)), (b, slice(4, 7))):
-        own = completion_logprobs(bb.model, part).logps
+        own = part.logprobs(bb.model).logps
         assert torch.allclose(joined[rows, : own.shape[1]], own, atol=1e-4)
         assert (joined[rows, own.shape[1] :] == 0).all()  # right padding of the shorter completions
 
@@ -212,6 +213,11 @@ def test_concat_rollouts_repads_and_keeps_logprobs(tiny):
 def test_position_ids_follow_left_padding():
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert position_ids_from_mask(am).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 0]]
+
+
+def ref_logprobs(ref, ro):
+    with ref.model() as m:
+        return ro.logprobs(m).logps
 
 
 # --- the reference policy --------------------------------------------------------------------------
@@ -231,17 +237,17 @@ def test_reference_is_adapter_off_under_lora(tiny):
     torch.manual_seed(1)
     ro = sample_rollouts(bb, mixed_batch(module, dm, 2), 2, max_new_tokens=8)
     with torch.no_grad():
-        base_lp = completion_logprobs(base, ro).logps
+        base_lp = ro.logprobs(base).logps
         # before any update LoRA is a no-op (B = 0): policy = reference = base model
-        assert torch.allclose(completion_logprobs(bb.model, ro).logps, base_lp, atol=1e-5)
-        assert torch.allclose(ref.logprobs(ro), base_lp, atol=1e-5)
+        assert torch.allclose(ro.logprobs(bb.model).logps, base_lp, atol=1e-5)
+        assert torch.allclose(ref_logprobs(ref, ro), base_lp, atol=1e-5)
         for name, p in bb.model.named_parameters():  # an "update" of the adapter
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))
-        policy_lp = completion_logprobs(bb.model, ro).logps
+        policy_lp = ro.logprobs(bb.model).logps
         assert not torch.allclose(policy_lp, base_lp, atol=1e-3)
-        assert torch.allclose(ref.logprobs(ro), base_lp, atol=1e-5)  # adapter off = the base model
-        assert torch.allclose(completion_logprobs(bb.model, ro).logps, policy_lp)  # adapter back on afterwards
+        assert torch.allclose(ref_logprobs(ref, ro), base_lp, atol=1e-5)  # adapter off = the base model
+        assert torch.allclose(ro.logprobs(bb.model).logps, policy_lp)  # adapter back on afterwards
 
 
 def test_reference_is_frozen_copy_without_lora(tiny):
@@ -259,12 +265,12 @@ def test_reference_is_frozen_copy_without_lora(tiny):
     assert any(p is module.value_head.linear.weight for p in module.trainable_parameters())
     torch.manual_seed(2)
     ro = sample_rollouts(bb, mixed_batch(module, dm, 2), 2, max_new_tokens=8)
-    before = ref.logprobs(ro)
+    before = ref_logprobs(ref, ro)
     with torch.no_grad():
         for p in bb.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    assert torch.equal(ref.logprobs(ro), before)
-    assert not torch.allclose(completion_logprobs(bb.model, ro).logps, before, atol=1e-4)
+    assert torch.equal(ref_logprobs(ref, ro), before)
+    assert not torch.allclose(ro.logprobs(bb.model).logps, before, atol=1e-4)
 
 
 # --- a few steps through unveil.train.train ----------------------------------------------------------
@@ -676,7 +682,7 @@ def test_rollout_logprobs_other_families(tiny, model):
     rows repeated per completion and scored in a padded batch equal each prompt scored alone."""
     from unveil.data.collate import PromptCollator
     from unveil.models.factory import build_backbone
-    from unveil.models.generation import model_inputs
+    from unveil.models.inputs import model_inputs
 
     dm, _ = tiny
     c = compose(["debug=fast", f"model={model}"])
@@ -686,8 +692,8 @@ def test_rollout_logprobs_other_families(tiny, model):
     batch = collate([s for s in train if s.task == "localize"][:2] + [s for s in train if s.task == "vqa_closed"][:1])
     torch.manual_seed(0)
     ro = sample_rollouts(bb, batch, 2, max_new_tokens=6)
-    lp = completion_logprobs(bb.model, ro).logps
-    assert torch.allclose(completion_logprobs(bb.model, ro, chunk_size=4).logps, lp)
+    lp = ro.logprobs(bb.model).logps
+    assert torch.allclose(ro.logprobs(bb.model, chunk_size=4).logps, lp)
     with torch.no_grad():
         for i in (0, 3, 5):
             alone = model_inputs(collate([ro.samples[i]]))

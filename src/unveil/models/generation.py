@@ -16,17 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "image_sizes",
-    "image_grid_thw",
-    "pixel_attention_mask",
-    "image_attention_mask",
-    "mm_token_type_ids",
-)
-
+from unveil.models.inputs import model_inputs
 
 # Special tokens that are answer text, not markup: Qwen2-VL's boxes and object references.
 KEEP_SPECIAL = (
@@ -47,10 +37,6 @@ def decode(tok, ids) -> list[str]:
     drop = set(tok.all_special_ids) - keep
     rows = ids.tolist() if torch.is_tensor(ids) else ids
     return tok.batch_decode([[i for i in row if i not in drop] for row in rows], skip_special_tokens=False)
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
 
 
 COORD_DECODING = ("argmax", "median")

@@ -478,4 +478,7 @@ class ReferencePolicy:
                 with self.policy.disable_adapter(), eval_mode(self.policy):
                     yield self.policy
             else:
+                p, q = next(self.policy.parameters()), next(self.copy.parameters())
+                if q.device != p.device:  # follows the policy (Lightning moves the stage, not the copy)
+                    self.copy.to(p.device)
                 yield self.copy

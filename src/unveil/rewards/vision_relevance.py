@@ -28,12 +28,11 @@ tokens naming the finding put on the image-patch tokens inside the ground-truth 
 Scores: NaN for normal studies and for tasks not in ``tasks`` (default ``localize``), and for
 batches without model inputs; 0 when the completion names no finding.
 
-The attentions come from one extra forward pass of the policy (``torch.no_grad``, eval mode)
-over prompt + completion with ``output_attentions=True``; the attention implementation is
-switched to ``eager`` for that pass and restored afterwards. Only the per-(layer, head, query)
-mass on the box keys is kept, so memory stays O(N x T) per layer beyond one chunk of
-``chunk_size`` completions. The pass (and the completion log-probs it yields) is shared through
-``batch.cache`` so two heads never both run it.
+The mass comes from one extra forward pass of the policy (``torch.no_grad``, eval mode, the
+prompt once per group) with sdpa attention: :func:`unveil.models.policy.key_mass` computes, for
+the completion queries only, the softmax mass on the box keys, so no attention map is ever held
+(``[layers, N, heads, T + 1]`` floats are kept). The pass (and the completion log-probs it
+yields) is shared through ``batch.cache`` so two heads never both run it.
 
 :class:`VisionCounterfactualReward` is the counterfactual variant: the mean per-token
 log-probability of the completion given the real image minus given the image with the
@@ -47,13 +46,14 @@ straight onto it; center-cropping processors shift the region, and flattened-pat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from typing import ClassVar
 
 import torch
 
+from unveil.models.inputs import model_inputs, select_inputs
+from unveil.models.policy import completion_logprobs, eval_mode, key_mass, row_chunks, unwrap
 from unveil.rewards._common import applies, task_set, warn_once
 from unveil.rewards.base import RewardHead, RolloutBatch
 
@@ -61,69 +61,16 @@ FORWARD_KEY = "policy_forward"  # batch.cache entry shared by the heads that run
 _NAN = float("nan")
 
 
-# --- shared model plumbing ----------------------------------------------------------------------
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def eager_attention(model):
-    """Temporarily switch a HF model (under any PEFT wrapper) to eager attention; restore after."""
-    base = _base(model)
-    cfg = getattr(base, "config", None)
-    if cfg is None or not hasattr(base, "set_attn_implementation"):
-        yield
-        return
-    prev: dict = {"": cfg._attn_implementation}
-    for key in getattr(cfg, "sub_configs", {}) or {}:
-        sub = getattr(cfg, key, None)
-        if sub is not None:
-            prev[key] = sub._attn_implementation
-    if all(v == "eager" for v in prev.values()):
-        yield
-        return
-    base.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(prev)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was:
-            model.train()
+# --- running the policy (unveil.models.policy) -----------------------------------------------------
 
 
 def _image_token_id(backbone) -> int | None:
-    cfg = _base(backbone.model).config
+    cfg = unwrap(backbone.model).config
     for k in ("image_token_id", "image_token_index"):
         v = getattr(cfg, k, None)
         if v is not None:
             return int(v)
     return None
-
-
-def _rows(x, n: int, lo: int, hi: int):
-    """Slice per-completion tensors; leave others whole."""
-    return x[lo:hi] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
-
-
-_PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
-
-
-def _can_chunk(inputs: dict, n: int, samples) -> bool:
-    """Rows can be sliced when every per-row tensor has N rows and image tensors one image per row."""
-    if any(k in inputs for k in _PER_IMAGE) and not all(len(getattr(s, "images", []) or []) == 1 for s in samples):
-        return False
-    return all(not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] == n for v in inputs.values())
 
 
 @torch.no_grad()
@@ -133,69 +80,44 @@ def run_policy(
     pixel_values: torch.Tensor | None = None,
     chunk_size: int = 8,
 ) -> dict:
-    """Forward the policy over prompt + completion.
+    """The policy over prompt + completion, in eval mode, the prompt once per group.
 
     Returns ``token_logps`` [N, T] (log-prob of each completion token) and, when ``key_weights``
-    [N, L] is given, ``key_mass`` [layers, N, heads, T + 1]: the attention mass that the queries at
-    positions ``P-1 .. P+T-1`` put on the weighted keys (an eager pass with attentions).
-    ``pixel_values`` replaces the batch's (counterfactual images).
+    [N, P + T] is given, ``key_mass`` [layers, N, heads, T + 1]: the attention mass that the
+    queries at positions ``P-1 .. P+T-1`` put on the weighted keys. ``pixel_values`` replaces the
+    batch's (counterfactual images). ``chunk_size`` completions per pass (whole groups together).
     """
-    from unveil.models.generation import model_inputs
-
-    bb = batch.backbone
-    model = bb.model
-    inputs = model_inputs(dict(batch.prompt_inputs))
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values
+    model = batch.backbone.model
     device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(dict(batch.prompt_inputs)).items()}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(device)
+    if inputs.get("pixel_values") is not None and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     comp = batch.completion_ids.long().to(device)
     cmask = (batch.completion_mask if batch.completion_mask is not None else torch.ones_like(comp)).to(device)
-    n, t = comp.shape
-    p = inputs["input_ids"].shape[1]
-    ids = torch.cat([inputs["input_ids"].to(device).long(), comp], 1)
-    am = torch.cat([inputs["attention_mask"].to(device).long(), cmask.long()], 1)
-    # positions as generate() made them for left-padded rows; M-RoPE models (Qwen2-VL) build their own
-    pos = (am.cumsum(-1) - 1).clamp_min(0) if "image_grid_thw" not in inputs else None
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    if "mm_token_type_ids" in extra:  # Qwen2-VL: per-token modality ids must cover the completion (text = 0)
-        extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1)
-    step = max(1, int(chunk_size)) if _can_chunk(extra, n, batch.samples) else n
-    want_att = key_weights is not None
+    n_images = [len(getattr(s, "images", []) or []) for s in batch.samples]
+    group = batch.group if batch.group is not None and len(batch.group) == len(comp) else None
     logps, masses = [], []
-    ctx = eager_attention(model) if want_att else contextlib.nullcontext()
-    with eval_mode(model), ctx:
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            kw = {k: _rows(v, n, lo, hi) for k, v in extra.items()}
-            kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
-            if "pixel_values" in kw and kw["pixel_values"].is_floating_point():
-                kw["pixel_values"] = kw["pixel_values"].to(next(model.parameters()).dtype)
-            call = dict(
-                input_ids=ids[lo:hi], attention_mask=am[lo:hi], output_attentions=want_att, use_cache=False, **kw
-            )
-            if pos is not None:
-                call["position_ids"] = pos[lo:hi]
-            try:
-                out = model(**call, logits_to_keep=t + 1)
-            except TypeError:  # a forward without logits_to_keep: full logits
-                out = model(**call)
-            logits = out.logits[:, -(t + 1) : -1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, comp[lo:hi].unsqueeze(-1)).squeeze(-1)
-            logps.append(lp.cpu())
-            if want_att:
-                if not out.attentions:
-                    raise RuntimeError("the model returned no attentions in eager mode")
-                w = key_weights[lo:hi].to(device=device, dtype=torch.float32)
-                # [chunk, heads, rows, keys] -> mass on the weighted keys of rows P-1 .. P+T-1
-                masses.append(
-                    torch.stack(
-                        [(a[:, :, p - 1 :, :].float() * w[:, None, None, :]).sum(-1).cpu() for a in out.attentions]
-                    )
-                )
-            del out
-    res = {"token_logps": torch.cat(logps), "mask": cmask.cpu().float(), "prompt_len": p}
-    if want_att:
-        res["key_mass"] = torch.cat(masses, 1)
+    for rows in row_chunks(group, len(comp), max(1, int(chunk_size))):
+        sub = select_inputs(inputs, rows, n_images)
+        args = (sub, comp[rows], cmask[rows])
+        kw = dict(group=None if group is None else group[rows], n_images=[n_images[i] for i in rows.tolist()])
+        if key_weights is None:
+            with eval_mode(model):
+                logps.append(completion_logprobs(model, *args, **kw).logps.cpu())
+        else:
+            mass, lp = key_mass(model, *args, key_weights[rows].to(device), **kw)
+            masses.append(mass)
+            logps.append(lp)
+    order = torch.cat(row_chunks(group, len(comp), max(1, int(chunk_size)))).argsort()
+    res = {
+        "token_logps": torch.cat(logps)[order],
+        "mask": cmask.cpu().float(),
+        "prompt_len": inputs["input_ids"].shape[1],
+    }
+    if key_weights is not None:
+        res["key_mass"] = torch.cat(masses, 1)[:, order]
     return res
 
 
@@ -223,7 +145,7 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
     tid = _image_token_id(backbone)
     if tid is None:
         return [None] * input_ids.shape[0]
-    cfg = _base(backbone.model).config
+    cfg = unwrap(backbone.model).config
     vc = getattr(cfg, "vision_config", None)
     g = None
     if vc is not None and getattr(vc, "image_size", None) and getattr(vc, "patch_size", None):

@@ -48,17 +48,15 @@ reward compares two forward passes and dropout would make it noisy.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
-from unveil.data.collate import IGNORE, PromptCollator
+from unveil.data.collate import PromptCollator
 from unveil.data.collate_pref import PreferenceCollator
-from unveil.models.generation import model_inputs
+from unveil.models.inputs import model_inputs
+from unveil.models.policy import ReferencePolicy, answer_logprobs, disable_dropout
 from unveil.stages.base import StageModule
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -111,39 +109,6 @@ def normalize_weights(
     raise ValueError(f"unknown weight_norm {kind!r} ({' | '.join(WEIGHT_NORMS)})")
 
 
-def answer_token_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the labelled tokens of each row: (per-token log-probs, mask), both (rows, L).
-
-    Only the logits from the first answer position on are computed (``logits_to_keep``) and cast
-    to float32: prompts and images are most of a row, and the vocabulary can be large.
-    """
-    labels = batch["labels"]
-    targets = labels[:, 1:]  # token t+1 is predicted at position t
-    first = int((targets != IGNORE).any(0).int().argmax())
-    inputs = model_inputs(batch)
-    if _accepts_logits_to_keep(model):
-        inputs["logits_to_keep"] = labels.shape[1] - first
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, first:-1]
-    targets = targets[:, first:]
-    mask = targets != IGNORE
-    logits = logits.float()
-    token_logps = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return token_logps * mask, mask
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
 # --- the stage --------------------------------------------------------------------------------
 class DPOModule(StageModule):
     def __init__(
@@ -188,11 +153,9 @@ class DPOModule(StageModule):
         self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
         if not dropout:
             disable_dropout(self.model)
-        # Reference: the adapter switched off under peft; else a frozen copy of the starting policy.
-        # The copy is kept out of the module tree (not in checkpoints, the optimiser or DDP).
-        self.uses_adapter_reference = hasattr(self.model, "disable_adapter")
-        ref = None if self.uses_adapter_reference else copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.__dict__["ref_model"] = ref
+        # Reference: the adapter switched off under peft; else a frozen copy of the starting policy,
+        # kept out of the module tree (not in checkpoints, the optimiser or DDP).
+        self.reference = ReferencePolicy(self.model)
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -217,29 +180,6 @@ class DPOModule(StageModule):
         self._weight_stats = weight_moments(raw_weights)
         return self._weight_stats
 
-    def on_fit_start(self) -> None:
-        self._place_reference()
-
-    def _place_reference(self) -> None:
-        ref = self.ref_model
-        if ref is None:
-            return
-        p = next(self.model.parameters())
-        q = next(ref.parameters())
-        if q.device != p.device or (q.dtype != p.dtype and p.dtype.is_floating_point):
-            ref.to(device=p.device, dtype=p.dtype)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """Yields the reference model: the policy with its adapter off, or the frozen copy."""
-        with torch.no_grad():
-            if self.uses_adapter_reference:
-                with self.model.disable_adapter():
-                    yield self.model
-            else:
-                self._place_reference()
-                yield self.ref_model
-
     # --- the loss -------------------------------------------------------------------------------
     def pair_weights(self, raw: torch.Tensor) -> torch.Tensor:
         stats = self._weight_stats if self.weight_scope == "dataset" else None
@@ -248,9 +188,10 @@ class DPOModule(StageModule):
         return normalize_weights(raw, self.weight_norm, stats, self.weight_var, self.weight_clip)
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        token_logps, mask = answer_token_logps(self.model, batch)
-        with self.reference() as ref:
-            ref_token_logps, _ = answer_token_logps(ref, batch)
+        inputs = model_inputs(batch)
+        token_logps, mask = answer_logprobs(self.model, inputs, batch["labels"])
+        with self.reference.model() as ref:
+            ref_token_logps, _ = answer_logprobs(ref, inputs, batch["labels"])
         n_tokens = mask.sum(1).clamp(min=1)
         logps, ref_logps = token_logps.sum(1), ref_token_logps.sum(1)  # summed over the answer
         if self.logp_agg == "mean":

@@ -21,7 +21,7 @@ import torch
 
 from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
-from unveil.stages.rollout import Rollout, completion_logprobs, concat_rollouts
+from unveil.stages.rollout import Rollout, concat_rollouts
 from unveil.utils.dist import all_gather_objects
 
 
@@ -75,9 +75,6 @@ class GRPOModule(RLStageModule):
     @property
     def needs_reference(self) -> bool:
         return self.beta != 0.0
-
-    def logprobs(self, model, ro, **kw):
-        return completion_logprobs(model, ro, self.temperature, chunk_size=self.forward_batch_size, **kw)
 
     def _all_ranks(self, decision: bool) -> bool:
         """True only if every process agrees (under DDP all ranks must step together)."""
@@ -162,7 +159,7 @@ class GRPOModule(RLStageModule):
             if self.num_iterations > 1 or self.num_minibatches > 1:
                 ro.extra["old_logps"] = self.logprobs(self.model, ro).logps
             if self.reference is not None:
-                ro.extra["ref_logps"] = self.reference.logprobs(ro, self.temperature, self.forward_batch_size)
+                ro.extra["ref_logps"] = self.reference_logprobs(ro)
 
         # 4. clipped surrogate + KL, num_iterations passes x minibatches, one optimiser step each
         history: list[dict] = []

@@ -36,7 +36,6 @@ import torch
 
 from unveil.stages.losses import gae, group_advantages, masked_mean, masked_whiten, ppo_loss, ppo_token_rewards
 from unveil.stages.rl import RLStageModule, mean_metrics
-from unveil.stages.rollout import completion_logprobs
 
 
 def lm_hidden_size(model) -> int:
@@ -94,13 +93,9 @@ class PPOModule(RLStageModule):
         return super().trainable_parameters() + list(self.value_head.parameters())
 
     def policy_and_values(self, ro, with_entropy: bool = False):
-        lp = completion_logprobs(
-            self.model,
-            ro,
-            self.temperature,
-            with_entropy=with_entropy,
-            with_hidden=True,
-            chunk_size=self.forward_batch_size,
+        # the entropy carries a graph only when the loss uses it
+        lp = self.logprobs(
+            self.model, ro, with_entropy=with_entropy, entropy_grad=self.ent_coef != 0, with_hidden=True
         )
         return lp, self.value_head(lp.hidden) * ro.completion_mask
 
@@ -115,7 +110,7 @@ class PPOModule(RLStageModule):
             scores = group_advantages(scores, ro.group, "none")
         with torch.no_grad():
             old, old_values = self.policy_and_values(ro)
-            ref = self.reference.logprobs(ro, self.temperature, self.forward_batch_size) if self.reference else None
+            ref = self.reference_logprobs(ro) if self.reference else None
             token_rewards, kl = ppo_token_rewards(scores, old.logps, ref, mask, self.kl_coef)
 
             # 3. advantages and returns (GAE), whitened advantages

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from unveil.data.collate import PromptCollator
+from unveil.models.policy import ReferencePolicy
+from unveil.models.policy import disable_dropout as _disable_dropout
 from unveil.rewards.base import RewardOutput
 from unveil.rewards.composite import zero_spread_fraction
 from unveil.stages.base import StageModule
-from unveil.stages.rollout import ReferencePolicy, Rollout, sample_rollouts
-from unveil.stages.rollout import disable_dropout as _disable_dropout
+from unveil.stages.rollout import Rollout, sample_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class RLStageModule(StageModule):
         num_minibatches: int = 1,
         max_grad_norm: float | None = 1.0,
         forward_batch_size: int | None = None,
+        share_prompt: bool = True,
         disable_dropout: bool = True,
         log_completions_every: int = 50,
         log_completions_prompts: int = 2,
@@ -75,6 +77,7 @@ class RLStageModule(StageModule):
         self.num_minibatches = max(1, int(num_minibatches))
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         self.forward_batch_size = forward_batch_size
+        self.share_prompt = bool(share_prompt)
         self.log_completions_every = int(log_completions_every or 0)
         self.log_completions_prompts = int(log_completions_prompts)
         self.val_num_generations = int(val_num_generations or num_generations)
@@ -120,6 +123,14 @@ class RLStageModule(StageModule):
         ro.extra["reward"] = reward.total.to(self.device).float()
         self._times = {"start": t0, "generate": t1 - t0, "reward": time.perf_counter() - t1}
         return ro, reward
+
+    def logprobs(self, model, ro: Rollout, **kw):
+        """The rollout's per-token log-probs under ``model`` (the policy, or the reference's)."""
+        return ro.logprobs(model, self.temperature, self.share_prompt, self.forward_batch_size, **kw)
+
+    def reference_logprobs(self, ro: Rollout) -> torch.Tensor:
+        with self.reference.model() as ref:
+            return self.logprobs(ref, ro).logps
 
     def minibatches(self, n: int) -> list[torch.Tensor]:
         """A random split of the N completions into ``num_minibatches`` parts."""

@@ -8,7 +8,7 @@ are trained on too).
 from __future__ import annotations
 
 from unveil.data.collate import PromptCollator, SFTCollator
-from unveil.models.generation import model_inputs
+from unveil.models.inputs import model_inputs
 from unveil.stages.base import StageModule
 
 
