@@ -168,3 +168,27 @@ def test_attention_mass_equals_the_eager_maps(make_backbone, dm, arch, share):  
     with torch.no_grad():
         ref = policy.completion_logprobs(bb.model, ro.inputs, ro.completion_ids, ro.completion_mask).logps
     torch.testing.assert_close(logps, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_once_generates_what_repeated_prompts_generate(make_backbone, dm, arch):  # noqa: F811
+    """Sampled (same seed) and greedy completions are the same whether generate() runs each prompt
+    G times or the prompts are prefilled once and their KV cache repeated."""
+    from unveil.models.generation import generate
+    from unveil.models.inputs import select_inputs
+
+    bb = make_backbone(arch)
+    samples = [two_image_sample(dm), *localize_samples(dm, 2)[:2]]
+    batch = PromptCollator(bb)(samples)
+    outs = []
+    for share in (False, True):
+        torch.manual_seed(3)
+        outs.append(generate(bb, batch, 6, do_sample=True, num_return_sequences=3, share_prompt=share))
+    assert outs[0]["completion_ids"].shape[0] == 9 and torch.equal(
+        outs[0]["completion_ids"], outs[1]["completion_ids"]
+    )
+    # greedy: generate() refuses G > 1, so the reference is the batch with each prompt repeated
+    repeated = {**batch, **select_inputs(batch, torch.arange(3).repeat_interleave(3), [2, 1, 1])}
+    want = generate(bb, repeated, 6)["completion_ids"]
+    got = generate(bb, batch, 6, num_return_sequences=3, share_prompt=True)["completion_ids"]
+    assert torch.equal(want, got)

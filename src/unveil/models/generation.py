@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from unveil.models.inputs import model_inputs
+from unveil.models.inputs import PER_TOKEN, model_inputs
+from unveil.models.policy import position_ids_from_mask, unwrap
 
 # Special tokens that are answer text, not markup: Qwen2-VL's boxes and object references.
 KEEP_SPECIAL = (
@@ -93,6 +94,33 @@ def coord_processor(backbone, coord_decoding: str):
 
 
 @torch.no_grad()
+def prefill_once(model, inputs: dict, g: int) -> dict:
+    """The prompts' KV cache, computed once per prompt (vision tower included) and repeated ``g``
+    times per prompt, with the inputs ``generate`` then takes: each prompt's ids repeated ``g``
+    times, and the cache covering all but their last token (which ``generate`` feeds itself). No
+    image input is passed on: the images are in the cache. Greedy outputs equal generate()'s own
+    repetition of the prompts (tests/test_policy.py)."""
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for k in PER_TOKEN:
+        if extra.get(k) is not None:
+            extra[k] = extra[k][:, :-1]
+    if extra.get("image_grid_thw") is None:  # left padding; M-RoPE models compute their own positions
+        extra["position_ids"] = position_ids_from_mask(am)[:, :-1]
+    out = model(input_ids=ids[:, :-1], attention_mask=am[:, :-1], use_cache=True, logits_to_keep=1, **extra)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)
+    trunk = getattr(unwrap(model), "model", None)
+    if getattr(trunk, "rope_deltas", None) is not None:  # M-RoPE: decoding continues from each prompt's offset
+        trunk.rope_deltas = trunk.rope_deltas.repeat_interleave(g, dim=0)
+    return {
+        "input_ids": ids.repeat_interleave(g, dim=0),
+        "attention_mask": am.repeat_interleave(g, dim=0),
+        "past_key_values": cache,
+    }
+
+
+@torch.no_grad()
 def generate(
     backbone,
     batch: dict,
@@ -103,9 +131,12 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     coord_decoding: str = "argmax",
+    share_prompt: bool = True,
 ) -> dict:
     """Returns prompt+completion ids, the completion ids/mask and decoded completion texts.
-    ``coord_decoding`` applies to greedy decoding only; sampling always samples."""
+    ``coord_decoding`` applies to greedy decoding only; sampling always samples. With
+    ``num_return_sequences`` G > 1 and ``share_prompt``, the prompts are prefilled once and their
+    KV cache repeated G times (:func:`prefill_once`) instead of generate() running each prompt G times."""
     model = backbone.model
     tok = backbone.tokenizer
     inputs = model_inputs(batch)
@@ -127,6 +158,9 @@ def generate(
         kw["logits_processor"] = LogitsProcessorList([proc])
     was_training = model.training
     model.eval()
+    if num_return_sequences > 1 and share_prompt:
+        inputs = prefill_once(model, inputs, num_return_sequences)
+        kw["num_return_sequences"] = 1  # the rows are already repeated (greedy decoding may take G > 1 too)
     out = model.generate(**inputs, **kw)
     if was_training:
         model.train()

@@ -117,6 +117,7 @@ class RLStageModule(StageModule):
             self.temperature,
             self.top_p,
             self.top_k,
+            share_prompt=self.share_prompt,
         )
         t1 = time.perf_counter()
         reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))

@@ -187,8 +187,10 @@ def sample_rollouts(
     top_p: float = 1.0,
     top_k: int = 0,
     do_sample: bool = True,
+    share_prompt: bool = True,
 ) -> Rollout:
-    """G completions per prompt of a :class:`PromptCollator` batch, from one ``generate`` call."""
+    """G completions per prompt of a :class:`PromptCollator` batch, from one ``generate`` call
+    (the prompts prefilled once, their KV cache repeated G times, with ``share_prompt``)."""
     samples = batch["samples"]
     out = generate(
         backbone,
@@ -199,6 +201,7 @@ def sample_rollouts(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
+        share_prompt=share_prompt,
     )
     g = num_generations
     rows = torch.arange(len(samples)).repeat_interleave(g)  # generate() repeats each prompt G times in a row
