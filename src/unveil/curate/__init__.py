@@ -1,4 +1,4 @@
-"""Preference-data builders (DESIGN 1.2 MMedPO, 1.3 STLLaVA-Med): ``python -m unveil.curate builder=...``.
+"""Preference-data builders (docs/methods.md#mmedpo, #stllava-med): ``python -m unveil.curate builder=...``.
 
 - :mod:`~unveil.curate.hallucination`: text pairs (sampled + judged, or rule-written hallucinations)
 - :mod:`~unveil.curate.lesion_noise`: visual pairs (lesion region noised, local or global)

@@ -1,4 +1,4 @@
-"""The box contract (DESIGN 2.2).
+"""The box contract (docs/data_formats.md#boxes).
 
 Canonical boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] in the original image. A
 :class:`BoxFormat` turns canonical boxes into the text a given backbone reads and writes, and

@@ -1,4 +1,4 @@
-"""The one sample schema every format adapter produces (DESIGN 2.1).
+"""The one sample schema every format adapter produces (docs/data_formats.md#the-sample).
 
 Everything after the adapters sees only :class:`Sample`. Boxes follow the box contract in
 :mod:`unveil.data.boxes`: ``[x1, y1, x2, y2]`` normalised to [0, 1] in the original image.

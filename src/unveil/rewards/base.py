@@ -1,4 +1,4 @@
-"""The reward-head contract (DESIGN 2.3). Shared by the RL stages and every head.
+"""The reward-head contract (docs/architecture.md#reward-heads). Shared by the RL stages and every head.
 
 A head is a small object with a ``name``, the set of things it ``needs`` and a call that takes a
 :class:`RolloutBatch` and returns one finite float per completion, or NaN where the head does

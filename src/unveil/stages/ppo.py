@@ -1,4 +1,4 @@
-"""PPO actor-critic, as UMed-LVLM's abnormal-aware rewarding stage (DESIGN 1.1).
+"""PPO actor-critic, as UMed-LVLM's abnormal-aware rewarding stage (docs/methods.md#umed-lvlm).
 
 One training step = one batch of P prompts:
 

@@ -1,4 +1,4 @@
-"""MMedPO preference JSON (github aiming-lab/MMedPO; samples in ``shared/formats/mmedpo/``).
+"""MMedPO preference JSON (github aiming-lab/MMedPO; docs/data_formats.md#mmedpo-preference-json).
 
 A JSON array of::
 

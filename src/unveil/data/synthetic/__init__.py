@@ -1,4 +1,4 @@
-"""Synthetic abnormality data set: the embedded default (DESIGN 2.6)."""
+"""Synthetic abnormality data set: the embedded default (docs/architecture.md#the-embedded-default)."""
 
 from unveil.data.synthetic.generator import SyntheticConfig, generate
 

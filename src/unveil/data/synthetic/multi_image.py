@@ -1,4 +1,4 @@
-"""Multi-image synthetic studies in Med-MIM's style (DESIGN 1.4): multiple choice per ability.
+"""Multi-image synthetic studies in Med-MIM's style (docs/methods.md#med-mim): multiple choice per ability.
 
 Three abilities, each a multiple-choice question over 2-3 images of one patient:
 
