@@ -85,7 +85,7 @@ class TokenReward:
         return RewardOutput(
             total=r,
             per_head={"token": r},
-            stats={"reward/token/mean": float(r.mean()), "reward/total/mean": float(r.mean())},
+            stats={"rewards/token/mean": float(r.mean()), "reward": float(r.mean())},
         )
 
     def trl(self, completion_ids, **kw) -> list[float]:  # TRL: reward function over token id lists

@@ -507,10 +507,10 @@ def test_grpo_step_through_train(arch, tmp_path):
         ]
     )
     metrics = train(cfg)
-    for k in ("train/loss", "train/kl", "reward/total/mean", "reward/localization/mean", "val/reward/total/mean"):
+    for k in ("train/loss", "train/kl", "train/reward", "train/rewards/localization/mean", "val/reward"):
         assert k in metrics and math.isfinite(metrics[k]), (k, metrics)
     if arch == "llava15":  # UMed-LVLM's attention mass on the box's image patches
-        assert metrics["reward/vision_relevance/applicable_frac"] > 0
+        assert metrics["train/rewards/vision_relevance/applicable_frac"] > 0
     rows = [json.loads(l) for l in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 and all(isinstance(r["completion"], str) for r in rows)
     assert (tmp_path / "run" / "backbone" / "config.json").exists()

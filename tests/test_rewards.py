@@ -447,20 +447,20 @@ def test_composite_total_and_stats_by_hand():
     assert torch.isnan(out.per_head["b"][0]) and out.per_head["a"].tolist() == [1.0, 3.0, 2.0, 2.0]
     st_ = out.stats
     assert set(st_) >= {
-        "reward/a/mean",
-        "reward/a/std",
-        "reward/a/zero_spread_frac",
-        "reward/b/mean",
-        "reward/b/std",
-        "reward/b/zero_spread_frac",
-        "reward/total/mean",
-        "reward/total/std",
+        "rewards/a/mean",
+        "rewards/a/std",
+        "rewards/a/frac_zero_std",
+        "rewards/b/mean",
+        "rewards/b/std",
+        "rewards/b/frac_zero_std",
+        "reward",
+        "reward_std",
     }
-    assert close(st_["reward/a/mean"], 2.0) and close(st_["reward/a/std"], math.sqrt(0.5))
-    assert st_["reward/a/zero_spread_frac"] == 0.5
-    assert st_["reward/b/mean"] == 4.0 and st_["reward/b/std"] == 0.0 and st_["reward/b/zero_spread_frac"] == 1.0
-    assert close(st_["reward/total/mean"], float(out.total.mean()))
-    assert close(st_["reward/total/std"], float(out.total.std(unbiased=False)))
+    assert close(st_["rewards/a/mean"], 2.0) and close(st_["rewards/a/std"], math.sqrt(0.5))
+    assert st_["rewards/a/frac_zero_std"] == 0.5
+    assert st_["rewards/b/mean"] == 4.0 and st_["rewards/b/std"] == 0.0 and st_["rewards/b/frac_zero_std"] == 1.0
+    assert close(st_["reward"], float(out.total.mean()))
+    assert close(st_["reward_std"], float(out.total.std(unbiased=False)))
 
 
 def test_composite_all_nan_head_and_inf_and_shape():
@@ -470,7 +470,7 @@ def test_composite_all_nan_head_and_inf_and_shape():
     )
     out = comp(RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g))
     assert out.total.tolist() == [0.0, 1.0] and torch.isfinite(out.total).all()
-    assert math.isnan(out.stats["reward/n/mean"]) and math.isnan(out.stats["reward/n/zero_spread_frac"])
+    assert math.isnan(out.stats["rewards/n/mean"]) and math.isnan(out.stats["rewards/n/frac_zero_std"])
     with pytest.raises(ValueError):
         CompositeReward([HeadSpec("w", _Fixed([1.0, 2.0, 3.0]), 1.0, "none")])(
             RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g)
@@ -570,11 +570,7 @@ def test_weight_zero_head_is_not_computed():
     comp = build_composite({"loc": {"_target_": "unveil.rewards.localization.LocalizationReward", "weight": 0.0}})
     assert len(comp) == 0
     out = comp(RolloutBatch(samples=[loc_sample()], completions=["x"], group=torch.tensor([0])))
-    assert (
-        out.total.tolist() == [0.0]
-        and out.per_head == {}
-        and set(out.stats) == {"reward/total/mean", "reward/total/std"}
-    )
+    assert out.total.tolist() == [0.0] and out.per_head == {} and set(out.stats) == {"reward", "reward_std"}
 
 
 def test_composite_end_to_end_text_heads():

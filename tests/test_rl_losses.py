@@ -73,7 +73,10 @@ def test_clipped_surrogate_hand_values_and_clip_mask():
     # (1.5,-1) -> -1.5; (1,2) -> 2
     assert close(loss, [[-1.2, -0.5, 0.8, 1.5, -2.0]])
     assert close(ratio, ratios)
-    assert clipped.tolist() == [[True, False, True, False, False]]
+    low, high = clipped
+    assert high.tolist() == [[True, False, False, False, False]] and low.tolist() == [
+        [False, False, True, False, False]
+    ]
     # clipped tokens carry no gradient; unclipped ones get -A * rho
     loss.sum().backward()
     assert close(logps.grad, [[0.0, -0.5, 0.0, 1.5, -2.0]])
@@ -84,8 +87,8 @@ def test_clipped_surrogate_asymmetric_clip_higher():
     adv = T([1.0])  # one advantage per sequence broadcasts over tokens
     sym, _, c_sym = clipped_surrogate(logps, old, adv, 0.2, 0.2)
     dapo, _, c_dapo = clipped_surrogate(logps, old, adv, 0.2, 0.28)
-    assert close(sym, [[-1.2, -0.75]]) and c_sym.tolist() == [[True, False]]
-    assert close(dapo, [[-1.25, -0.75]]) and c_dapo.tolist() == [[False, False]]
+    assert close(sym, [[-1.2, -0.75]]) and c_sym[1].tolist() == [[True, False]]
+    assert close(dapo, [[-1.25, -0.75]]) and c_dapo[1].tolist() == [[False, False]]
 
 
 def test_kl_k3_hand_value_and_non_negative():
@@ -126,7 +129,7 @@ def test_grpo_loss_combines_surrogate_kl_and_aggregation():
     loss, _ = grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type="dr_grpo", max_completion_length=5)
     assert close(loss, (row0 + row1) / (2 * 5))
     assert close(m["kl"], (k[0][0] + k[0][1] + k[1][0]) / 3)
-    assert close(m["clip_frac"], 0.0)  # 1.2 and 0.8 sit exactly on the clip boundary
+    assert close(m["clip_ratio/region_mean"], 0.0)  # 1.2 and 0.8 sit exactly on the clip boundary
     assert close(m["approx_kl"], 0.5 * (math.log(1.2) ** 2 + math.log(0.8) ** 2) / 3)
     with pytest.raises(ValueError):
         grpo_loss(logps, old, adv, mask, None, beta=0.1)
@@ -139,7 +142,7 @@ def test_grpo_loss_first_iteration_gradient_is_policy_gradient():
     loss, m = grpo_loss(logps, logps.detach(), T([2.0]), mask, loss_type="grpo")
     loss.backward()
     assert close(logps.grad, [[-1.0, -1.0, 0.0]])
-    assert close(m["ratio"], 1.0) and close(m["clip_frac"], 0.0)
+    assert close(m["ratio"], 1.0) and close(m["clip_ratio/region_mean"], 0.0)
 
 
 # --- PPO ----------------------------------------------------------------------------------------
@@ -201,7 +204,10 @@ def test_ppo_loss_total_and_metrics():
     vf = 0.5 * ((0.2 - 1) ** 2 + (0.2 - 3) ** 2) / 2  # V = 0.5 clipped to 0.2 around V_old = 0: larger errors
     assert close(m["policy_loss"], pg) and close(m["value_loss"], vf)
     assert close(loss, pg + 0.5 * vf - 0.01 * 3.0)
-    assert close(m["clip_frac"], 0.5) and close(m["entropy"], 3.0) and close(m["value_clip_frac"], 1.0)
+    assert close(m["clip_ratio/region_mean"], 0.5) and close(m["entropy"], 3.0) and close(m["value_clip_ratio"], 1.0)
+    # token 0 (rho 1.5, A > 0) clipped high; its sequence is the only one
+    assert close(m["clip_ratio/high_mean"], 0.5) and close(m["clip_ratio/low_mean"], 0.0)
+    assert close(m["clip_ratio/high_max"], 0.5) and close(m["clip_ratio/low_min"], 0.0)
 
 
 def test_masked_whiten():

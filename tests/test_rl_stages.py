@@ -56,7 +56,7 @@ class TokenReward:
         ids, m = batch.completion_ids, batch.completion_mask
         hit = torch.isin(ids, self.target.to(ids.device)).float()
         r = ((hit * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
-        stats = {"reward/toy/mean": float(r.mean()), "reward/total/mean": float(r.mean())}
+        stats = {"rewards/toy/mean": float(r.mean()), "reward": float(r.mean())}
         return RewardOutput(total=r, per_head={"toy": r}, stats=stats)
 
 
@@ -300,22 +300,24 @@ def run_train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
 
 def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
     for k in (
-        "reward/total/mean",
-        "reward/localization/mean",
-        "reward/relevance/mean",
+        "train/reward",
+        "train/rewards/localization/mean",
+        "train/rewards/relevance/mean",
         "train/kl",
-        "train/clip_frac",
+        "train/clip_ratio/region_mean",
         "train/entropy",
-        "train/completion_len",
+        "train/completions/mean_length",
         "train/loss",
         "val/loss",
-        "val/reward/total/mean",
+        "val/reward",
     ):
         assert k in metrics and metrics[k] == metrics[k], k
-    assert 0 < metrics["train/completion_len"] <= 12
-    assert 0 < metrics["time/generate_s"] < metrics["time/step_s"]  # the step's time, split by where it goes
-    assert metrics["time/reward_s"] >= 0 and metrics["time/update_s"] > 0
-    assert 0 <= metrics["reward/total/zero_spread_frac"] <= 1
+    assert 0 < metrics["train/completions/mean_length"] <= 12
+    assert (
+        0 < metrics["train/time/generate_s"] < metrics["train/time/step_s"]
+    )  # the step's time, split by where it goes
+    assert metrics["train/time/reward_s"] >= 0 and metrics["train/time/update_s"] > 0
+    assert 0 <= metrics["train/frac_reward_zero_std"] <= 1
     rows = [json.loads(l) for l in (out / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == steps * 2 * 3  # every rollout step: both prompts x 3 completions
     assert {
@@ -324,8 +326,8 @@ def check_run(metrics: dict, out: Path, steps: int) -> list[dict]:
         "reference",
         "reward",
         "advantage",
-        "reward/relevance",
-        "reward/localization",
+        "rewards/relevance",
+        "rewards/localization",
     } <= set(rows[0])
     assert (out / "backbone" / "config.json").exists() and (out / "metrics.json").exists()
     return rows
@@ -337,7 +339,9 @@ def test_grpo_steps_lora_dapo_with_inner_iterations(tiny, tmp_path):
         tmp_path, "stage=grpo", "peft=lora", "stage.loss_type=dapo", "stage.num_iterations=2", "trainer.max_steps=4"
     )
     rows = check_run(metrics, out, steps=2)
-    assert "reward/vision_relevance/mean" in metrics or "reward/vision_relevance/applicable_frac" in metrics
+    assert (
+        "train/rewards/vision_relevance/mean" in metrics or "train/rewards/vision_relevance/applicable_frac" in metrics
+    )
     assert metrics["train/kl"] >= 0 and metrics["train/approx_kl"] >= 0
     assert all(
         abs(sum(r["advantage"] for r in rows if r["rollout_step"] == s and r["group"] == g)) < 1e-3
@@ -398,7 +402,7 @@ class OddGroupReward(TokenReward):
     def __call__(self, batch) -> RewardOutput:
         g = batch.group.cpu()
         r = torch.zeros(len(g)) if self.constant else torch.where(g % 2 == 1, torch.arange(len(g)).float(), 0.0)
-        return RewardOutput(total=r, per_head={"toy": r}, stats={"reward/total/mean": float(r.mean())})
+        return RewardOutput(total=r, per_head={"toy": r}, stats={"reward": float(r.mean())})
 
 
 @pytest.mark.parametrize("constant", [False, True])

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unveil.eval.runs import compare, draw_study, load_run, localisation_breakdown
+from unveil.eval.runs import (
+    OLD_METRIC_NAMES,
+    compare,
+    current_names,
+    draw_study,
+    load_run,
+    localisation_breakdown,
+    metric_name,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +78,13 @@ def _fake_run(d: Path, iou_scale: float = 1.0) -> Path:
         "test/modality/ct/acc50": 1.0,
         "test/modality/xray/acc50": 0.5,
         "vision_warmup/val_pool_iou": 0.7,
+        # an RL run from before the metrics took TRL's names
+        "reward/total/mean": 1.5,
+        "reward/localization/mean": 0.7,
+        "reward/localization/zero_spread_frac": 0.25,
+        "train/clip_frac": 0.1,
+        "train/kl": 0.01,
+        "val/reward/total/mean": 1.2,
     }
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
@@ -123,6 +138,26 @@ def test_compare_runs(tmp_path):
     assert rows[0]["overall"] == 0.6 and rows[1]["overall"] == pytest.approx(0.3) and rows[1]["modality/xray"] == 0.4
 
 
+def test_old_metric_names_read_under_trl_names(tmp_path):
+    run = load_run(_fake_run(tmp_path / "run"))
+    assert run.metrics["train/reward"] == 1.5 and run.metrics["val/reward"] == 1.2
+    assert run.metrics["train/rewards/localization/mean"] == 0.7
+    assert run.metrics["train/rewards/localization/frac_zero_std"] == 0.25
+    assert run.metrics["train/clip_ratio/region_mean"] == 0.1 and run.metrics["train/kl"] == 0.01
+    assert not any(k.startswith("reward/") or k.endswith("clip_frac") for k in run.metrics)
+    assert run.metrics["test/iou"] == 0.6  # untouched
+    # every old name maps to a current one; current names (DPO's included) map to themselves
+    assert metric_name("val/reward/vision_relevance/applicable_frac") == "val/rewards/vision_relevance/applicable_frac"
+    assert metric_name("time/step_s") == "train/time/step_s"
+    for new in ("train/reward", "train/rewards/chosen", "val/rewards/margins", "train/completions/mean_length"):
+        assert metric_name(new) == new
+    assert all(
+        metric_name(old.replace("<h>", "x")) == new.replace("<h>", "x") for old, new in OLD_METRIC_NAMES.items()
+    )
+    # where a run has both, the current name's value wins
+    assert current_names({"reward/total/mean": 1.0, "train/reward": 2.0}) == {"train/reward": 2.0}
+
+
 def test_inspect_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """Every code cell of notebooks/inspect_run.ipynb, in order, on a fake run and the committed results."""
     nb = json.loads((ROOT / "notebooks" / "inspect_run.ipynb").read_text())
@@ -136,3 +171,4 @@ def test_inspect_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     for i, src in enumerate(cells):
         exec(compile(src, f"inspect_run.ipynb cell {i}", "exec"), ns)
     assert ns["run"].path == d and ns["breakdown"] and ns["ablation"]
+    assert ns["training"]["train/reward"] == 1.5  # an old run's metrics, under the current names

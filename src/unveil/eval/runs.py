@@ -8,12 +8,18 @@ Everything here reads the files a run already writes (``metrics.json``, ``predic
     run.table()                                   # metric x (overall, modality/...) rows
     localisation_breakdown(run.predictions)       # IoU by (#GT boxes, #predicted boxes)
     draw_study(run.worst(1)[0])                   # the image, GT boxes green, predicted red
+
+Training metrics carry TRL's names (``train/reward``, ``train/rewards/<head>/mean``,
+``train/clip_ratio/region_mean``, ...). Runs written before that rename used others
+(``reward/total/mean``, ``train/clip_frac``, ...): :data:`OLD_METRIC_NAMES` maps them, and
+:func:`load_run` reads an old run under the new names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,54 @@ TABLE_METRICS = (
     "closed_acc",
     "mcq_acc",
 )
+
+
+# The training-metric names of runs written before the stages took TRL's (old -> new); ``<h>`` is a
+# reward head. Old per-head and total rewards were logged without the train/ prefix.
+OLD_METRIC_NAMES = {
+    "reward/total/mean": "train/reward",
+    "reward/total/std": "train/reward_std",
+    "reward/total/zero_spread_frac": "train/frac_reward_zero_std",
+    "reward/<h>/mean": "train/rewards/<h>/mean",
+    "reward/<h>/std": "train/rewards/<h>/std",
+    "reward/<h>/zero_spread_frac": "train/rewards/<h>/frac_zero_std",
+    "reward/<h>/applicable_frac": "train/rewards/<h>/applicable_frac",
+    "val/reward/total/mean": "val/reward",
+    "val/reward/total/std": "val/reward_std",
+    "val/reward/<h>/mean": "val/rewards/<h>/mean",
+    "val/reward/<h>/std": "val/rewards/<h>/std",
+    "val/reward/<h>/zero_spread_frac": "val/rewards/<h>/frac_zero_std",
+    "val/reward/<h>/applicable_frac": "val/rewards/<h>/applicable_frac",
+    "train/clip_frac": "train/clip_ratio/region_mean",
+    "train/value_clip_frac": "train/value_clip_ratio",
+    "train/completion_len": "train/completions/mean_length",
+    "val/completion_len": "val/completions/mean_length",
+    "train/truncated_frac": "train/completions/clipped_ratio",
+    "time/generate_s": "train/time/generate_s",
+    "time/reward_s": "train/time/reward_s",
+    "time/update_s": "train/time/update_s",
+    "time/step_s": "train/time/step_s",
+}
+_OLD_PATTERNS = [
+    (re.compile("^" + re.escape(old).replace(re.escape("<h>"), "([^/]+)") + "$"), new)
+    for old, new in OLD_METRIC_NAMES.items()
+]
+
+
+def metric_name(name: str) -> str:
+    """The current name of a metric: ``name`` itself, or what :data:`OLD_METRIC_NAMES` renamed it to."""
+    for pattern, new in _OLD_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return new.replace("<h>", m.group(1)) if m.groups() else new
+    return name
+
+
+def current_names(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with old names replaced by the current ones (a current name present wins)."""
+    out = {metric_name(k): v for k, v in metrics.items() if metric_name(k) not in metrics}
+    out.update({k: v for k, v in metrics.items() if metric_name(k) == k})
+    return out
 
 
 @dataclass
@@ -71,7 +125,8 @@ class Run:
 
 
 def load_run(path: str | Path, predictions: bool = True) -> Run:
-    """A run dir (the one holding ``metrics.json``), or any file inside it."""
+    """A run dir (the one holding ``metrics.json``), or any file inside it. Metrics are read under
+    their current names (:func:`current_names`), whatever names the run wrote."""
     p = Path(path)
     for d in [p, *p.parents]:
         if (d / "metrics.json").exists():
@@ -88,9 +143,8 @@ def load_run(path: str | Path, predictions: bool = True) -> Run:
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(OmegaConf.load(p / ".hydra" / "config.yaml"), resolve=False)
-    return Run(
-        path=p, metrics=json.loads((p / "metrics.json").read_text(encoding="utf-8")), predictions=preds, config=config
-    )
+    metrics = current_names(json.loads((p / "metrics.json").read_text(encoding="utf-8")))
+    return Run(path=p, metrics=metrics, predictions=preds, config=config)
 
 
 def localisation_breakdown(predictions: list[dict]) -> list[dict]:

@@ -53,4 +53,4 @@ class RewardOutput:
 
     total: torch.Tensor  # [N] weighted sum of group-normalised head scores (NaN counts as 0)
     per_head: dict[str, torch.Tensor]  # raw head scores [N], NaN where a head does not apply
-    stats: dict[str, float]  # reward/<head>/mean, reward/<head>/std, reward/<head>/zero_spread_frac, reward/total/mean
+    stats: dict[str, float]  # TRL's names: rewards/<head>/mean, rewards/<head>/std, ..., reward, reward_std

@@ -18,11 +18,14 @@ NaN (head does not apply) stays NaN through the normalisation, is left out of th
 statistics (max, mean, std), and counts as 0 in ``total = sum_h weight_h * norm_h(s_h)``.
 Heads with weight 0 are not computed at all.
 
-Stats (floats; NaN when no completion of the batch has a score for that head):
-``reward/<head>/mean``, ``reward/<head>/std`` (population std of the raw finite scores),
-``reward/<head>/zero_spread_frac`` (fraction of groups, among those with at least one finite
+Stats (floats, named as TRL's ``GRPOTrainer`` logs them; the stages add ``train/`` or ``val/``;
+NaN when no completion of the batch has a score for that head):
+``rewards/<head>/mean``, ``rewards/<head>/std`` (population std of the raw finite scores),
+``rewards/<head>/frac_zero_std`` (fraction of groups, among those with at least one finite
 score, whose finite scores are all equal: they give no learning signal to a group-relative
-method), ``reward/<head>/applicable_frac``, ``reward/total/mean``, ``reward/total/std``.
+method), ``rewards/<head>/applicable_frac``, ``reward`` and ``reward_std`` (mean and std of
+``total``). TRL's ``reward`` is the weighted sum of the raw scores; here it is ``total``, the
+reward the advantages are computed from.
 """
 
 from __future__ import annotations
@@ -161,15 +164,15 @@ class CompositeReward:
             normed = group_normalise(raw, group, spec.norm)
             total += spec.weight * torch.nan_to_num(normed, nan=0.0, posinf=0.0, neginf=0.0)
             mean, std = _mean_std(raw)
-            stats[f"reward/{spec.name}/mean"] = mean
-            stats[f"reward/{spec.name}/std"] = std
-            stats[f"reward/{spec.name}/zero_spread_frac"] = zero_spread_fraction(raw, group)
-            stats[f"reward/{spec.name}/applicable_frac"] = (
+            stats[f"rewards/{spec.name}/mean"] = mean
+            stats[f"rewards/{spec.name}/std"] = std
+            stats[f"rewards/{spec.name}/frac_zero_std"] = zero_spread_fraction(raw, group)
+            stats[f"rewards/{spec.name}/applicable_frac"] = (
                 float(torch.isfinite(raw).float().mean()) if n else float("nan")
             )
         mean, std = _mean_std(total)
-        stats["reward/total/mean"] = mean
-        stats["reward/total/std"] = std
+        stats["reward"] = mean
+        stats["reward_std"] = std
         device = batch.group.device if torch.is_tensor(batch.group) else torch.device("cpu")
         return RewardOutput(total=total.to(device), per_head=per_head, stats=stats)
 

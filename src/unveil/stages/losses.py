@@ -1,4 +1,4 @@
-"""RL losses as pure tensor functions (GRPO and PPO), with the metrics TRL users expect.
+"""RL losses as pure tensor functions (GRPO and PPO), with the metrics TRL users expect (TRL's names).
 
 Shapes: ``N`` completions, ``T`` completion tokens; per-token tensors are ``[N, T]`` with a
 ``mask`` ``[N, T]`` (1 on real completion tokens, EOS included). Log-probs are of the sampled
@@ -101,11 +101,12 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     eps_low: float = 0.2,
     eps_high: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``; returns (loss, ratio, clipped).
 
-    ``advantages`` is ``[N]`` (one per sequence) or ``[N, T]``. ``clipped`` marks tokens whose
-    gradient the clip removed: ``rho < 1 - eps_low`` with ``A < 0``, or ``rho > 1 + eps_high`` with ``A > 0``.
+    ``advantages`` is ``[N]`` (one per sequence) or ``[N, T]``. ``clipped`` is a pair of masks of
+    the tokens whose gradient the clip removed, as TRL counts them: (low) ``rho < 1 - eps_low``
+    with ``A < 0``, (high) ``rho > 1 + eps_high`` with ``A > 0``.
     """
     eps_high = eps_low if eps_high is None else eps_high
     if advantages.dim() == 1:
@@ -113,8 +114,28 @@ def clipped_surrogate(
     ratio = torch.exp(logps - old_logps)
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
-    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
-    return loss, ratio, clipped
+    low = (ratio < 1 - eps_low) & (advantages < 0)
+    high = (ratio > 1 + eps_high) & (advantages > 0)
+    return loss, ratio, (low, high)
+
+
+def clip_metrics(clipped: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's ``clip_ratio/*`` (``GRPOTrainer._compute_loss``): the fraction of completion tokens
+    clipped low, high, either (``region``), and the min (low) / max (high) over sequences of
+    the per-sequence fraction (sequences without tokens left out)."""
+    low, high = (c.float() for c in clipped)
+    with torch.no_grad():
+        per_seq = lambda x: (x * mask).sum(-1) / mask.sum(-1)  # noqa: E731  NaN for an empty row, as TRL
+        low_seq, high_seq = per_seq(low), per_seq(high)
+        ok = torch.isfinite(low_seq)
+        nan = low.new_tensor(float("nan"))
+        return {
+            "clip_ratio/low_mean": masked_mean(low, mask),
+            "clip_ratio/high_mean": masked_mean(high, mask),
+            "clip_ratio/region_mean": masked_mean(torch.maximum(low, high), mask),
+            "clip_ratio/low_min": low_seq[ok].min() if ok.any() else nan,
+            "clip_ratio/high_max": high_seq[ok].max() if ok.any() else nan,
+        }
 
 
 def aggregate(
@@ -145,7 +166,8 @@ def grpo_loss(
     max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO objective and its metrics (``kl``, ``clip_frac``, ``approx_kl``, ``entropy``)."""
+    """The GRPO objective and its metrics: TRL's ``kl``, ``entropy`` and ``clip_ratio/*``, and
+    ``approx_kl`` (``0.5 (logp - logp_old)^2``) and ``ratio`` (mean importance ratio)."""
     per_token, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
     metrics: dict[str, torch.Tensor] = {}
     if beta != 0.0:
@@ -158,7 +180,7 @@ def grpo_loss(
         metrics["kl"] = masked_mean(kl_k3(logps, ref_logps), mask).detach()
     loss = aggregate(per_token, mask, loss_type, max_completion_length)
     with torch.no_grad():
-        metrics["clip_frac"] = masked_mean(clipped.float(), mask)
+        metrics.update(clip_metrics(clipped, mask))
         metrics["approx_kl"] = 0.5 * masked_mean((logps - old_logps) ** 2, mask)
         metrics["ratio"] = masked_mean(ratio, mask)
         if entropy is not None:
@@ -247,8 +269,8 @@ def ppo_loss(
         metrics = {
             "policy_loss": pg.detach(),
             "value_loss": vf.detach(),
-            "clip_frac": masked_mean(clipped.float(), mask),
-            "value_clip_frac": vf_clip_frac,
+            **clip_metrics(clipped, mask),
+            "value_clip_ratio": vf_clip_frac,
             "approx_kl": 0.5 * masked_mean((logps - old_logps) ** 2, mask),
             "ratio": masked_mean(ratio, mask),
         }

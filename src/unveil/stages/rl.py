@@ -7,12 +7,21 @@ steps (``num_iterations`` / ``ppo_epochs`` x ``num_minibatches``); ``trainer.max
 counts optimiser steps, as in TRL. Gradient clipping is done here (``max_grad_norm``, by default
 ``trainer.gradient_clip_val``), since Lightning does not clip under manual optimisation.
 
-Validation samples ``val_num_generations`` completions per validation prompt, scores them with
-the same composite reward and logs ``val/reward/...``; ``val/loss`` is ``-val/reward/total/mean``
-so that the default checkpoint callback (min ``val/loss``) keeps the best-rewarded policy.
-
-Each training step also logs where its time went: ``time/generate_s``, ``time/reward_s``,
+Metrics carry TRL's names (``GRPOTrainer``), under ``train/`` or ``val/``: per rollout batch
+``rewards/<head>/mean`` and ``/std`` (plus ``/frac_zero_std``, ``/applicable_frac``), ``reward``,
+``reward_std``, ``frac_reward_zero_std`` (groups whose completions all scored the same),
+``completions/mean_length``, ``/min_length``, ``/max_length``, ``/clipped_ratio`` (no EOS within
+``max_new_tokens``), ``/mean_terminated_length``, ``/min_terminated_length``,
+``/max_terminated_length``; from the loss (:mod:`unveil.stages.losses`) ``kl``, ``entropy``,
+``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``, ``/low_min``, ``/high_max``; and
+``loss``, ``grad_norm``. What TRL has no name for keeps its own: ``approx_kl``, ``ratio``, the
+stages' extras, and where a step's time went: ``time/generate_s``, ``time/reward_s``,
 ``time/update_s`` (the rest: log-probs, reference, optimiser steps) and ``time/step_s``.
+
+Validation samples ``val_num_generations`` completions per validation prompt, scores them with
+the same composite reward and logs the rollout metrics under ``val/``; ``val/loss`` is
+``-val/reward`` so that the default checkpoint callback (min ``val/loss``) keeps the
+best-rewarded policy.
 """
 
 from __future__ import annotations
@@ -39,12 +48,13 @@ log = logging.getLogger(__name__)
 
 
 def mean_metrics(history: list[dict]) -> dict[str, float]:
-    """Average each metric over the optimiser steps of one rollout batch (None entries skipped)."""
-    keys = {k for h in history for k, v in h.items() if v is not None}
-    return {
-        k: sum(float(h[k]) for h in history if h.get(k) is not None) / sum(h.get(k) is not None for h in history)
-        for k in sorted(keys)
-    }
+    """Average each metric over the optimiser steps of one rollout batch (None and NaN entries skipped)."""
+    vals: dict[str, list[float]] = {}
+    for h in history:
+        for k, v in h.items():
+            if v is not None and math.isfinite(float(v)):
+                vals.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sorted(vals.items())}
 
 
 class RLStageModule(StageModule):
@@ -155,19 +165,35 @@ class RLStageModule(StageModule):
         return norm
 
     # --- logging --------------------------------------------------------------------------------
-    def log_step(self, ro: Rollout, reward: RewardOutput, metrics: dict[str, float], prefix: str = "train") -> None:
-        n_prompts = int(ro.group.max()) + 1 if len(ro) else 1
-        logs = {k: v for k, v in reward.stats.items() if isinstance(v, float) and math.isfinite(v)}
-        logs.update(
-            {f"{prefix}/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        )
-        logs["reward/total/zero_spread_frac"] = zero_spread_fraction(
-            ro.extra["reward"], ro.group
-        )  # groups without signal
-        logs[f"{prefix}/completion_len"] = float(ro.lengths.float().mean())
+    def rollout_metrics(self, ro: Rollout, reward: RewardOutput) -> dict[str, float]:
+        """TRL's per-generation-batch metrics of a rollout, unprefixed: the reward stats,
+        ``frac_reward_zero_std`` and ``completions/*`` (TRL's ``_generate_and_score_completions``)."""
+        out = {k: float(v) for k, v in reward.stats.items() if isinstance(v, float)}
+        total = reward.total.float()
+        out.setdefault("reward", float(total.mean()) if total.numel() else float("nan"))
+        out.setdefault("reward_std", float(total.std(unbiased=False)) if total.numel() else float("nan"))
+        out["frac_reward_zero_std"] = zero_spread_fraction(ro.extra["reward"], ro.group)  # groups without signal
+        lengths = ro.lengths.float()
         eos = self.backbone.tokenizer.eos_token_id
         ended = ((ro.completion_ids == eos) & ro.completion_mask.bool()).any(1)
-        logs[f"{prefix}/truncated_frac"] = float((~ended).float().mean())  # no EOS within max_new_tokens
+        terminated = lengths[ended] if bool(ended.any()) else lengths.new_zeros(1)  # TRL: 0 when none ended
+        out.update(
+            {
+                "completions/mean_length": float(lengths.mean()),
+                "completions/min_length": float(lengths.min()),
+                "completions/max_length": float(lengths.max()),
+                "completions/clipped_ratio": float((~ended).float().mean()),  # no EOS within max_new_tokens
+                "completions/mean_terminated_length": float(terminated.mean()),
+                "completions/min_terminated_length": float(terminated.min()),
+                "completions/max_terminated_length": float(terminated.max()),
+            }
+        )
+        return out
+
+    def log_step(self, ro: Rollout, reward: RewardOutput, metrics: dict[str, float], prefix: str = "train") -> None:
+        n_prompts = int(ro.group.max()) + 1 if len(ro) else 1
+        logs = self.rollout_metrics(ro, reward)
+        logs.update({k: float(v) for k, v in metrics.items() if v is not None})
         # where a step's time goes: sampling, reward heads, and the rest (log-probs, reference, updates)
         t = self._times
         if t:
@@ -180,9 +206,10 @@ class RLStageModule(StageModule):
                     "time/step_s": total_s,
                 }
             )
-        bar = {"reward/total/mean", f"{prefix}/loss", f"{prefix}/kl"}
+        bar = {"reward", "loss", "kl"}
         for k, v in logs.items():
-            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=n_prompts)
+            if math.isfinite(v):
+                self.log(f"{prefix}/{k}", v, on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=n_prompts)
 
     def maybe_log_completions(self, ro: Rollout, reward: RewardOutput, advantages: torch.Tensor | None = None) -> None:
         """Every ``log_completions_every`` rollout steps: the completions of the first prompts, with
@@ -210,7 +237,7 @@ class RLStageModule(StageModule):
             }
             for h in heads:
                 v = float(reward.per_head[h][i])
-                row[f"reward/{h}"] = v if math.isfinite(v) else None
+                row[f"rewards/{h}"] = v if math.isfinite(v) else None
             rows.append(row)
         out = Path(self.trainer.default_root_dir or ".")
         out.mkdir(parents=True, exist_ok=True)
@@ -232,13 +259,15 @@ class RLStageModule(StageModule):
     def validation_step(self, batch, batch_idx):
         ro, reward = self.rollout(batch, self.val_num_generations)
         n = len(batch["samples"])
-        # Per-head stats are NaN where a head does not apply, so the keys differ between batches and
-        # ranks: they are logged per rank. A synced log must be issued by every rank, in the same order.
-        for k, v in reward.stats.items():
-            if isinstance(v, float) and math.isfinite(v) and k != "reward/total/mean":
+        logs = self.rollout_metrics(ro, reward)
+        # Synced: logged by every rank, in the same order, and always finite. The rest (per-head
+        # stats are NaN where a head does not apply, so keys differ between batches and ranks) per rank.
+        synced = ("reward", "completions/mean_length", "completions/clipped_ratio")
+        for k, v in logs.items():
+            if k not in synced and math.isfinite(v):
                 self.log(f"val/{k}", v, on_epoch=True, batch_size=n)
-        total = float(reward.stats.get("reward/total/mean", float(reward.total.mean())))
-        total = total if math.isfinite(total) else 0.0
-        self.log("val/reward/total/mean", total, on_epoch=True, batch_size=n, sync_dist=True)
+        total = logs["reward"] if math.isfinite(logs["reward"]) else 0.0
+        self.log("val/reward", total, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("val/loss", -total, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("val/completion_len", float(ro.lengths.float().mean()), on_epoch=True, batch_size=n, sync_dist=True)
+        for k in synced[1:]:
+            self.log(f"val/{k}", logs[k], on_epoch=True, batch_size=n, sync_dist=True)
