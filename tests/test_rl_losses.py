@@ -106,9 +106,165 @@ def test_aggregations():
     assert close(aggregate(per_token, mask, "grpo"), (6 / 3 + 4 / 1) / 2)  # per-sequence mean, then mean
     assert close(aggregate(per_token, mask, "dr_grpo", max_completion_length=4), (6 + 4) / (2 * 4))
     assert close(aggregate(per_token, mask, "dr_grpo"), (6 + 4) / (2 * 3))  # default length: T
-    assert close(aggregate(per_token, mask, "dapo"), 10 / 4)  # token-level mean over the batch
-    with pytest.raises(ValueError):
+    assert close(aggregate(per_token, mask, "bnpo"), 10 / 4)  # token-level mean over the local batch
+    assert close(aggregate(per_token, mask, "dapo"), 10 / 4)  # one process, one step: = bnpo
+    # dapo: the generation batch had 12 tokens over 2 processes, split into 3 optimiser steps:
+    # each step's token sum is divided by the tokens a step has on average on one process (12 / 6)
+    assert close(aggregate(per_token, mask, "dapo", num_items_in_batch=12, num_processes=2, steps_per_generation=3), 5)
+    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
         aggregate(per_token, mask, "bnpo_typo")
+
+
+# --- parity with TRL 1.16's GRPOTrainer._compute_loss, one test per loss_type -------------------
+def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, entropies, num_items, num_processes, steps_per_generation):
+    """TRL's own ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) on these tensors: called
+    on a stand-in for the trainer that holds only what the method reads, with the policy's log-probs
+    and entropies as ``_get_per_token_logps_and_entropies`` would return them. One optimiser step
+    per micro-batch (gradient_accumulation_steps 1), no vLLM, no entropy mask, token-level ratios.
+    Returns (loss, TRL's logged metrics)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    trainer = SimpleNamespace(
+        loss_type=loss_type,
+        beta=0.04,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        max_completion_length=6,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        current_gradient_accumulation_steps=1,
+        model=SimpleNamespace(training=True),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=steps_per_generation),
+        # one process's view: reduce/gather over a single process are identities
+        accelerator=SimpleNamespace(num_processes=num_processes, reduce=lambda t, reduction: t, gather=lambda t: t),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None),
+    )
+    n, t = mask.shape
+    inputs = {
+        "prompt_ids": torch.zeros(n, 3, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 3, dtype=torch.long),
+        "completion_ids": torch.zeros(n, t, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": torch.tensor(num_items),
+    }
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "num_processes", "steps_per_generation"),
+    [("grpo", 1, 1), ("bnpo", 1, 1), ("dr_grpo", 1, 1), ("dapo", 1, 1), ("dapo", 2, 1), ("dapo", 2, 3)],
+)
+def test_grpo_loss_matches_trl(loss_type, num_processes, steps_per_generation):
+    pytest.importorskip("trl")
+    from unveil.stages.losses import LOSS_TYPES
+
+    assert loss_type in LOSS_TYPES
+    g = torch.Generator().manual_seed(0)
+    n, t = 4, 5
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    logps = (-torch.rand(n, t, generator=g) * 2).requires_grad_(True)
+    old = logps.detach() + 0.5 * torch.randn(n, t, generator=g)  # ratios on both sides of the clip range
+    ref = logps.detach() + 0.5 * torch.randn(n, t, generator=g)
+    adv = torch.tensor([1.5, -0.7, 0.4, -1.2])
+    entropies = torch.rand(n, t, generator=g) * 3
+    num_items = 29.0 if num_processes > 1 else float(mask.sum())  # the generation batch's tokens, all processes
+
+    trl_loss, trl_m = trl_grpo_loss(
+        loss_type, logps, old, ref, adv, mask, entropies, num_items, num_processes, steps_per_generation
+    )
+    (trl_grad,) = torch.autograd.grad(trl_loss, logps)
+    loss, m = grpo_loss(
+        logps,
+        old,
+        adv,
+        mask,
+        ref,
+        beta=0.04,
+        eps_low=0.2,
+        eps_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=6,
+        entropy=entropies,
+        num_items_in_batch=num_items if num_processes > 1 else None,
+        num_processes=num_processes,
+        steps_per_generation=steps_per_generation,
+    )
+    (grad,) = torch.autograd.grad(loss, logps)
+    torch.testing.assert_close(loss, trl_loss)
+    torch.testing.assert_close(grad, trl_grad)
+    for k in (
+        "kl",
+        "entropy",
+        *(f"clip_ratio/{c}" for c in ("low_mean", "high_mean", "region_mean", "low_min", "high_max")),
+    ):
+        assert close(m[k], trl_m[k]), (k, float(m[k]), trl_m[k])
+    assert trl_m["clip_ratio/low_mean"] > 0 and trl_m["clip_ratio/high_mean"] > 0  # both sides exercised
+
+
+def test_loss_types_are_trls():
+    """Every loss_type offered here is one of TRL 1.16's, under the same name."""
+    pytest.importorskip("trl")
+    import inspect
+
+    from trl import GRPOTrainer
+
+    from unveil.stages.losses import LOSS_TYPES
+
+    src = inspect.getsource(GRPOTrainer._compute_loss)
+    assert all(f'"{name}"' in src for name in LOSS_TYPES)
+
+
+def _dapo_rank(rank: int, world: int, init: str, rows: list, out: str) -> None:
+    """One process of the two-process dapo check: its share of the rows, the token count
+    all-reduced as the GRPO stage does it, and the gradient averaged over processes as DDP does."""
+    import torch.distributed as dist
+
+    from unveil.utils.dist import all_reduce_sum, world_size
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        per_token, mask = (torch.tensor(x) for x in rows[rank])
+        w = torch.ones((), requires_grad=True)
+        num_items = all_reduce_sum(mask.sum().float())
+        aggregate(w * per_token, mask, "dapo", num_items_in_batch=num_items, num_processes=world_size()).backward()
+        grad = w.grad.clone()
+        dist.all_reduce(grad)
+        if rank == 0:
+            torch.save({"grad": grad / world, "num_items": num_items}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dapo_over_two_processes_is_the_token_mean_of_both(tmp_path):
+    """Processes with different numbers of completion tokens: dapo's DDP-averaged gradient is the
+    gradient of the token mean over both processes' tokens (bnpo's would weigh them per process)."""
+    import torch.multiprocessing as mp
+
+    rows = [
+        ([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [[1, 1, 1], [1, 1, 0]]),  # 5 tokens, sum 15
+        ([[10.0, 20.0, 30.0]], [[1, 0, 0]]),  # 1 token, sum 10
+    ]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_dapo_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", rows, str(out)), nprocs=2)
+    res = torch.load(out)
+    assert res["num_items"] == 6
+    assert close(res["grad"], (15 + 10) / 6)  # d/dw of the global token mean of w * per_token
+    bnpo = ((15 / 5) + (10 / 1)) / 2
+    assert not close(res["grad"], bnpo)
 
 
 def test_grpo_loss_combines_surrogate_kl_and_aggregation():
@@ -124,8 +280,9 @@ def test_grpo_loss_combines_surrogate_kl_and_aggregation():
     row1 = 0.8 + beta * k[1][0]
     loss, m = grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type="grpo")
     assert close(loss, (row0 / 2 + row1 / 1) / 2)
-    loss, _ = grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type="dapo")
-    assert close(loss, (row0 + row1) / 3)
+    for loss_type in ("bnpo", "dapo"):  # one process, one step: both are the token mean
+        loss, _ = grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type=loss_type)
+        assert close(loss, (row0 + row1) / 3)
     loss, _ = grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type="dr_grpo", max_completion_length=5)
     assert close(loss, (row0 + row1) / (2 * 5))
     assert close(m["kl"], (k[0][0] + k[0][1] + k[1][0]) / 3)

@@ -1,4 +1,5 @@
-"""GRPO: group-relative policy optimisation (Shao et al. 2024), with the Dr. GRPO and DAPO variants.
+"""GRPO: group-relative policy optimisation (Shao et al. 2024), with TRL's loss types (``grpo``,
+``bnpo``, ``dr_grpo``, ``dapo``: Dr. GRPO and DAPO's token-level loss).
 
 One training step = one batch of P prompts:
 
@@ -22,7 +23,7 @@ import torch
 from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
 from unveil.stages.rollout import Rollout, concat_rollouts
-from unveil.utils.dist import all_gather_objects
+from unveil.utils.dist import all_gather_objects, all_reduce_sum, world_size
 
 
 def held_for_rank(held_by_rank: list[list], rank: int, world: int) -> list:
@@ -50,11 +51,12 @@ class GRPOModule(RLStageModule):
     ):
         super().__init__(backbone, rewards, optim, **kw)
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"stage.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+            raise ValueError(f"stage.loss_type={loss_type!r}; expected one of {', '.join(LOSS_TYPES)} (TRL's names)")
         self.beta = float(beta)
         self.loss_type = loss_type
         self.epsilon_low = float(epsilon)
-        # DAPO's clip-higher: a wider upper bound keeps exploring low-probability tokens.
+        # DAPO's clip-higher: a wider upper bound keeps exploring low-probability tokens (TRL leaves
+        # epsilon_high = epsilon for every loss type: set stage.epsilon_high to run as TRL does).
         self.epsilon_high = (
             float(epsilon_high) if epsilon_high is not None else (0.28 if loss_type == "dapo" else self.epsilon_low)
         )
@@ -161,10 +163,14 @@ class GRPOModule(RLStageModule):
             if self.reference is not None:
                 ro.extra["ref_logps"] = self.reference_logprobs(ro)
 
+        # dapo normalises by the completion tokens of the whole rollout batch, summed over processes
+        num_items = all_reduce_sum(ro.completion_mask.sum().float()) if self.loss_type == "dapo" else None
+
         # 4. clipped surrogate + KL, num_iterations passes x minibatches, one optimiser step each
         history: list[dict] = []
         for _ in range(self.num_iterations):
-            for idx in self.minibatches(len(ro)):
+            parts = self.minibatches(len(ro))
+            for idx in parts:
                 mb = ro.select(idx)
                 lp = self.logprobs(self.model, mb, with_entropy=True)
                 old = mb.extra.get("old_logps", lp.logps.detach())
@@ -180,6 +186,9 @@ class GRPOModule(RLStageModule):
                     loss_type=self.loss_type,
                     max_completion_length=self.max_new_tokens,
                     entropy=lp.entropy,
+                    num_items_in_batch=num_items,
+                    num_processes=world_size(),
+                    steps_per_generation=len(parts),
                 )
                 m["grad_norm"] = self.update(loss)
                 m["loss"] = loss.detach()

@@ -4,14 +4,22 @@ Shapes: ``N`` completions, ``T`` completion tokens; per-token tensors are ``[N, 
 ``mask`` ``[N, T]`` (1 on real completion tokens, EOS included). Log-probs are of the sampled
 tokens. Definitions follow TRL (``GRPOTrainer._compute_loss`` and the former ``PPOTrainer``):
 
-GRPO (Shao et al. 2024; Dr. GRPO, Liu et al. 2025; DAPO, Yu et al. 2025)
+GRPO (Shao et al. 2024; Dr. GRPO, Liu et al. 2025; DAPO, Yu et al. 2025), TRL 1.16's ``loss_type``s
     A_i    = (r_i - mean_group(r)) [/ (std_group(r) + 1e-4)]
     rho_t  = exp(logp_t - logp_old_t)
     L_t    = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * KL3_t
     KL3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1           (k3, unbiased, >= 0)
+    over the N completions of one optimiser step's (mini)batch on this process:
     grpo:    mean_i( sum_t L_t m_t / sum_t m_t )                    (per-sequence mean, then batch mean)
+    bnpo:    sum_{i,t} L_t m_t / sum_{i,t} m_t                      (token-level mean over the local batch)
     dr_grpo: sum_{i,t} L_t m_t / (N * T_max)                        (per-sequence sum / max completion length)
-    dapo:    sum_{i,t} L_t m_t / sum_{i,t} m_t                      (token-level mean over the batch)
+    dapo:    sum_{i,t} L_t m_t / (M_gen / (P * S))                  (token-level mean over the global batch)
+    where M_gen is the number of completion tokens of the whole generation (rollout) batch, summed
+    over the P processes, and S the number of optimiser steps it is split into (TRL's
+    ``steps_per_generation``; here ``num_minibatches``). Gradients are averaged over processes
+    (DDP), so a dapo step weighs every token of every process's minibatch alike; bnpo's weight
+    depends on how many tokens the process's own minibatch has. With one process and one
+    minibatch, dapo = bnpo.
 
 PPO (Schulman et al. 2017; Ouyang et al. 2022)
     r_t    = -kl_coef * (logp_old_t - ref_t)  (+ score on the last real token)
@@ -27,7 +35,7 @@ import torch
 
 from unveil.rewards.composite import group_spread
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL's names and definitions (GRPOConfig.loss_type)
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -139,18 +147,35 @@ def clip_metrics(clipped: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor)
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_completion_length: int | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int = 1,
 ) -> torch.Tensor:
-    """Reduce a per-token loss ``[N, T]`` to a scalar by ``loss_type`` (see module docstring)."""
+    """Reduce a per-token loss ``[N, T]`` to a scalar by ``loss_type`` (see module docstring), as
+    TRL's ``GRPOTrainer._compute_loss`` does without gradient accumulation.
+
+    ``dapo`` only: ``num_items_in_batch`` is the number of completion tokens of the whole
+    generation batch over all ``num_processes`` processes (TRL's ``num_items_in_batch``; default:
+    this batch's, i.e. one process and one step), ``steps_per_generation`` the optimiser steps the
+    generation batch is split into.
+    """
     m = mask.to(per_token.dtype)
     if loss_type == "grpo":
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
         length = max_completion_length or per_token.shape[1]
         return (per_token * m).sum() / (per_token.shape[0] * length)
     if loss_type == "dapo":
-        return (per_token * m).sum() / m.sum().clamp(min=1.0)
-    raise ValueError(f"loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+        n = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=per_token.dtype)
+        normalizer = n.to(per_token.device).clamp(min=1.0) / (int(num_processes) * int(steps_per_generation))
+        return (per_token * m).sum() / normalizer
+    raise ValueError(f"loss_type={loss_type!r}; expected one of {', '.join(LOSS_TYPES)} (TRL's names)")
 
 
 def grpo_loss(
@@ -165,6 +190,9 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective and its metrics: TRL's ``kl``, ``entropy`` and ``clip_ratio/*``, and
     ``approx_kl`` (``0.5 (logp - logp_old)^2``) and ``ratio`` (mean importance ratio)."""
@@ -178,7 +206,9 @@ def grpo_loss(
         metrics["kl"] = masked_mean(kl, mask).detach()
     elif ref_logps is not None:
         metrics["kl"] = masked_mean(kl_k3(logps, ref_logps), mask).detach()
-    loss = aggregate(per_token, mask, loss_type, max_completion_length)
+    loss = aggregate(
+        per_token, mask, loss_type, max_completion_length, num_items_in_batch, num_processes, steps_per_generation
+    )
     with torch.no_grad():
         metrics.update(clip_metrics(clipped, mask))
         metrics["approx_kl"] = 0.5 * masked_mean((logps - old_logps) ** 2, mask)
