@@ -38,7 +38,8 @@ TABLE_METRICS = (
 
 
 # The training-metric names of runs written before the stages took TRL's (old -> new); ``<h>`` is a
-# reward head. Old per-head and total rewards were logged without the train/ prefix.
+# reward head. Old per-head and total rewards were logged without the train/ prefix. Definitions
+# are unchanged, except that the reward stds were population stds then (TRL's are Bessel-corrected).
 OLD_METRIC_NAMES = {
     "reward/total/mean": "train/reward",
     "reward/total/std": "train/reward_std",

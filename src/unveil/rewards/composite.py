@@ -20,7 +20,8 @@ Heads with weight 0 are not computed at all.
 
 Stats (floats, named as TRL's ``GRPOTrainer`` logs them; the stages add ``train/`` or ``val/``;
 NaN when no completion of the batch has a score for that head):
-``rewards/<head>/mean``, ``rewards/<head>/std`` (population std of the raw finite scores),
+``rewards/<head>/mean``, ``rewards/<head>/std`` (std of the raw finite scores, Bessel-corrected
+as TRL's ``nanstd``: NaN for fewer than two),
 ``rewards/<head>/frac_zero_std`` (fraction of groups, among those with at least one finite
 score, whose finite scores are all equal: they give no learning signal to a group-relative
 method), ``rewards/<head>/applicable_frac``, ``reward`` and ``reward_std`` (mean and std of
@@ -104,10 +105,12 @@ def zero_spread_fraction(scores: torch.Tensor, group: torch.Tensor, tol: float =
 
 
 def _mean_std(v: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of the finite entries, as TRL's ``nanmean`` / ``nanstd`` (Bessel-corrected; NaN
+    for fewer than two entries)."""
     v = v[torch.isfinite(v)].double()
     if v.numel() == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+    return float(v.mean()), float(v.std(unbiased=True)) if v.numel() > 1 else float("nan")
 
 
 class CompositeReward:

@@ -171,7 +171,7 @@ class RLStageModule(StageModule):
         out = {k: float(v) for k, v in reward.stats.items() if isinstance(v, float)}
         total = reward.total.float()
         out.setdefault("reward", float(total.mean()) if total.numel() else float("nan"))
-        out.setdefault("reward_std", float(total.std(unbiased=False)) if total.numel() else float("nan"))
+        out.setdefault("reward_std", float(total.std()) if total.numel() > 1 else float("nan"))  # as TRL's nanstd
         out["frac_reward_zero_std"] = zero_spread_fraction(ro.extra["reward"], ro.group)  # groups without signal
         lengths = ro.lengths.float()
         eos = self.backbone.tokenizer.eos_token_id
