@@ -144,11 +144,59 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def curate(cfg: DictConfig) -> dict:
-    """Run one builder as configured; returns the summary (also written to summary.json)."""
+def _context(cfg: DictConfig, out: Path, root: Path, splits: dict, images):
+    """The builders' shared state: findings of all splits, the text corpus of train (or the first split)."""
+    from unveil.curate.common import Context
+
+    findings = sorted({f for ss in splits.values() for s in ss for f in s.findings})
+    corpus_split = "train" if "train" in splits else next(iter(splits))
+    return Context(
+        out_dir=out,
+        images=images,
+        seed=int(cfg.seed),
+        input_root=root,
+        findings=findings,
+        corpus=[m["content"] for s in splits[corpus_split] for m in s.messages],
+        model_cfg=cfg.get("model"),
+        cache_dir=str(cfg.paths.cache_dir),
+        device=str(cfg.get("device", "auto")),
+    )
+
+
+def _build_split(builder, split: str, samples: list, ctx, path: Path, progress: bool) -> Counter:
+    """Run the builder on one split and write it to ``path``; returns the split's counts."""
     from tqdm.auto import tqdm
 
-    from unveil.curate.common import Context, ImageStore, Outcome
+    counts: Counter = Counter(read=len(samples))
+    written: list = []
+    ctx.split = split
+    builder.stats.clear()
+    bar = tqdm(total=len(samples), desc=f"{builder.name} [{split}]", disable=not progress, leave=False)
+    ctx.advance = bar.update
+    _write_split(path, builder.run(samples, ctx), ctx.images, counts, written)
+    bar.close()
+    builder.finish(ctx, written)
+    counts.update(builder.stats)
+    counts["mode"] = "built"
+    pairs = [s for s in written if s.rejected is not None]
+    if pairs:
+        counts["weight_mean"] = round(sum(s.weight for s in pairs) / len(pairs), 4)
+    return counts
+
+
+def _pass_through(samples: list, images, path: Path) -> Counter:
+    """Write a split the builder does not touch unchanged (images linked or copied as for built ones)."""
+    from unveil.curate.common import Outcome
+
+    counts: Counter = Counter(read=len(samples))
+    _write_split(path, (Outcome(s) for s in samples), images, counts, [])
+    counts["mode"] = "passthrough"
+    return counts
+
+
+def curate(cfg: DictConfig) -> dict:
+    """Run one builder as configured; returns the summary (also written to summary.json)."""
+    from unveil.curate.common import ImageStore
     from unveil.utils.secrets import scrub
 
     if cfg.get("num_threads"):
@@ -160,19 +208,7 @@ def curate(cfg: DictConfig) -> dict:
     root, splits = load_inputs(cfg)
     builder = hydra.utils.instantiate(cfg.builder, _convert_="all")
     images = ImageStore(out, root, mode=cfg.get("images", "link"))
-    findings = sorted({f for ss in splits.values() for s in ss for f in s.findings})
-    corpus_split = "train" if "train" in splits else next(iter(splits))
-    ctx = Context(
-        out_dir=out,
-        images=images,
-        seed=int(cfg.seed),
-        input_root=root,
-        findings=findings,
-        corpus=[m["content"] for s in splits[corpus_split] for m in s.messages],
-        model_cfg=cfg.get("model"),
-        cache_dir=str(cfg.paths.cache_dir),
-        device=str(cfg.get("device", "auto")),
-    )
+    ctx = _context(cfg, out, root, splits, images)
     build = [s for s in cfg.build_splits if s in splits]
     if not build:
         raise ValueError(f"build_splits={list(cfg.build_splits)} matches none of the input splits {list(splits)}")
@@ -185,26 +221,13 @@ def curate(cfg: DictConfig) -> dict:
         "splits": {},
     }
     for split, samples in splits.items():
-        if split not in build and not cfg.passthrough:
-            continue
-        counts: Counter = Counter(read=len(samples))
-        written: list = []
+        path = out / f"{split}.jsonl"
         if split in build:
-            ctx.split = split
-            builder.stats.clear()
-            bar = tqdm(total=len(samples), desc=f"{builder.name} [{split}]", disable=not cfg.progress, leave=False)
-            ctx.advance = bar.update
-            _write_split(out / f"{split}.jsonl", builder.run(samples, ctx), images, counts, written)
-            bar.close()
-            builder.finish(ctx, written)
-            counts.update(builder.stats)
-            counts["mode"] = "built"
-            pairs = [s for s in written if s.rejected is not None]
-            if pairs:
-                counts["weight_mean"] = round(sum(s.weight for s in pairs) / len(pairs), 4)
+            counts = _build_split(builder, split, samples, ctx, path, bool(cfg.progress))
+        elif cfg.passthrough:
+            counts = _pass_through(samples, images, path)
         else:
-            _write_split(out / f"{split}.jsonl", (Outcome(s) for s in samples), images, counts, written)
-            counts["mode"] = "passthrough"
+            continue
         summary["splits"][split] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in counts.items()}
     if ctx._backbone is not None:
         summary["model"] = scrub(OmegaConf.to_container(cfg.model, resolve=True))

@@ -300,7 +300,64 @@ class HallucinationBuilder(BaseBuilder):
         n = self.num_samples
         return [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
 
+    def _model_picks(self, chunk: list[Sample], ctx: Context) -> list[tuple[str, float] | None]:
+        """Per sample, the sampled wrong answer the judge scores lowest, with its score (None: no candidate)."""
+        picks: list[tuple[str, float] | None] = [None] * len(chunk)
+        answers = self.sample_answers(chunk, ctx)
+        items, owners = [], []
+        for i, (s, group) in enumerate(zip(chunk, answers)):
+            q = user_query(s).replace(IMAGE_PLACEHOLDER, "").strip()
+            for a in group:
+                if not a or _norm(a) == _norm(s.target):
+                    continue
+                if self.plausible_only and not plausible(a, s.target):
+                    self.stats["model_samples_implausible"] += 1
+                    continue
+                items.append((q, s.target, a))
+                owners.append(i)
+        scores = self.judge().score_batch(items) if items else []
+        for (_q, _ref, a), i, sc in zip(items, owners, scores):
+            sc = float(sc)
+            if math.isfinite(sc) and (picks[i] is None or sc < picks[i][1]):
+                picks[i] = (a, sc)
+        return picks
+
     # --- the builder -----------------------------------------------------------------------
+    def _outcome(self, s: Sample, pick: tuple[str, float] | None, use_model: bool, seed: int, vocab) -> Outcome:
+        """The model's answer when the judge calls it wrong enough, else a rule's (keeping the judge score)."""
+        if pick is not None and pick[1] < self.wrong_below:
+            self.stats["source/model"] += 1
+            return Outcome(
+                with_rejected(
+                    s,
+                    answer=pick[0],
+                    suffix=self.id_suffix,
+                    curate_builder=self.name,
+                    curate_source="model",
+                    curate_rule=None,
+                    curate_judge_score=pick[1],
+                )
+            )
+        if use_model:
+            self.stats["model_fallback_to_rules"] += 1
+        got = self.rule_answer(s, seed, vocab)
+        if got is None:
+            return Outcome(skipped="no_rule_applies")
+        rule, ans = got
+        self.stats["source/rules"] += 1
+        self.stats[f"rule/{rule}"] += 1
+        return Outcome(
+            with_rejected(
+                s,
+                answer=ans,
+                suffix=self.id_suffix,
+                curate_builder=self.name,
+                curate_source="rules",
+                curate_rule=rule,
+                curate_judge_score=pick[1] if pick else None,
+            )
+        )
+
     def run(self, samples: list[Sample], ctx: Context) -> Iterator[Outcome]:
         vocab = list(self.findings) if self.findings else list(ctx.findings)
         use_model = self.use_model(ctx)
@@ -310,58 +367,7 @@ class HallucinationBuilder(BaseBuilder):
             torch.manual_seed(ctx.seed)
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
-            picks: list[tuple[str, float] | None] = [None] * len(chunk)
-            if use_model:
-                answers = self.sample_answers(chunk, ctx)
-                items, owners = [], []
-                for i, (s, group) in enumerate(zip(chunk, answers)):
-                    q = user_query(s).replace(IMAGE_PLACEHOLDER, "").strip()
-                    for a in group:
-                        if not a or _norm(a) == _norm(s.target):
-                            continue
-                        if self.plausible_only and not plausible(a, s.target):
-                            self.stats["model_samples_implausible"] += 1
-                            continue
-                        items.append((q, s.target, a))
-                        owners.append(i)
-                scores = self.judge().score_batch(items) if items else []
-                for (_q, _ref, a), i, sc in zip(items, owners, scores):
-                    sc = float(sc)
-                    if math.isfinite(sc) and (picks[i] is None or sc < picks[i][1]):
-                        picks[i] = (a, sc)
+            picks = self._model_picks(chunk, ctx) if use_model else [None] * len(chunk)
             for s, pick in zip(chunk, picks):
-                if pick is not None and pick[1] < self.wrong_below:
-                    self.stats["source/model"] += 1
-                    yield Outcome(
-                        with_rejected(
-                            s,
-                            answer=pick[0],
-                            suffix=self.id_suffix,
-                            curate_builder=self.name,
-                            curate_source="model",
-                            curate_rule=None,
-                            curate_judge_score=pick[1],
-                        )
-                    )
-                    continue
-                if use_model:
-                    self.stats["model_fallback_to_rules"] += 1
-                got = self.rule_answer(s, ctx.seed, vocab)
-                if got is None:
-                    yield Outcome(skipped="no_rule_applies")
-                    continue
-                rule, ans = got
-                self.stats["source/rules"] += 1
-                self.stats[f"rule/{rule}"] += 1
-                yield Outcome(
-                    with_rejected(
-                        s,
-                        answer=ans,
-                        suffix=self.id_suffix,
-                        curate_builder=self.name,
-                        curate_source="rules",
-                        curate_rule=rule,
-                        curate_judge_score=pick[1] if pick else None,
-                    )
-                )
+                yield self._outcome(s, pick, use_model, ctx.seed, vocab)
             ctx.advance(len(chunk))

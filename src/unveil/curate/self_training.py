@@ -130,6 +130,118 @@ class SelfTrainingBuilder(BaseBuilder):
     def _describe_msgs(self, d: _Dialogue) -> list[dict]:
         return [{"role": "user", "content": self._ph(d.images) + self.describe_prompt}]
 
+    def _describe(self, ctx: Context, chunk: list[_Dialogue]) -> None:
+        """Step 1: the model's description of each image (greedy unless describe_sample)."""
+        desc = self._generate(
+            ctx,
+            [Sample(id=d.key, images=d.images, messages=self._describe_msgs(d)) for d in chunk],
+            1,
+            self.describe_sample,
+            self.max_new_tokens,
+        )
+        for d, (t,) in zip(chunk, desc):
+            d.description = t
+
+    def _ask_questions(self, ctx: Context, chunk: list[_Dialogue]) -> list[tuple[_Dialogue, str]]:
+        """Step 2: ``num_questions`` sampled questions per image, empty and duplicate ones dropped."""
+        # the trailing empty assistant turn marks where the prompt ends
+        qs = self._generate(
+            ctx,
+            [
+                Sample(
+                    id=d.key,
+                    images=d.images,
+                    messages=[
+                        *self._describe_msgs(d),
+                        {"role": "assistant", "content": d.description},
+                        {"role": "user", "content": self.question_prompt},
+                        {"role": "assistant", "content": ""},
+                    ],
+                )
+                for d in chunk
+            ],
+            self.k,
+            True,
+            self.q_tokens,
+        )
+        asks: list[tuple[_Dialogue, str]] = []
+        for d, group in zip(chunk, qs):
+            seen = set()
+            for q in group:
+                q = q.replace(IMAGE_PLACEHOLDER, "").strip()
+                if not q:
+                    self.stats["questions/empty"] += 1
+                    continue
+                if _norm(q) in seen:
+                    self.stats["questions/duplicate"] += 1
+                    continue
+                seen.add(_norm(q))
+                asks.append((d, q))
+        self.stats["images"] += len(chunk)
+        self.stats["questions"] += len(asks)
+        return asks
+
+    def _answer(self, ctx: Context, asks: list[tuple[_Dialogue, str]]) -> list[list[str]]:
+        """Step 3: two sampled answers per question."""
+        return self._generate(
+            ctx,
+            [
+                Sample(id=d.key, images=d.images, messages=[{"role": "user", "content": self._ph(d.images) + q}])
+                for d, q in asks
+            ],
+            2,
+            True,
+            self.max_new_tokens,
+        )
+
+    def _judge_answers(self, asks: list[tuple[_Dialogue, str]], answers: list[list[str]]) -> Iterator[Outcome]:
+        """Step 4: the judge's better answer becomes chosen; unusable pairs are skipped with their reason."""
+        items = [
+            (q, d.description if self.reference == "description" else "", a)
+            for (d, q), pair in zip(asks, answers)
+            for a in pair
+        ]
+        scores = self.judge().score_batch(items)
+        for j, ((d, q), (a, b)) in enumerate(zip(asks, answers)):
+            sa, sb = float(scores[2 * j]), float(scores[2 * j + 1])
+            if not a or not b:
+                yield Outcome(skipped="empty_answer")
+            elif _norm(a) == _norm(b):
+                yield Outcome(skipped="identical_answers")
+            elif not (math.isfinite(sa) and math.isfinite(sb)):
+                yield Outcome(skipped="judge_failed")
+            elif abs(sa - sb) <= self.min_margin:
+                yield Outcome(skipped="tie")
+            else:
+                (chosen, cs), (rejected, rs) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
+                d.turns.append((q, chosen, rejected))
+                yield Outcome(self._pair(d, q, chosen, rejected, [cs, rs]))
+
+    def _pair(self, d: _Dialogue, q: str, chosen: str, rejected: str, scores: list[float]) -> Sample:
+        """The preference record of the dialogue's latest turn (prompt = the one the answers were sampled with)."""
+        query = self._ph(d.images) + q
+        return Sample(
+            id=f"{d.key}-st{len(d.turns) - 1}",
+            images=list(d.images),
+            messages=[
+                {"role": "user", "content": query},
+                {"role": "assistant", "content": chosen},
+            ],
+            task="vqa_open",
+            rejected=Rejected(
+                messages=[
+                    {"role": "user", "content": query},
+                    {"role": "assistant", "content": rejected},
+                ]
+            ),
+            meta={
+                "curate_builder": self.name,
+                "self_description": d.description,
+                "curate_scores": scores,
+                "source": "self_training",
+            },
+        )
+
     def run(self, samples: list[Sample], ctx: Context) -> Iterator[Outcome]:
         import torch
 
@@ -149,108 +261,10 @@ class SelfTrainingBuilder(BaseBuilder):
         self._dialogues = dialogues
         for start in range(0, len(dialogues), self.batch_size):
             chunk = dialogues[start : start + self.batch_size]
-            # 1. describe
-            desc = self._generate(
-                ctx,
-                [Sample(id=d.key, images=d.images, messages=self._describe_msgs(d)) for d in chunk],
-                1,
-                self.describe_sample,
-                self.max_new_tokens,
-            )
-            for d, (t,) in zip(chunk, desc):
-                d.description = t
-            # 2. ask (the trailing empty assistant turn marks where the prompt ends)
-            qs = self._generate(
-                ctx,
-                [
-                    Sample(
-                        id=d.key,
-                        images=d.images,
-                        messages=[
-                            *self._describe_msgs(d),
-                            {"role": "assistant", "content": d.description},
-                            {"role": "user", "content": self.question_prompt},
-                            {"role": "assistant", "content": ""},
-                        ],
-                    )
-                    for d in chunk
-                ],
-                self.k,
-                True,
-                self.q_tokens,
-            )
-            asks: list[tuple[_Dialogue, str]] = []
-            for d, group in zip(chunk, qs):
-                seen = set()
-                for q in group:
-                    q = q.replace(IMAGE_PLACEHOLDER, "").strip()
-                    if not q:
-                        self.stats["questions/empty"] += 1
-                        continue
-                    if _norm(q) in seen:
-                        self.stats["questions/duplicate"] += 1
-                        continue
-                    seen.add(_norm(q))
-                    asks.append((d, q))
-            self.stats["images"] += len(chunk)
-            self.stats["questions"] += len(asks)
-            # 3. answer twice, 4. judge
+            self._describe(ctx, chunk)
+            asks = self._ask_questions(ctx, chunk)
             if asks:
-                answers = self._generate(
-                    ctx,
-                    [
-                        Sample(
-                            id=d.key, images=d.images, messages=[{"role": "user", "content": self._ph(d.images) + q}]
-                        )
-                        for d, q in asks
-                    ],
-                    2,
-                    True,
-                    self.max_new_tokens,
-                )
-                items = [
-                    (q, d.description if self.reference == "description" else "", a)
-                    for (d, q), pair in zip(asks, answers)
-                    for a in pair
-                ]
-                scores = self.judge().score_batch(items)
-                for j, ((d, q), (a, b)) in enumerate(zip(asks, answers)):
-                    sa, sb = float(scores[2 * j]), float(scores[2 * j + 1])
-                    if not a or not b:
-                        yield Outcome(skipped="empty_answer")
-                    elif _norm(a) == _norm(b):
-                        yield Outcome(skipped="identical_answers")
-                    elif not (math.isfinite(sa) and math.isfinite(sb)):
-                        yield Outcome(skipped="judge_failed")
-                    elif abs(sa - sb) <= self.min_margin:
-                        yield Outcome(skipped="tie")
-                    else:
-                        (chosen, cs), (rejected, rs) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
-                        d.turns.append((q, chosen, rejected))
-                        query = self._ph(d.images) + q
-                        yield Outcome(
-                            Sample(
-                                id=f"{d.key}-st{len(d.turns) - 1}",
-                                images=list(d.images),
-                                messages=[
-                                    {"role": "user", "content": query},
-                                    {"role": "assistant", "content": chosen},
-                                ],
-                                task="vqa_open",
-                                rejected=Rejected(
-                                    messages=[
-                                        {"role": "user", "content": query},
-                                        {"role": "assistant", "content": rejected},
-                                    ]
-                                ),
-                                meta={
-                                    "curate_builder": self.name,
-                                    "self_description": d.description,
-                                    "curate_scores": [cs, rs],
-                                    "source": "self_training",
-                                },
-                            )
-                        )
+                yield from self._judge_answers(asks, self._answer(ctx, asks))
             ctx.advance(sum(sizes[start : start + self.batch_size]))
 
     # --- multi-turn files with virtual-user turns ------------------------------------------
