@@ -47,9 +47,9 @@ _KNOWN = {
 }
 
 
-def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True) -> Sample:
+def _images(rec: dict, n: int, path: Path, root: Path, check_images: bool) -> tuple[list[str], list]:
+    """(resolved image paths, their (w, h) sizes or None each) from ``images`` or ``image``."""
     f = str(path)
-    rid = require(rec, "id", (str, int), path, n)
     if "images" in rec:
         rels = require(rec, "images", list, path, n)
     elif "image" in rec:
@@ -59,10 +59,11 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
     field = "images" if "images" in rec else "image"
     images = [str(resolve(root, r, f, n, field)) for r in rels]
     sizes = [image_size(p, f, n, field) if check_images else None for p in images]
-    query = require(rec, "query", str, path, n)
-    answer = require(rec, "answer", str, path, n)
-    if images and IMAGE_PLACEHOLDER not in query:
-        query = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + query
+    return images, sizes
+
+
+def _boxes(rec: dict, n: int, f: str, n_images: int, sizes: list) -> tuple[list[list[float]], list]:
+    """(normalised boxes, image index of each box); pixel boxes are divided by their image's size."""
     units = rec.get("box_units", "normalized")
     if units not in ("normalized", "pixel"):
         raise RecordError(f, n, "box_units", f"must be 'normalized' or 'pixel', got {units!r}")
@@ -80,7 +81,7 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
         ):
             raise RecordError(f, n, f"boxes[{i}]", f"expected four numbers [x1, y1, x2, y2], got {b!r:.80}")
-        if not isinstance(box_image[i], int) or not 0 <= box_image[i] < max(1, len(images)):
+        if not isinstance(box_image[i], int) or not 0 <= box_image[i] < max(1, n_images):
             raise RecordError(f, n, f"box_image[{i}]", f"no image {box_image[i]!r} in this record")
         if units == "pixel":
             size = sizes[box_image[i]] if sizes and sizes[box_image[i]] else None
@@ -93,32 +94,49 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
         elif not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
             raise RecordError(f, n, f"boxes[{i}]", f"normalised box {b} is outside [0, 1] or empty")
         boxes.append([float(v) for v in b])
+    return boxes, box_image
+
+
+def _rejected(
+    rec: dict, n: int, f: str, root: Path, query: str, answer: str, images: list[str], check_images: bool
+) -> Rejected | None:
+    """The dispreferred side of a preference record (same query; its own images or None), or None."""
+    if rec.get("rejected") is None:
+        return None
+    rj = rec["rejected"]
+    if not isinstance(rj, dict) or not isinstance(rj.get("answer", answer), str):
+        raise RecordError(f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}")
+    rj_images = rj.get("images")
+    if rj_images is not None:
+        if not isinstance(rj_images, list) or len(rj_images) != len(images):
+            raise RecordError(
+                f, n, "rejected.images", f"expected {len(images)} path(s) or null, got {rj_images!r:.80}"
+            )
+        rj_images = [str(resolve(root, r, f, n, "rejected.images")) for r in rj_images]
+        if check_images:
+            for p in rj_images:
+                image_size(p, f, n, "rejected.images")
+    return Rejected(
+        messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rj.get("answer", answer)}],
+        images=rj_images,
+    )
+
+
+def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True) -> Sample:
+    f = str(path)
+    rid = require(rec, "id", (str, int), path, n)
+    images, sizes = _images(rec, n, path, root, check_images)
+    query = require(rec, "query", str, path, n)
+    answer = require(rec, "answer", str, path, n)
+    if images and IMAGE_PLACEHOLDER not in query:
+        query = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + query
+    boxes, box_image = _boxes(rec, n, f, len(images), sizes)
     findings = rec.get("findings") or []
     if not isinstance(findings, list) or len(findings) != len(boxes) or not all(isinstance(x, str) for x in findings):
         raise RecordError(
             f, n, "findings", f"expected {len(boxes)} label string(s), one per box, got {findings!r:.80}"
         )
-    rejected = None
-    if rec.get("rejected") is not None:
-        rj = rec["rejected"]
-        if not isinstance(rj, dict) or not isinstance(rj.get("answer", answer), str):
-            raise RecordError(
-                f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}"
-            )
-        rj_images = rj.get("images")
-        if rj_images is not None:
-            if not isinstance(rj_images, list) or len(rj_images) != len(images):
-                raise RecordError(
-                    f, n, "rejected.images", f"expected {len(images)} path(s) or null, got {rj_images!r:.80}"
-                )
-            rj_images = [str(resolve(root, r, f, n, "rejected.images")) for r in rj_images]
-            if check_images:
-                for p in rj_images:
-                    image_size(p, f, n, "rejected.images")
-        rejected = Rejected(
-            messages=[{"role": "user", "content": query}, {"role": "assistant", "content": rj.get("answer", answer)}],
-            images=rj_images,
-        )
+    rejected = _rejected(rec, n, f, root, query, answer, images, check_images)
     weight = rec.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RecordError(f, n, "weight", f"expected a number, got {weight!r:.80}")

@@ -77,6 +77,43 @@ def parse_options(text: str) -> dict[str, str]:
     return opts
 
 
+def _messages(conv: list, f: str, n) -> list[dict[str, str]]:
+    """The ``conversation`` turns as messages, each checked for its role and string content."""
+    messages = []
+    for i, t in enumerate(conv):
+        if not isinstance(t, dict):
+            raise RecordError(f, n, f"conversation[{i}]", f"expected a {{'role', 'content'}} object, got {t!r:.80}")
+        role = t.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise RecordError(f, n, f"conversation[{i}].role", f"expected 'user' or 'assistant', got {role!r:.80}")
+        content = t.get("content")
+        if not isinstance(content, str):
+            raise RecordError(
+                f, n, f"conversation[{i}].content", f"expected a string, got {type(content).__name__}: {content!r:.80}"
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _task(question: str, raw_answer: str, source: str, meta: dict, f: str, n, answer_turn: int):
+    """(task, short answer) as the module docstring says; an mcq also records its options in ``meta``."""
+    low = source.lower()
+    options = parse_options(question)
+    m = _ANSWER.match(raw_answer)
+    if m and m.group(1) in options:
+        meta["options"], meta["answer_letter"] = options, m.group(1)
+        if _norm(m.group(2)) != _norm(options[m.group(1)]):
+            meta["answer_option_mismatch"] = True
+        return "mcq", raw_answer.strip()
+    if "multichoice" in low:
+        why = "answer is not 'X: <option>'" if not m else f"option {m.group(1)!r} is not listed in the question"
+        raise RecordError(f, n, f"conversation[{answer_turn}].content", f"multiple-choice record ({source}) but {why}")
+    if "conv" in low:
+        return "vqa_open", None
+    answer = raw_answer.strip()
+    return ("vqa_closed" if is_yes_no(answer) else "vqa_open"), answer
+
+
 def convert(
     rec: dict,
     n,
@@ -93,20 +130,7 @@ def convert(
     if not rels:
         raise RecordError(f, n, "images", "empty image list")
     images = image_paths(rels, root, path, n, "images", check_images, image_dir)
-    conv = require(rec, "conversation", list, path, n)
-    messages = []
-    for i, t in enumerate(conv):
-        if not isinstance(t, dict):
-            raise RecordError(f, n, f"conversation[{i}]", f"expected a {{'role', 'content'}} object, got {t!r:.80}")
-        role = t.get("role")
-        if role not in ("user", "assistant", "system"):
-            raise RecordError(f, n, f"conversation[{i}].role", f"expected 'user' or 'assistant', got {role!r:.80}")
-        content = t.get("content")
-        if not isinstance(content, str):
-            raise RecordError(
-                f, n, f"conversation[{i}].content", f"expected a string, got {type(content).__name__}: {content!r:.80}"
-            )
-        messages.append({"role": role, "content": content})
+    messages = _messages(require(rec, "conversation", list, path, n), f, n)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not users or not answers:
@@ -123,8 +147,6 @@ def convert(
     if not isinstance(source, str):
         raise RecordError(f, n, "source", f"expected a string, got {source!r:.80}")
 
-    question = messages[users[-1]]["content"]
-    raw_answer = messages[answers[-1]]["content"]
     meta = {k: v for k, v in rec.items() if k not in _KNOWN}
     meta.update(
         source=source or "med_mim",
@@ -134,24 +156,9 @@ def convert(
         orig_id=rid,
         n_images=len(images),
     )
-    low = source.lower()
-    meta["modality"] = next((mod for key, mod in _MODALITY if key in low), "unknown")
-
-    options = parse_options(question)
-    m = _ANSWER.match(raw_answer)
-    if m and m.group(1) in options:
-        task, answer = "mcq", raw_answer.strip()
-        meta["options"], meta["answer_letter"] = options, m.group(1)
-        if _norm(m.group(2)) != _norm(options[m.group(1)]):
-            meta["answer_option_mismatch"] = True
-    elif "multichoice" in low:
-        why = "answer is not 'X: <option>'" if not m else f"option {m.group(1)!r} is not listed in the question"
-        raise RecordError(f, n, f"conversation[{answers[-1]}].content", f"multiple-choice record ({source}) but {why}")
-    elif "conv" in low:
-        task, answer = "vqa_open", None
-    else:
-        answer = raw_answer.strip()
-        task = "vqa_closed" if is_yes_no(answer) else "vqa_open"
+    meta["modality"] = next((mod for key, mod in _MODALITY if key in source.lower()), "unknown")
+    question, raw_answer = messages[users[-1]]["content"], messages[answers[-1]]["content"]
+    task, answer = _task(question, raw_answer, source, meta, f, n, answers[-1])
     return Sample(id=f"{ability}/{rid}#{n}", images=images, messages=messages, task=task, answer=answer, meta=meta)
 
 

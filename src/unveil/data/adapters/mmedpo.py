@@ -95,6 +95,37 @@ def _last_assistant(messages) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
+def _clean_answers(chosen: list[dict], rejected: list[dict], meta: dict, clean_scaffolding: bool, f: str, n) -> str:
+    """Strip both final answers (scaffolding too, flagged in ``meta``; raw texts kept); returns the chosen one."""
+    ic, ir = _last_assistant(chosen), _last_assistant(rejected)
+    meta["raw_chosen"], meta["raw_rejected"] = chosen[ic]["content"], rejected[ir]["content"]
+    chosen[ic]["content"], leak_c = clean_answer(chosen[ic]["content"], clean_scaffolding)
+    rejected[ir]["content"], leak_r = clean_answer(rejected[ir]["content"], clean_scaffolding)
+    if leak_c or leak_r:
+        meta["scaffolding"] = True
+    if not chosen[ic]["content"]:
+        raise RecordError(f, n, f"conversations[{ic}].value", "empty answer")
+    return chosen[ic]["content"]
+
+
+def _rejected_images(
+    rec: dict, n, path: Path, root: Path, n_images: int, meta: dict, check_images: bool, image_dir: str | None
+) -> list[str] | None:
+    """The noised copy of a visual pair (None for a text pair); ``rejected_noised`` goes to ``meta``."""
+    f = str(path)
+    rj_images = None
+    if rec.get("rejected_image") is not None:
+        rj_images = record_images(rec, "rejected_image", root, path, n, check_images, image_dir)
+        if len(rj_images) != n_images:
+            raise RecordError(f, n, "rejected_image", f"expected {n_images} path(s), got {len(rj_images)}")
+    if "rejected_noised" in rec:
+        noised = rec["rejected_noised"]
+        if noised not in (0, 1) or isinstance(noised, float):
+            raise RecordError(f, n, "rejected_noised", f"expected 0 or 1, got {noised!r:.80}")
+        meta["rejected_noised"] = bool(noised)
+    return rj_images
+
+
 def convert(
     rec: dict,
     n,
@@ -124,27 +155,8 @@ def convert(
     meta.update(source="mmedpo", dataset=dataset_name(path), weighted_score=weight)
     if isinstance(rid, int):
         meta["orig_id"] = rid
-    ic, ir = _last_assistant(chosen), _last_assistant(rejected)
-    meta["raw_chosen"], meta["raw_rejected"] = chosen[ic]["content"], rejected[ir]["content"]
-    chosen[ic]["content"], leak_c = clean_answer(chosen[ic]["content"], clean_scaffolding)
-    rejected[ir]["content"], leak_r = clean_answer(rejected[ir]["content"], clean_scaffolding)
-    if leak_c or leak_r:
-        meta["scaffolding"] = True
-    if not chosen[ic]["content"]:
-        raise RecordError(f, n, f"conversations[{ic}].value", "empty answer")
-
-    rj_images = None
-    if rec.get("rejected_image") is not None:
-        rj_images = record_images(rec, "rejected_image", root, path, n, check_images, image_dir)
-        if len(rj_images) != len(images):
-            raise RecordError(f, n, "rejected_image", f"expected {len(images)} path(s), got {len(rj_images)}")
-    if "rejected_noised" in rec:
-        noised = rec["rejected_noised"]
-        if noised not in (0, 1) or isinstance(noised, float):
-            raise RecordError(f, n, "rejected_noised", f"expected 0 or 1, got {noised!r:.80}")
-        meta["rejected_noised"] = bool(noised)
-
-    answer = chosen[ic]["content"]
+    answer = _clean_answers(chosen, rejected, meta, clean_scaffolding, f, n)
+    rj_images = _rejected_images(rec, n, path, root, len(images), meta, check_images, image_dir)
     if task is None:
         task = (
             "vqa_closed"

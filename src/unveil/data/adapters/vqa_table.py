@@ -31,6 +31,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,26 +146,27 @@ def cache_bytes(data: bytes, cache: Path, name_hint: str | None, file: str, n, f
 # ----------------------------------------------------------------------------------------
 # one row -> one Sample
 # ----------------------------------------------------------------------------------------
-def convert(
-    rec: dict,
-    n,
-    path: Path,
-    root: Path,
-    cache: Path | None,
-    check_images: bool = True,
-    *,
-    image_key: str | None = None,
-    question_key: str = "question",
-    answer_key: str = "answer",
-    answer_type_key: str = "answer_type",
-    id_key: str | None = None,
-    image_dir: str | None = None,
-) -> Sample:
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what; ``read``'s ``*_key`` options. None: the first of IMAGE_KEYS / ID_KEYS there."""
+
+    image: str | None = None
+    question: str = "question"
+    answer: str = "answer"
+    answer_type: str = "answer_type"
+    id: str | None = None
+
+    def image_key(self, rec: dict) -> str | None:
+        return self.image or next((k for k in IMAGE_KEYS if k in rec), None)
+
+
+def _images(rec: dict, n, path: Path, root: Path, cache: Path | None, cols: Columns, check_images: bool, image_dir):
+    """(the image column's name, [image path]): a path under the root, or bytes written to the cache."""
     f = str(path)
-    ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
+    ikey = cols.image_key(rec)
     if ikey is None or ikey not in rec:
         raise RecordError(
-            f, n, image_key or "image", f"missing image column (looked for {image_key or '/'.join(IMAGE_KEYS)})"
+            f, n, cols.image or "image", f"missing image column (looked for {cols.image or '/'.join(IMAGE_KEYS)})"
         )
     img = rec[ikey]
     name_hint = None
@@ -174,49 +176,78 @@ def convert(
     if isinstance(img, (bytes, bytearray, memoryview)):
         if cache is None:
             raise RecordError(f, n, ikey, "image bytes need an image cache folder")
-        images = [cache_bytes(bytes(img), cache, name_hint, f, n, ikey, check_images)]
-    elif isinstance(img, str):
-        images = image_paths([img], root, path, n, ikey, check_images, image_dir)
-    else:
-        raise RecordError(
-            f, n, ikey, f"expected a path, image bytes or {{'bytes', 'path'}}, got {type(img).__name__}: {img!r:.80}"
-        )
+        return ikey, [cache_bytes(bytes(img), cache, name_hint, f, n, ikey, check_images)]
+    if isinstance(img, str):
+        return ikey, image_paths([img], root, path, n, ikey, check_images, image_dir)
+    raise RecordError(
+        f, n, ikey, f"expected a path, image bytes or {{'bytes', 'path'}}, got {type(img).__name__}: {img!r:.80}"
+    )
 
-    if question_key not in rec:
-        raise RecordError(f, n, question_key, "missing required field")
-    question = rec[question_key]
+
+def _question(rec: dict, n, f: str, key: str) -> str:
+    if key not in rec:
+        raise RecordError(f, n, key, "missing required field")
+    question = rec[key]
     if not isinstance(question, str) or not question.strip():
-        raise RecordError(f, n, question_key, f"expected a non-empty string, got {question!r:.80}")
-    if answer_key not in rec:
-        raise RecordError(f, n, answer_key, "missing required field")
-    answer = rec[answer_key]
+        raise RecordError(f, n, key, f"expected a non-empty string, got {question!r:.80}")
+    return question
+
+
+def _answer(rec: dict, n, f: str, key: str) -> tuple[Any, str]:
+    """(the raw cell, the answer text): numbers become strings (VQA-RAD has some), 2.0 -> "2"."""
+    if key not in rec:
+        raise RecordError(f, n, key, "missing required field")
+    answer = rec[key]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise RecordError(
-            f, n, answer_key, f"expected a string (or number), got {type(answer).__name__}: {answer!r:.80}"
-        )
+        raise RecordError(f, n, key, f"expected a string (or number), got {type(answer).__name__}: {answer!r:.80}")
     raw_answer = answer
     answer = (str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)).strip()
     if not answer:
-        raise RecordError(f, n, answer_key, "empty answer")
+        raise RecordError(f, n, key, "empty answer")
+    return raw_answer, answer
 
-    atype = rec.get(answer_type_key)
+
+def _task(atype: Any, answer: str, n, f: str, key: str) -> str:
+    """vqa_closed / vqa_open from the answer type column; without one, yes/no answers are closed."""
     if atype is None or (isinstance(atype, str) and not atype.strip()):
-        task = "vqa_closed" if is_yes_no(answer) else "vqa_open"
-    elif isinstance(atype, str) and atype.strip().lower() in _ANSWER_TYPES:
-        task = _ANSWER_TYPES[atype.strip().lower()]
-    else:
-        raise RecordError(f, n, answer_type_key, f"expected OPEN or CLOSED, got {atype!r:.80}")
+        return "vqa_closed" if is_yes_no(answer) else "vqa_open"
+    if isinstance(atype, str) and atype.strip().lower() in _ANSWER_TYPES:
+        return _ANSWER_TYPES[atype.strip().lower()]
+    raise RecordError(f, n, key, f"expected OPEN or CLOSED, got {atype!r:.80}")
 
-    k = question.count(IMAGE_PLACEHOLDER)
-    if k > 1:
-        raise RecordError(f, n, question_key, f"{k} '{IMAGE_PLACEHOLDER}' placeholders for 1 image")
-    prompt = question if k == 1 else f"{IMAGE_PLACEHOLDER}\n{question}"
 
+def _record_id(rec: dict, n, f: str, id_key: str | None):
+    """The row's id column (the first of ID_KEYS with a value unless named), else the record number."""
     ikey_id = id_key or next((k for k in ID_KEYS if rec.get(k) not in (None, "")), None)
     rid = rec.get(ikey_id) if ikey_id else n
     if ikey_id and (rid is None or isinstance(rid, (bool, dict, list))):
         raise RecordError(f, n, ikey_id, f"expected an id, got {rid!r:.80}")
-    drop = {ikey, question_key, answer_key, answer_type_key}
+    return rid
+
+
+def convert(
+    rec: dict,
+    n,
+    path: Path,
+    root: Path,
+    cache: Path | None,
+    check_images: bool = True,
+    cols: Columns = Columns(),
+    image_dir: str | None = None,
+) -> Sample:
+    f = str(path)
+    ikey, images = _images(rec, n, path, root, cache, cols, check_images, image_dir)
+    question = _question(rec, n, f, cols.question)
+    raw_answer, answer = _answer(rec, n, f, cols.answer)
+    atype = rec.get(cols.answer_type)
+    task = _task(atype, answer, n, f, cols.answer_type)
+    k = question.count(IMAGE_PLACEHOLDER)
+    if k > 1:
+        raise RecordError(f, n, cols.question, f"{k} '{IMAGE_PLACEHOLDER}' placeholders for 1 image")
+    prompt = question if k == 1 else f"{IMAGE_PLACEHOLDER}\n{question}"
+    rid = _record_id(rec, n, f, cols.id)
+
+    drop = {ikey, cols.question, cols.answer, cols.answer_type}
     meta = {k: v for k, v in rec.items() if k not in drop and not isinstance(v, (bytes, bytearray, memoryview, dict))}
     meta.setdefault("source", "vqa_table")
     if atype is not None:
@@ -233,6 +264,22 @@ def convert(
         answer=answer,
         meta=meta,
     )
+
+
+def _rows_in(path: Path, table_format: str | None, lang: str | None, lang_key: str, dropped: list[int]) -> Iterator:
+    """The table's rows; with ``lang``, rows in other languages are left out and counted in ``dropped[0]``."""
+    for n, rec in iter_rows(path, table_format):
+        if lang is not None and isinstance(rec, dict):
+            if lang_key not in rec:
+                yield (
+                    n,
+                    RecordError(str(path), n, lang_key, f"missing language field (lang={lang!r} was asked for)"),
+                )
+                continue
+            if str(rec[lang_key]).strip().lower() != str(lang).lower():
+                dropped[0] += 1
+                continue
+        yield n, rec
 
 
 def read(
@@ -259,47 +306,22 @@ def read(
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
+    cols = Columns(image=image_key, question=question_key, answer=answer_key, answer_type=answer_type_key, id=id_key)
     cache: Path | None = None
     dropped = [0]
 
-    def rows():
-        for n, rec in iter_rows(path, table_format):
-            if lang is not None and isinstance(rec, dict):
-                if lang_key not in rec:
-                    yield (
-                        n,
-                        RecordError(str(path), n, lang_key, f"missing language field (lang={lang!r} was asked for)"),
-                    )
-                    continue
-                if str(rec[lang_key]).strip().lower() != str(lang).lower():
-                    dropped[0] += 1
-                    continue
-            yield n, rec
-
     def conv(rec, n):
         nonlocal cache
-        ikey = image_key or next((k for k in IMAGE_KEYS if k in rec), None)
+        # the cache folder is made only when a row holds image bytes
+        ikey = cols.image_key(rec)
         v = rec.get(ikey) if ikey else None
         if cache is None and (
             isinstance(v, (bytes, bytearray, memoryview)) or (isinstance(v, dict) and v.get("bytes") is not None)
         ):
             cache = _cache_dir(root, image_cache)
-        return convert(
-            rec,
-            n,
-            path,
-            root,
-            cache,
-            check_images,
-            image_key=image_key,
-            question_key=question_key,
-            answer_key=answer_key,
-            answer_type_key=answer_type_key,
-            id_key=id_key,
-            image_dir=image_dir,
-        )
+        return convert(rec, n, path, root, cache, check_images, cols, image_dir)
 
-    out = collect(path, rows(), conv, on_bad_record)
+    out = collect(path, _rows_in(path, table_format, lang, lang_key, dropped), conv, on_bad_record)
     if dropped[0]:
         log.info(
             "%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0]
