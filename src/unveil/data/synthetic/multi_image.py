@@ -333,6 +333,73 @@ def _split_of(cfg: MultiImageConfig, p: int) -> str:
     return "test" if u < cfg.test_fraction else "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
 
 
+def _mcq_record(rec: dict, sid: str, rels: list[str], ability: str, modality: str, pid: str) -> dict:
+    """The study's multiple-choice record; the boxes are those of the image the question is about."""
+    cur, answer = rec.pop("current"), rec.pop("answer")
+    boxes = rec["image_boxes"][cur]
+    query = rec.pop("query")
+    return {
+        "id": sid,
+        "images": rels,
+        "query": query,
+        "answer": answer,
+        "short_answer": answer,
+        "answer_letter": answer[0],
+        "task": "mcq",
+        "ability": ability,
+        "modality": modality,
+        "source": "synthetic_mim",
+        "patient_id": pid,
+        "study_id": sid,
+        "boxes": boxes,
+        "box_units": "normalized",
+        "box_image": [cur] * len(boxes),
+        "findings": rec["image_findings"][cur],
+        **rec,
+    }
+
+
+def _open_twin(mcq: dict) -> dict:
+    """The same question without its option list, answered with the right option's text."""
+    query, opt = mcq["query"], mcq["options"][mcq["answer"][0]]
+    return {
+        **{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
+        "id": f"{mcq['id']}-open",
+        "query": query[: query.index("\nA: ")],
+        "answer": opt,
+        "short_answer": opt,
+        "task": "vqa_closed",
+    }
+
+
+def _localize_records(
+    rec: dict, sid: str, rels: list[str], ability: str, modality: str, pid: str, rng: np.random.Generator
+) -> list[dict]:
+    """One single-image localisation record per image of the study (the query drawn from rng)."""
+    mod = anatomy.MODALITY_NAMES[modality]
+    recs = []
+    for i, (rel, img_boxes) in enumerate(zip(rels, rec["image_boxes"])):
+        img_findings = rec["image_findings"][i]
+        recs.append(
+            {
+                "id": f"{sid}-loc{i}",
+                "images": [rel],
+                "task": "localize",
+                "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
+                "answer": text.localize_answer(img_boxes, img_findings),
+                "boxes": img_boxes,
+                "box_units": "normalized",
+                "findings": img_findings,
+                "ability": ability,
+                "modality": modality,
+                "source": "synthetic_mim",
+                "patient_id": pid,
+                "study_id": sid,
+            }
+        )
+    return recs
+
+
 def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> list[dict]:
     """All records of patient p (images written under ``out/images`` when out is given)."""
     pid = f"p{p:05d}"
@@ -353,62 +420,12 @@ def patient_records(cfg: MultiImageConfig, p: int, out: Path | None = None) -> l
             if out is not None:
                 for rel, arr in zip(rels, images):
                     Image.fromarray(arr).save(out / rel)
-            cur, answer = rec.pop("current"), rec.pop("answer")
-            boxes = rec["image_boxes"][cur]
-            query = rec.pop("query")
-            mcq = {
-                "id": sid,
-                "images": rels,
-                "query": query,
-                "answer": answer,
-                "short_answer": answer,
-                "answer_letter": answer[0],
-                "task": "mcq",
-                "ability": ability,
-                "modality": modality,
-                "source": "synthetic_mim",
-                "patient_id": pid,
-                "study_id": sid,
-                "boxes": boxes,
-                "box_units": "normalized",
-                "box_image": [cur] * len(boxes),
-                "findings": rec["image_findings"][cur],
-                **rec,
-            }
+            mcq = _mcq_record(rec, sid, rels, ability, modality, pid)
             recs.append(mcq)
             if cfg.open_questions:
-                opt = rec["options"][answer[0]]
-                recs.append(
-                    {
-                        **{k: v for k, v in mcq.items() if k not in ("options", "answer_letter")},
-                        "id": f"{sid}-open",
-                        "query": query[: query.index("\nA: ")],
-                        "answer": opt,
-                        "short_answer": opt,
-                        "task": "vqa_closed",
-                    }
-                )
+                recs.append(_open_twin(mcq))
             if localize and ability != "coreference":
-                mod = anatomy.MODALITY_NAMES[modality]
-                for i, (rel, img_boxes) in enumerate(zip(rels, rec["image_boxes"])):
-                    img_findings = rec["image_findings"][i]
-                    recs.append(
-                        {
-                            "id": f"{sid}-loc{i}",
-                            "images": [rel],
-                            "task": "localize",
-                            "query": text.pick(rng, text.LOCALIZE_QUERIES, mod=mod),
-                            "answer": text.localize_answer(img_boxes, img_findings),
-                            "boxes": img_boxes,
-                            "box_units": "normalized",
-                            "findings": img_findings,
-                            "ability": ability,
-                            "modality": modality,
-                            "source": "synthetic_mim",
-                            "patient_id": pid,
-                            "study_id": sid,
-                        }
-                    )
+                recs += _localize_records(rec, sid, rels, ability, modality, pid, rng)
     return recs
 
 
