@@ -34,6 +34,43 @@ def findings_vocab(samples: list[Sample]) -> list[str]:
     return sorted({f for s in samples for f in s.findings})
 
 
+def _score(s: Sample, text: str, metrics: GroupedMetrics, group_by, backbone, vocab: list[str]) -> dict:
+    """Add one prediction to the overall and its groups' metrics; returns its predictions.jsonl record."""
+    # image paths, so a notebook can draw the boxes (unveil.eval.runs.draw_study)
+    rec = {
+        "id": s.id,
+        "task": s.task,
+        "modality": s.modality,
+        "images": s.images,
+        "prediction": text,
+        "reference": s.target,
+    }
+    groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
+    targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
+    if s.task == "localize":
+        pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
+        for m in targets:
+            scores = m.update_study(pred, s.boxes, s.findings)
+        rec.update(
+            scores,
+            pred_boxes=[list(b) for b in pred.boxes],
+            pred_labels=pred.labels,
+            gt_boxes=s.boxes,
+            gt_findings=s.findings,
+        )
+    elif s.task == "mcq":
+        ok = mcq_letter(text) is not None and mcq_letter(text) == mcq_letter(s.answer or "")
+        for m in targets:
+            m.update_mcq(ok)
+        rec["correct"] = ok
+    elif s.answer is not None:
+        ok = closed_correct(text, s.answer)
+        for m in targets:
+            m.update_closed(ok)
+        rec["correct"] = ok
+    return rec
+
+
 def evaluate(
     backbone,
     samples: list[Sample],
@@ -62,40 +99,7 @@ def evaluate(
         batch = collate(chunk)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         texts = generate(backbone, batch, max_new_tokens=max_new_tokens, coord_decoding=coord_decoding)["texts"]
-        for s, text in zip(chunk, texts):
-            # image paths, so a notebook can draw the boxes (unveil.eval.runs.draw_study)
-            rec = {
-                "id": s.id,
-                "task": s.task,
-                "modality": s.modality,
-                "images": s.images,
-                "prediction": text,
-                "reference": s.target,
-            }
-            groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
-            targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
-            if s.task == "localize":
-                pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
-                for m in targets:
-                    scores = m.update_study(pred, s.boxes, s.findings)
-                rec.update(
-                    scores,
-                    pred_boxes=[list(b) for b in pred.boxes],
-                    pred_labels=pred.labels,
-                    gt_boxes=s.boxes,
-                    gt_findings=s.findings,
-                )
-            elif s.task == "mcq":
-                ok = mcq_letter(text) is not None and mcq_letter(text) == mcq_letter(s.answer or "")
-                for m in targets:
-                    m.update_mcq(ok)
-                rec["correct"] = ok
-            elif s.answer is not None:
-                ok = closed_correct(text, s.answer)
-                for m in targets:
-                    m.update_closed(ok)
-                rec["correct"] = ok
-            records.append(rec)
+        records += [_score(s, text, metrics, group_by, backbone, vocab) for s, text in zip(chunk, texts)]
     result = metrics.compute(prefix)
     if out_dir is not None:
         out = Path(out_dir)
