@@ -117,81 +117,105 @@ def _dtype(name: str | None):
     }[name]
 
 
+def _saved_dir(init_from) -> Path | None:
+    """The saved model dir ``init_from`` names (itself, or a run dir's ``backbone/``), else None."""
+    p = Path(str(init_from))
+    if (p / "backbone" / "config.json").exists():
+        p = p / "backbone"
+    return p if (p / "config.json").exists() else None
+
+
+def _load_saved(p: Path, cfg) -> Backbone:
+    """A model saved by a run: weights and processor, box format and chat style from unveil_backbone.txt."""
+    model, processor = _hf_load(str(p), cfg, _dtype(cfg.get("dtype")))
+    meta = (
+        dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split())
+        if (p / "unveil_backbone.txt").exists()
+        else {}
+    )
+    bb = Backbone(
+        model,
+        processor,
+        get_box_format(meta.get("box_format", cfg.box_format)),
+        name=str(p),
+        structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", cfg.kind != "tiny_llava")))
+        == "True",
+    )
+    log.info("backbone initialised from %s", p)
+    return bb
+
+
+def _tiny_llava(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
+    from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
+    from unveil.models.tokenizer import train_tokenizer
+
+    if not corpus:
+        raise ValueError("model=tiny_llava trains its tokenizer on the data's text: pass the training corpus")
+    spec = TinyLlavaSpec(**dict(cfg.spec))
+    # the chat template's own words, so they are single tokens rather than letter runs
+    corpus = list(corpus) + ["USER: ASSISTANT: </s>"] * 50
+    tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
+    return Backbone(
+        build_model(tok, spec, seed=int(cfg.get("init_seed", 0))),
+        build_processor(tok, spec),
+        get_box_format(cfg.box_format),
+        name="tiny_llava",
+        structured_chat=False,
+    )
+
+
+def _tiny_hf(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
+    from unveil.models.tiny_hf import build_tiny_hf
+
+    if not corpus:
+        raise ValueError("model=tiny_hf trains its tokenizer on the data's text: pass the training corpus")
+    model, processor, box_format, extra = build_tiny_hf(
+        cfg.arch,
+        corpus,
+        dict(cfg.get("spec") or {}),
+        seed=int(cfg.get("init_seed", 0)),
+        cache_dir=Path(cache_dir) / "tokenizers" if cache_dir else None,
+    )
+    return Backbone(
+        model,
+        processor,
+        get_box_format(cfg.get("box_format") or box_format),
+        name=f"tiny_{cfg.arch}",
+        structured_chat=True,
+        extra=extra,
+    )
+
+
+def _hf(cfg) -> Backbone:
+    if not cfg.get("name_or_path"):
+        raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
+    model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
+    return Backbone(
+        model,
+        processor,
+        get_box_format(cfg.box_format),
+        name=str(cfg.name_or_path),
+        structured_chat=bool(cfg.get("structured_chat", True)),
+    )
+
+
 def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
     """Build the backbone described by the ``model`` and ``peft`` config groups."""
     kind = cfg.kind
     init_from = cfg.get("init_from")
     if init_from:
-        p = Path(str(init_from))
-        if (p / "backbone" / "config.json").exists():
-            p = p / "backbone"
-        if (p / "config.json").exists():
-            model, processor = _hf_load(str(p), cfg, _dtype(cfg.get("dtype")))
-            meta = (
-                dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split())
-                if (p / "unveil_backbone.txt").exists()
-                else {}
-            )
-            bb = Backbone(
-                model,
-                processor,
-                get_box_format(meta.get("box_format", cfg.box_format)),
-                name=str(p),
-                structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", kind != "tiny_llava")))
-                == "True",
-            )
-            log.info("backbone initialised from %s", p)
-            return _finish(bb, cfg, peft)
-        if p.suffix != ".ckpt":
+        saved = _saved_dir(init_from)
+        if saved is not None:
+            return _finish(_load_saved(saved, cfg), cfg, peft)
+        if Path(str(init_from)).suffix != ".ckpt":
             raise FileNotFoundError(f"model.init_from={init_from}: not a run dir, a saved model dir or a .ckpt file")
+    # a .ckpt holds Lightning weights only: build the configured model, then load them into it
     if kind == "tiny_llava":
-        from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
-        from unveil.models.tokenizer import train_tokenizer
-
-        if not corpus:
-            raise ValueError("model=tiny_llava trains its tokenizer on the data's text: pass the training corpus")
-        spec = TinyLlavaSpec(**dict(cfg.spec))
-        # the chat template's own words, so they are single tokens rather than letter runs
-        corpus = list(corpus) + ["USER: ASSISTANT: </s>"] * 50
-        tok = train_tokenizer(corpus, spec.vocab_size, Path(cache_dir) / "tokenizers" if cache_dir else None)
-        bb = Backbone(
-            build_model(tok, spec, seed=int(cfg.get("init_seed", 0))),
-            build_processor(tok, spec),
-            get_box_format(cfg.box_format),
-            name="tiny_llava",
-            structured_chat=False,
-        )
+        bb = _tiny_llava(cfg, corpus, cache_dir)
     elif kind == "tiny_hf":
-        from unveil.models.tiny_hf import build_tiny_hf
-
-        if not corpus:
-            raise ValueError("model=tiny_hf trains its tokenizer on the data's text: pass the training corpus")
-        model, processor, box_format, extra = build_tiny_hf(
-            cfg.arch,
-            corpus,
-            dict(cfg.get("spec") or {}),
-            seed=int(cfg.get("init_seed", 0)),
-            cache_dir=Path(cache_dir) / "tokenizers" if cache_dir else None,
-        )
-        bb = Backbone(
-            model,
-            processor,
-            get_box_format(cfg.get("box_format") or box_format),
-            name=f"tiny_{cfg.arch}",
-            structured_chat=True,
-            extra=extra,
-        )
+        bb = _tiny_hf(cfg, corpus, cache_dir)
     elif kind == "hf":
-        if not cfg.get("name_or_path"):
-            raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
-        model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
-        bb = Backbone(
-            model,
-            processor,
-            get_box_format(cfg.box_format),
-            name=str(cfg.name_or_path),
-            structured_chat=bool(cfg.get("structured_chat", True)),
-        )
+        bb = _hf(cfg)
     else:
         raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | tiny_hf | hf)")
     if init_from and str(init_from).endswith(".ckpt"):
