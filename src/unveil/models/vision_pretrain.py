@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,6 +107,12 @@ def code_loss(code: torch.Tensor, boxes: torch.Tensor, grid: int = 100, sigma: f
     return -(target * code_scores(code, grid).log_softmax(-1)).sum(-1).mean()
 
 
+def _pixels(processor, studies, images, device) -> torch.Tensor:
+    """The first image of each study, as the processor prepares it for the tower."""
+    pv = processor.image_processor([images(s.images[0]) for s in studies], return_tensors="pt")["pixel_values"]
+    return pv.to(device)
+
+
 def _abnormal_batches(tower, processor, samples, images, batch_size: int):
     """(studies, tower.encode outputs) over up to 512 abnormal localisation studies, in eval mode."""
     abnormal = [s for s in samples if s.images and s.task == "localize" and s.boxes][:512]
@@ -115,10 +122,7 @@ def _abnormal_batches(tower, processor, samples, images, batch_size: int):
     try:
         for i in range(0, len(abnormal), batch_size):
             chunk = abnormal[i : i + batch_size]
-            pv = processor.image_processor([images(s.images[0]) for s in chunk], return_tensors="pt")[
-                "pixel_values"
-            ].to(device)
-            yield chunk, tower.encode(pv)
+            yield chunk, tower.encode(_pixels(processor, chunk, images, device))
     finally:
         tower.train(was)
 
@@ -165,6 +169,73 @@ def slot_box_iou(tower, head_box, processor, samples, images, slots: int, batch_
     return [sum(v) / len(v) if v else float("nan") for v in ious]
 
 
+@dataclass
+class _Heads:
+    """The throw-away heads the tower is trained through: per-patch class and box code, and (with
+    slot tokens) whether slot k holds a box (a normal or one-box study leaves slots empty)."""
+
+    cls: nn.Linear
+    box: nn.Linear
+    present: nn.Linear | None
+
+    @classmethod
+    def build(cls, hidden: int, n_classes: int, n_slots: int) -> _Heads:
+        return cls(
+            nn.Linear(hidden, n_classes + 1),
+            nn.Linear(hidden, 4 * 2 * N_FREQ),
+            nn.Linear(hidden, 1) if n_slots else None,
+        )
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.cls, self.box, self.present) if m is not None]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules() for p in m.parameters()]
+
+    def to(self, device) -> None:
+        for m in self.modules():
+            m.to(device)
+
+
+def _warmup_loss(tower, heads: _Heads, pv, batch, grid: int, classes: list[str], weight, n_slots: int):
+    """(total loss, class loss, box loss, pooled-box loss) of one batch of images ``pv``."""
+    device = pv.device
+    cls, box, first, first_box = (t.to(device) for t in patch_targets(batch, grid, classes))
+    if hasattr(tower, "encode"):  # the patch tokens alone, without slot tokens after them
+        tokens, _, obj, pooled = tower.encode(pv)
+    else:
+        tokens, obj, pooled = tower(pv, output_hidden_states=True).hidden_states[-1], None, None
+    loss_cls = nn.functional.cross_entropy(heads.cls(tokens).flatten(0, 1), cls.flatten(), weight=weight.to(device))
+    pos = cls > 0
+    loss_box = code_loss(heads.box(tokens)[pos], box[pos]) if pos.any() else tokens.sum() * 0
+    loss = loss_cls + 0.5 * loss_box
+    loss_pool = torch.zeros(())
+    if obj is not None:
+        # the pool points at the first box, and what it pools decodes to that box's edges
+        abnormal = first.any(1)
+        loss_obj = nn.functional.binary_cross_entropy_with_logits(
+            obj, first.float(), pos_weight=torch.tensor(5.0, device=device)
+        )
+        loss_pool = code_loss(heads.box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
+        loss = loss + loss_obj + 0.5 * loss_pool
+    if n_slots:
+        loss = loss + slot_loss(
+            tower, heads.box, heads.present, tokens, *(t.to(device) for t in slot_targets(batch, grid, n_slots))
+        )
+    return loss, loss_cls, loss_box, loss_pool
+
+
+def _val_stats(tower, head_box, processor, val_samples, images, pooling: bool, n_slots: int) -> dict[str, float]:
+    """IoU of the boxes the pooled token and each slot decode to, on ``val_samples``."""
+    stats = {}
+    if val_samples and pooling:
+        stats["vision_warmup/val_pool_iou"] = pooled_box_iou(tower, head_box, processor, val_samples, images)
+    if val_samples and n_slots:
+        for k, v in enumerate(slot_box_iou(tower, head_box, processor, val_samples, images, n_slots)):
+            stats[f"vision_warmup/val_slot{k + 1}_iou"] = v
+    return stats
+
+
 def pretrain_vision_tower(
     backbone,
     samples,
@@ -185,14 +256,9 @@ def pretrain_vision_tower(
     if not pool:
         raise ValueError("vision pretraining needs localisation samples (task 'localize') in the training split")
     classes = sorted({f for s in pool for f in s.findings})
-    head_cls = nn.Linear(vcfg.hidden_size, len(classes) + 1)
-    head_box = nn.Linear(vcfg.hidden_size, 4 * 2 * N_FREQ)
-    params = list(tower.parameters()) + list(head_cls.parameters()) + list(head_box.parameters())
     n_slots = int(getattr(vcfg, "slot_tokens", 0) or 0) if hasattr(tower, "slots") else 0
-    # does slot k hold a box? (a normal or one-box study leaves slots empty); thrown away too
-    head_present = nn.Linear(vcfg.hidden_size, 1) if n_slots else None
-    if head_present is not None:
-        params += list(head_present.parameters())
+    heads = _Heads.build(vcfg.hidden_size, len(classes), n_slots)
+    params = list(tower.parameters()) + heads.parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     from unveil.data.collate import ImageCache
@@ -202,9 +268,7 @@ def pretrain_vision_tower(
     weight = torch.ones(len(classes) + 1)
     weight[1:] = 5.0
     device = next(tower.parameters()).device
-    head_cls.to(device), head_box.to(device)
-    if head_present is not None:
-        head_present.to(device)
+    heads.to(device)
     pooling = bool(getattr(vcfg, "detector_pool", False)) and hasattr(tower, "encode")
     flags = [p.requires_grad for p in tower.parameters()]
     for p in tower.parameters():  # a tower frozen for SFT (model.freeze.vision) is still warmed up
@@ -214,33 +278,8 @@ def pretrain_vision_tower(
     bar = tqdm(range(steps), desc="vision warm-up", disable=not progress)
     for _ in bar:
         batch = [pool[rng.randrange(len(pool))] for _ in range(batch_size)]
-        pv = backbone.processor.image_processor([images(s.images[0]) for s in batch], return_tensors="pt")[
-            "pixel_values"
-        ].to(device)
-        cls, box, first, first_box = (t.to(device) for t in patch_targets(batch, grid, classes))
-        if hasattr(tower, "encode"):  # the patch tokens alone, without slot tokens after them
-            tokens, _, obj, pooled = tower.encode(pv)
-        else:
-            tokens, obj, pooled = tower(pv, output_hidden_states=True).hidden_states[-1], None, None
-        loss_cls = nn.functional.cross_entropy(head_cls(tokens).flatten(0, 1), cls.flatten(), weight=weight.to(device))
-        pos = cls > 0
-        loss_box = code_loss(head_box(tokens)[pos], box[pos]) if pos.any() else tokens.sum() * 0
-        loss = loss_cls + 0.5 * loss_box
-        loss_pool = torch.zeros(())
-        if obj is not None:
-            # the pool points at the first box, and what it pools decodes to that box's edges
-            abnormal = first.any(1)
-            loss_obj = nn.functional.binary_cross_entropy_with_logits(
-                obj, first.float(), pos_weight=torch.tensor(5.0, device=device)
-            )
-            loss_pool = (
-                code_loss(head_box(pooled[abnormal]), first_box[abnormal]) if abnormal.any() else pooled.sum() * 0
-            )
-            loss = loss + loss_obj + 0.5 * loss_pool
-        if n_slots:
-            loss = loss + slot_loss(
-                tower, head_box, head_present, tokens, *(t.to(device) for t in slot_targets(batch, grid, n_slots))
-            )
+        pv = _pixels(backbone.processor, batch, images, device)
+        loss, loss_cls, loss_box, loss_pool = _warmup_loss(tower, heads, pv, batch, grid, classes, weight, n_slots)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad()
@@ -252,10 +291,6 @@ def pretrain_vision_tower(
         bar.set_postfix(cls=f"{loss_cls.item():.3f}", box=f"{loss_box.item():.3f}", pool=f"{loss_pool.item():.3f}")
     for p, f in zip(tower.parameters(), flags):
         p.requires_grad_(f)
-    if val_samples and pooling:
-        stats["vision_warmup/val_pool_iou"] = pooled_box_iou(tower, head_box, backbone.processor, val_samples, images)
-    if val_samples and n_slots:
-        for k, v in enumerate(slot_box_iou(tower, head_box, backbone.processor, val_samples, images, n_slots)):
-            stats[f"vision_warmup/val_slot{k + 1}_iou"] = v
+    stats.update(_val_stats(tower, heads.box, backbone.processor, val_samples, images, pooling, n_slots))
     log.info("vision warm-up: %s", stats)
     return stats
