@@ -55,16 +55,86 @@ def resolve_ckpt_path(value, output_dir: Path) -> str | None:
     return str(path)
 
 
+def _warm_up_vision(cfg: DictConfig, backbone, dm, ckpt_path: str | None) -> dict:
+    """Warm a tower built in code up on the training split's boxes (``model.vision_pretrain``) at the
+    start of a fresh run; returns the warm-up's stats (empty when it does not run)."""
+    warmup = dict(cfg.model.get("vision_pretrain") or {})
+    built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
+    if not (built_in_code and warmup.get("steps", 0) > 0):
+        return {}
+    if ckpt_path and not cfg.model.get("init_from") and not str(cfg.stage.get("_target_", "")).endswith("SFTModule"):
+        # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
+        log.warning(
+            "resuming %s without model.init_from: the first run warmed the vision tower up before "
+            "taking its reference model, the resumed run does not, so its reference differs. Start "
+            "RL/DPO from model.init_from=<SFT run>, which a resume reloads.",
+            cfg.stage.get("_target_"),
+        )
+    if cfg.model.get("init_from") or ckpt_path:
+        return {}
+    # a model built in code has no pretrained vision encoder: warm its tower up first
+    from unveil.models.vision_pretrain import pretrain_vision_tower
+
+    if any(s.task == "localize" and s.images for s in dm.data["train"]):
+        return pretrain_vision_tower(
+            backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"), **warmup
+        )
+    log.warning(
+        "model.vision_pretrain skipped: the training split has no 'localize' records to learn "
+        "lesion features from, so the tower starts untrained"
+    )
+    return {}
+
+
+def _build_trainer(cfg: DictConfig, module, resuming: bool):
+    """(trainer, loggers, CSV history) for ``module``; the loggers have logged the resolved config."""
+    from unveil.utils.csv_history import CSVHistory
+    from unveil.utils.secrets import scrub
+    from unveil.utils.wandb_run import resume_kwargs
+
+    # a resume into this run dir logs on to the same wandb run
+    loggers = [hydra.utils.instantiate(c, **resume_kwargs(c, resuming)) for c in (cfg.get("logger") or {}).values()]
+    history = CSVHistory(loggers, resuming=resuming)  # a resume into this dir keeps its earlier curves
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
+    # themselves; Lightning refuses gradient_clip_val under manual optimisation.
+    manual = {} if module.automatic_optimization else {"gradient_clip_val": None}
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
+    hparams = scrub(OmegaConf.to_container(cfg, resolve=True))
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+    return trainer, loggers, history
+
+
+def _final_eval(cfg: DictConfig, backbone, dm, out: Path, metrics: dict, loggers, step: int) -> None:
+    """Score the trained backbone on ``eval.split`` into ``metrics`` (predictions.jsonl into ``out``),
+    log the test/ metrics and print the table."""
+    from unveil.eval.evaluate import evaluate, format_table
+
+    split = cfg.eval.split
+    metrics.update(
+        evaluate(
+            backbone,
+            dm.data[split],
+            out,
+            prefix="test",
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            vocab=dm.findings(),
+            coord_decoding=cfg.eval.get("coord_decoding", "argmax"),
+        )
+    )
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=step)
+    print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
+
+
 def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from unveil.eval.evaluate import evaluate, format_table
     from unveil.models.factory import build_backbone
-    from unveil.utils.csv_history import CSVHistory
     from unveil.utils.io import write_metrics
-    from unveil.utils.secrets import scrub
-    from unveil.utils.wandb_run import resume_kwargs
 
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
@@ -79,53 +149,10 @@ def train(cfg: DictConfig) -> dict:
         from unveil.models.generation import coord_processor
 
         coord_processor(backbone, cfg.eval.get("coord_decoding", "argmax"))
-    warmup = dict(cfg.model.get("vision_pretrain") or {})
-    warmup_stats = {}
-    built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
-    fresh = not cfg.model.get("init_from") and not ckpt_path
-    if (
-        built_in_code
-        and warmup.get("steps", 0) > 0
-        and ckpt_path
-        and not cfg.model.get("init_from")
-        and not str(cfg.stage.get("_target_", "")).endswith("SFTModule")
-    ):
-        # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
-        log.warning(
-            "resuming %s without model.init_from: the first run warmed the vision tower up before "
-            "taking its reference model, the resumed run does not, so its reference differs. Start "
-            "RL/DPO from model.init_from=<SFT run>, which a resume reloads.",
-            cfg.stage.get("_target_"),
-        )
-    if built_in_code and warmup.get("steps", 0) > 0 and fresh:
-        # a model built in code has no pretrained vision encoder: warm its tower up first
-        from unveil.models.vision_pretrain import pretrain_vision_tower
-
-        if any(s.task == "localize" and s.images for s in dm.data["train"]):
-            warmup_stats = pretrain_vision_tower(
-                backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"), **warmup
-            )
-        else:
-            log.warning(
-                "model.vision_pretrain skipped: the training split has no 'localize' records to learn "
-                "lesion features from, so the tower starts untrained"
-            )
+    warmup_stats = _warm_up_vision(cfg, backbone, dm, ckpt_path)
     module = build_stage(cfg, backbone, dm)
     dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
-
-    # a resume into this run dir logs on to the same wandb run
-    loggers = [
-        hydra.utils.instantiate(c, **resume_kwargs(c, bool(ckpt_path))) for c in (cfg.get("logger") or {}).values()
-    ]
-    history = CSVHistory(loggers, resuming=bool(ckpt_path))  # a resume into this dir keeps its earlier curves
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
-    # themselves; Lightning refuses gradient_clip_val under manual optimisation.
-    manual = {} if module.automatic_optimization else {"gradient_clip_val": None}
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
-    hparams = scrub(OmegaConf.to_container(cfg, resolve=True))
-    for lg in loggers:
-        lg.log_hyperparams(hparams)
+    trainer, loggers, history = _build_trainer(cfg, module, resuming=bool(ckpt_path))
 
     # our checkpoints hold plain tensors only (RNG states, held RL groups included), so resuming
     # never unpickles code
@@ -138,24 +165,7 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:
-            split = cfg.eval.split
-            metrics.update(
-                evaluate(
-                    backbone,
-                    dm.data[split],
-                    out,
-                    prefix="test",
-                    batch_size=cfg.eval.batch_size,
-                    max_new_tokens=cfg.eval.max_new_tokens,
-                    vocab=dm.findings(),
-                    coord_decoding=cfg.eval.get("coord_decoding", "argmax"),
-                )
-            )
-            for lg in loggers:
-                lg.log_metrics(
-                    {k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=trainer.global_step
-                )
-            print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
+            _final_eval(cfg, backbone, dm, out, metrics, loggers, trainer.global_step)
         write_metrics(out / "metrics.json", metrics)
     return metrics
 
