@@ -82,4 +82,5 @@ class PreferenceCollator(SFTCollator):
         out = dict(batch)
         out["labels"] = labels
         out["weights"] = torch.tensor([float(s.weight) for s in samples], dtype=torch.float32)
+        out["n_images"] = [len(p) for p in image_paths]  # per row: micro-batches gather each row's images
         return out

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -101,3 +104,52 @@ class StageModule(pl.LightningModule):
                     len(states),
                     world,
                 )
+
+    # --- one optimiser step over micro-batches (manual optimisation: the RL stages and DPO) -------------
+    def accumulate_step(self, parts: list[tuple[Any, float, float]], loss_fn: Callable[[Any], tuple]) -> dict:
+        """zero_grad; for each ``(part, weight, share)``: ``backward(weight * loss_fn(part)[0])``;
+        then clip (``max_grad_norm``), step, schedule. The weights make the summed gradient that of
+        the whole batch (each part's share of the mean the loss takes); under DDP the gradients are
+        all-reduced once, after the last part. Returns the parts' metrics merged by ``share``
+        (:func:`merge_micro_metrics`), ``loss`` (the whole batch's), ``grad_norm`` (pre-clip) and
+        ``outputs`` (each part's ``loss_fn`` result)."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        total, history, outputs = 0.0, [], []
+        for k, (part, weight, share) in enumerate(parts):
+            out = loss_fn(part)
+            loss, metrics = out[0], out[1]
+            last = k == len(parts) - 1
+            with contextlib.nullcontext() if last else _no_backward_sync(self.trainer.strategy):
+                self.manual_backward(loss * weight)
+            total += float(loss.detach()) * weight
+            history.append((share, metrics))
+            outputs.append(out)
+        norm = None
+        clip = getattr(self, "max_grad_norm", None)
+        if clip:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return {**merge_micro_metrics(history), "loss": total, "grad_norm": norm, "outputs": outputs}
+
+
+def merge_micro_metrics(history: list[tuple[float, dict]]) -> dict[str, float]:
+    """One batch's metrics from its micro-batches' ``(share, metrics)``: share-weighted means,
+    except ``*_min`` and ``*_max`` (the min / max over the parts)."""
+    out: dict[str, float] = {}
+    for key in {k for _, m in history for k, v in m.items() if v is not None}:
+        vals = [(w, float(m[key])) for w, m in history if m.get(key) is not None]
+        if key.endswith("_min") or key.endswith("_max"):
+            out[key] = (min if key.endswith("_min") else max)(v for _, v in vals)
+        else:
+            out[key] = sum(w * v for w, v in vals) / max(sum(w for w, _ in vals), 1e-12)
+    return out
+
+
+def _no_backward_sync(strategy):
+    """DDP's no_sync for all but the last micro-batch (a plain context on one process)."""
+    block = getattr(strategy, "block_backward_sync", None)
+    return block() if block is not None else contextlib.nullcontext()

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from unveil.data.collate import PromptCollator
 from unveil.data.collate_pref import PreferenceCollator
-from unveil.models.inputs import model_inputs
+from unveil.models.inputs import model_inputs, select_inputs
 from unveil.models.policy import ReferencePolicy, answer_logprobs, disable_dropout
 from unveil.stages.base import StageModule
 
@@ -126,8 +126,15 @@ class DPOModule(StageModule):
         sft_weight: float = 0.0,
         dropout: bool = False,
         max_length: int | None = None,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
     ):
         super().__init__(backbone, optim)
+        # Manual optimisation: one optimiser step per batch of pairs, accumulated over micro-batches
+        # of at most micro_batch_size pairs (accumulate_step), clipped at max_grad_norm.
+        self.automatic_optimization = False
+        self.micro_batch_size = int(micro_batch_size) if micro_batch_size else None
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"stage.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
         if weight_norm not in WEIGHT_NORMS:
@@ -262,11 +269,39 @@ class DPOModule(StageModule):
             )
 
     def training_step(self, batch, batch_idx):
-        out = self.compute_loss(batch)
-        self._log_metrics("train", out)
-        return out["loss"]
+        b = len(batch["weights"])
+        size = self.micro_batch_size
+        chunks = [torch.arange(b)] if not size or size >= b else list(torch.arange(b).split(size))
+        # the loss is a mean over pairs: a micro-batch weighs its share of the pairs (the optional SFT
+        # term, a token mean over chosen answers, is weighted the same way)
+        parts = [(pair_rows(batch, c), len(c) / b, len(c) / b) for c in chunks]
+
+        def loss_fn(part):
+            out = self.compute_loss(part)
+            return out["loss"], {}, out
+
+        res = self.accumulate_step(parts, loss_fn)
+        outs = [o[2] for o in res["outputs"]]
+        merged = {k: torch.cat([o[k] for o in outs]) for k in outs[0] if k not in ("loss", "sft_loss")}
+        merged["loss"] = torch.tensor(res["loss"])
+        if "sft_loss" in outs[0]:
+            merged["sft_loss"] = sum(o["sft_loss"].detach() * w for o, (_, w, _) in zip(outs, parts))
+        self._log_metrics("train", merged)
 
     def validation_step(self, batch, batch_idx):
         out = self.compute_loss(batch)
         self._log_metrics("val", out)
         return out["loss"]
+
+
+def pair_rows(batch: dict, pairs: torch.Tensor) -> dict:
+    """The rows of ``pairs`` (chosen rows ``i``, rejected rows ``B + i``) of a preference batch."""
+    b = len(batch["weights"])
+    if len(pairs) == b:
+        return batch
+    rows = torch.cat([pairs, pairs + b])
+    out = select_inputs(model_inputs(batch), rows, [int(n) for n in batch["n_images"]])
+    out["labels"] = batch["labels"][rows]
+    out["weights"] = batch["weights"][pairs]
+    out["n_images"] = [batch["n_images"][i] for i in rows.tolist()]
+    return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from unveil.stages.losses import LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
+from unveil.stages.losses import LOSS_SCALE, LOSS_TYPES, group_advantages, group_has_spread, grpo_loss
 from unveil.stages.rl import RLStageModule, mean_metrics
 from unveil.stages.rollout import Rollout, concat_rollouts
 from unveil.utils.dist import all_gather_objects, all_reduce_sum, world_size
@@ -171,28 +171,27 @@ class GRPOModule(RLStageModule):
         for _ in range(self.num_iterations):
             parts = self.minibatches(len(ro))
             for idx in parts:
-                mb = ro.select(idx)
-                lp = self.logprobs(self.model, mb, with_entropy=True)
-                old = mb.extra.get("old_logps", lp.logps.detach())
-                loss, m = grpo_loss(
-                    lp.logps,
-                    old,
-                    mb.extra["advantages"],
-                    mb.completion_mask,
-                    ref_logps=mb.extra.get("ref_logps"),
-                    beta=self.beta,
-                    eps_low=self.epsilon_low,
-                    eps_high=self.epsilon_high,
-                    loss_type=self.loss_type,
-                    max_completion_length=self.max_new_tokens,
-                    entropy=lp.entropy,
-                    num_items_in_batch=num_items,
-                    num_processes=world_size(),
-                    steps_per_generation=len(parts),
-                )
-                m["grad_norm"] = self.update(loss)
-                m["loss"] = loss.detach()
-                history.append(m)
+
+                def loss_fn(part):
+                    lp = self.logprobs(self.model, part, with_entropy=True)
+                    return grpo_loss(
+                        lp.logps,
+                        part.extra.get("old_logps", lp.logps.detach()),
+                        part.extra["advantages"],
+                        part.completion_mask,
+                        ref_logps=part.extra.get("ref_logps"),
+                        beta=self.beta,
+                        eps_low=self.epsilon_low,
+                        eps_high=self.epsilon_high,
+                        loss_type=self.loss_type,
+                        max_completion_length=self.max_new_tokens,
+                        entropy=lp.entropy,
+                        num_items_in_batch=num_items,
+                        num_processes=world_size(),
+                        steps_per_generation=len(parts),  # noqa: B023  (called at once, in this iteration)
+                    )
+
+                history.append(self.update(ro.select(idx), loss_fn, LOSS_SCALE[self.loss_type]))
 
         metrics = mean_metrics(history)
         metrics["advantage_abs"] = float(advantages.abs().mean())

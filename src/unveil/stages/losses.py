@@ -36,6 +36,9 @@ import torch
 from unveil.rewards.composite import group_spread
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL's names and definitions (GRPOConfig.loss_type)
+# What each loss type averages over, so a micro-batch's loss is weighted by its share of it:
+# a mean over completions, over completion tokens, or a normaliser fixed for the whole batch.
+LOSS_SCALE = {"grpo": "rows", "bnpo": "tokens", "dr_grpo": "rows", "dapo": "none"}
 SCALE_REWARDS = ("group", "batch", "none")
 
 

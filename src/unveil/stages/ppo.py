@@ -124,25 +124,25 @@ class PPOModule(RLStageModule):
         history: list[dict] = []
         for _ in range(self.ppo_epochs):
             for idx in self.minibatches(len(ro)):
-                mb = ro.select(idx)
-                lp, values = self.policy_and_values(mb, with_entropy=True)
-                loss, m = ppo_loss(
-                    lp.logps,
-                    mb.extra["old_logps"],
-                    mb.extra["advantages"],
-                    mb.completion_mask,
-                    values,
-                    mb.extra["old_values"],
-                    mb.extra["returns"],
-                    entropy=lp.entropy,
-                    clip_eps=self.clip_eps,
-                    value_clip=self.value_clip,
-                    vf_coef=self.vf_coef,
-                    ent_coef=self.ent_coef,
-                )
-                m["grad_norm"] = self.update(loss)
-                m["loss"] = loss.detach()
-                history.append(m)
+
+                def loss_fn(part):
+                    lp, values = self.policy_and_values(part, with_entropy=True)
+                    return ppo_loss(
+                        lp.logps,
+                        part.extra["old_logps"],
+                        part.extra["advantages"],
+                        part.completion_mask,
+                        values,
+                        part.extra["old_values"],
+                        part.extra["returns"],
+                        entropy=lp.entropy,
+                        clip_eps=self.clip_eps,
+                        value_clip=self.value_clip,
+                        vf_coef=self.vf_coef,
+                        ent_coef=self.ent_coef,
+                    )
+
+                history.append(self.update(ro.select(idx), loss_fn, "tokens"))  # every term is a token mean
 
         metrics = mean_metrics(history)
         metrics["kl"] = float(masked_mean(kl, mask))  # per-token k1 of the sampling policy to the reference

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from unveil.data.collate import PromptCollator
-from unveil.models.policy import ReferencePolicy
+from unveil.models.policy import ReferencePolicy, row_chunks
 from unveil.models.policy import disable_dropout as _disable_dropout
 from unveil.rewards.base import RewardOutput
 from unveil.rewards.composite import zero_spread_fraction
@@ -71,6 +71,7 @@ class RLStageModule(StageModule):
         num_minibatches: int = 1,
         max_grad_norm: float | None = 1.0,
         forward_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
         share_prompt: bool = True,
         disable_dropout: bool = True,
         log_completions_every: int = 50,
@@ -88,6 +89,7 @@ class RLStageModule(StageModule):
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         self.forward_batch_size = forward_batch_size
         self.share_prompt = bool(share_prompt)
+        self.micro_batch_size = int(micro_batch_size) if micro_batch_size else None
         self.log_completions_every = int(log_completions_every or 0)
         self.log_completions_prompts = int(log_completions_prompts)
         self.val_num_generations = int(val_num_generations or num_generations)
@@ -149,20 +151,23 @@ class RLStageModule(StageModule):
         return [p for p in perm.chunk(self.num_minibatches) if p.numel()]
 
     # --- optimisation ---------------------------------------------------------------------------
-    def update(self, loss: torch.Tensor) -> float | None:
-        """backward, clip, step, schedule; returns the pre-clip gradient norm."""
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        norm = None
-        if self.max_grad_norm:
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        opt.step()
-        if sched is not None:
-            sched.step()
-        return norm
+    def update(self, mb: Rollout, loss_fn: Callable[[Rollout], tuple], weight_by: str = "tokens") -> dict:
+        """One optimiser step on the minibatch ``mb``: backward, clip, step, schedule.
+
+        ``loss_fn(part) -> (loss, metrics)`` runs on micro-batches of at most ``micro_batch_size``
+        completions (whole groups together; all of ``mb`` when unset) and each backward is scaled
+        by the part's share of the minibatch, so the summed gradient is the whole minibatch's:
+        ``weight_by`` ``rows`` for a mean over completions, ``tokens`` for a mean over completion
+        tokens, ``none`` when the loss's normaliser is already the minibatch's. Returns the
+        metrics (token-weighted means; ``*_min`` / ``*_max`` as such), ``loss`` and ``grad_norm``
+        (pre-clip)."""
+        size = self.micro_batch_size
+        parts = [mb] if not size or size >= len(mb) else [mb.select(r) for r in row_chunks(mb.group, len(mb), size)]
+        tokens = float(mb.completion_mask.sum().clamp(min=1))
+        shares = [float(p.completion_mask.sum()) / tokens for p in parts]
+        weights = {"rows": [len(p) / len(mb) for p in parts], "tokens": shares, "none": [1.0] * len(parts)}[weight_by]
+        metrics = self.accumulate_step(list(zip(parts, weights, shares)), loss_fn)
+        return {k: v for k, v in metrics.items() if k != "outputs"}
 
     # --- logging --------------------------------------------------------------------------------
     def rollout_metrics(self, ro: Rollout, reward: RewardOutput) -> dict[str, float]:
