@@ -14,7 +14,7 @@ median (the mean falls between modes when the distribution has two).
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
 
 from unveil.models.inputs import PER_TOKEN, model_inputs
 from unveil.models.policy import position_ids_from_mask, unwrap
@@ -94,12 +94,15 @@ def coord_processor(backbone, coord_decoding: str):
 
 
 @torch.no_grad()
-def prefill_once(model, inputs: dict, g: int) -> dict:
+def prefill_once(model, inputs: dict, g: int, max_new_tokens: int) -> dict:
     """The prompts' KV cache, computed once per prompt (vision tower included) and repeated ``g``
     times per prompt, with the inputs ``generate`` then takes: each prompt's ids repeated ``g``
     times, and the cache covering all but their last token (which ``generate`` feeds itself). No
-    image input is passed on: the images are in the cache. Greedy outputs equal generate()'s own
-    repetition of the prompts (tests/test_policy.py)."""
+    image input is passed on: the images are in the cache. Sampled and greedy outputs equal
+    generate()'s own repetition of the prompts (tests/test_policy.py).
+
+    The cache is transformers' ``StaticCache``, sized for prompt + ``max_new_tokens``: each decoding
+    step writes its token in place, where a ``DynamicCache`` copies the whole (G-fold) cache."""
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     for k in PER_TOKEN:
@@ -108,8 +111,9 @@ def prefill_once(model, inputs: dict, g: int) -> dict:
     if extra.get("image_grid_thw") is None:  # left padding; M-RoPE models compute their own positions
         extra["position_ids"] = position_ids_from_mask(am)[:, :-1]
     out = model(input_ids=ids[:, :-1], attention_mask=am[:, :-1], use_cache=True, logits_to_keep=1, **extra)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(g)
+    cache = StaticCache(config=unwrap(model).config, max_cache_len=ids.shape[1] + max_new_tokens)
+    for layer, filled in zip(cache.layers, out.past_key_values.layers):
+        layer.update(filled.keys.repeat_interleave(g, dim=0), filled.values.repeat_interleave(g, dim=0))
     trunk = getattr(unwrap(model), "model", None)
     if getattr(trunk, "rope_deltas", None) is not None:  # M-RoPE: decoding continues from each prompt's offset
         trunk.rope_deltas = trunk.rope_deltas.repeat_interleave(g, dim=0)
@@ -159,7 +163,7 @@ def generate(
     was_training = model.training
     model.eval()
     if num_return_sequences > 1 and share_prompt:
-        inputs = prefill_once(model, inputs, num_return_sequences)
+        inputs = prefill_once(model, inputs, num_return_sequences, max_new_tokens)
         kw["num_return_sequences"] = 1  # the rows are already repeated (greedy decoding may take G > 1 too)
     out = model.generate(**inputs, **kw)
     if was_training:
