@@ -92,7 +92,30 @@ class TokenReward:
         return [float(torch.isin(torch.tensor(c), self.ids).float().mean()) if c else 0.0 for c in completion_ids]
 
 
-def time_ours(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]:
+def long_prompts(bb, samples, tokens: int) -> tuple[list, int]:
+    """The samples with a clinical-history preamble in the question, so that each prompt (image
+    tokens included) is at least ``tokens`` long; and the shortest prompt's length."""
+    import dataclasses
+
+    from unveil.data.collate import PromptCollator
+
+    history = "Clinical history: follow-up study, prior findings stable, no new symptoms reported. "
+    collate = PromptCollator(bb)
+    out, reps = list(samples), 0
+    while min(int(m.sum()) for m in collate(out)["attention_mask"]) < tokens:
+        reps += 1
+        out = []
+        for s in samples:
+            msgs = [dict(m) for m in s.messages]
+            user = next(m for m in msgs if m["role"] == "user")
+            user["content"] = user["content"].replace("<image>\n", "<image>\n" + history * reps, 1)
+            out.append(dataclasses.replace(s, messages=msgs))
+    return out, min(int(m.sum()) for m in collate(out)["attention_mask"])
+
+
+def time_ours(
+    bb, samples, a, reward, share_prompt: bool = True, generations: int | None = None
+) -> tuple[list[tuple[float, float]], float]:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
@@ -113,8 +136,9 @@ def time_ours(bb, samples, a, reward) -> tuple[list[tuple[float, float]], float]
         bb,
         reward,
         optim={"lr": a.lr, "weight_decay": 0.0, "scheduler": "constant"},
-        num_generations=a.generations,
+        num_generations=generations or a.generations,
         max_new_tokens=a.tokens,
+        share_prompt=share_prompt,
         temperature=1.0,
         beta=0.04,
         epsilon=0.2,
@@ -242,6 +266,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--long-generations", type=int, default=8, help="G of the long-prompt comparison")
+    ap.add_argument("--skip-long", action="store_true", help="skip the long-prompt comparison")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     import logging
@@ -251,6 +277,18 @@ def main() -> None:
     torch.manual_seed(0)
     bb, samples = build(a.prompts)
     reward = TokenReward(len(bb.tokenizer))
+    if not a.skip_long:  # the prompt once per group vs every completion running its prompt, ours both
+        long, plen = long_prompts(bb, samples, 10 * a.tokens)
+        med = {}
+        for share in (True, False):
+            torch.manual_seed(0)
+            t, _ = time_ours(bb, long, a, reward, share_prompt=share, generations=a.long_generations)
+            med[share] = statistics.median(w for w, _ in t)
+        print(
+            f"long prompt: >= {plen} tokens ({plen / a.tokens:.1f}x max_new_tokens={a.tokens}), "
+            f"G={a.long_generations}: ours {1000 * med[True]:.1f} ms/step, ours unshared (stage.share_prompt=false) "
+            f"{1000 * med[False]:.1f} ms/step, shared/unshared={med[True] / med[False]:.3f}"
+        )
     torch.manual_seed(0)
     ours, len_ours = time_ours(bb, samples, a, reward)
     torch.manual_seed(0)
