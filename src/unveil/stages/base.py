@@ -16,19 +16,80 @@ from unveil.utils.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
+HALF = (torch.bfloat16, torch.float16)
+
 
 class StageModule(pl.LightningModule):
-    """Base LightningModule: holds ``self.model`` (so checkpoints store ``model.*`` weights)."""
+    """Base LightningModule: holds ``self.model`` (so checkpoints store ``model.*`` weights).
+
+    fp32 master weights (``optim.master_weights: fp32``): under a mixed precision
+    (``trainer.precision: bf16-mixed``) the trainable weights of a model loaded in bf16/fp16 are
+    upcast to fp32 before the optimiser is built and before a checkpoint is restored, so AdamW
+    updates (and its state) are fp32 and an update of 1e-6 is not rounded away; the forward
+    still computes in bf16 under autocast. Frozen weights, and a reference model copied at
+    setup, stay in the dtype they were loaded in. When fit ends the upcast weights go back to
+    that dtype (the saved ``backbone/`` and the evaluation see the model as it was loaded);
+    checkpoints hold the fp32 master weights.
+    """
 
     def __init__(self, backbone, optim: dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.model = backbone.model  # registered as a submodule: checkpoints, .to(device), train()
         self.optim = dict(optim or {})
+        self.master_weights = str(self.optim.get("master_weights", "fp32")).lower()
+        if self.master_weights not in ("fp32", "none"):
+            raise ValueError(f"optim.master_weights={self.master_weights!r}; expected fp32 or none")
+        self._upcast: list[tuple[torch.nn.Parameter, torch.dtype]] = []  # what fit end casts back
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimiser updates; stages with extra heads (PPO's value head) add theirs."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- fp32 master weights --------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # Lightning calls this after setup (where RL stages copy their reference) and before it
+        # restores a checkpoint and builds the optimiser: restored fp32 weights are not rounded.
+        if self.trainer.state.fn != "fit" or self._upcast:
+            return
+        half = [p for p in self.trainable_parameters() if p.dtype in HALF]
+        if not half:
+            return
+        precision = str(self.trainer.precision)
+        n = sum(p.numel() for p in half)
+        if self.master_weights == "none":
+            log.info("optim.master_weights=none: %d trainable weights are updated in %s", n, half[0].dtype)
+        elif not precision.endswith("-mixed"):
+            # Under 32-true fp32 trainable layers next to frozen bf16 ones would fail in the forward
+            # (no autocast to meet in); under *-true Lightning casts the whole model anyway.
+            log.warning(
+                "%d trainable weights are %s and trainer.precision=%s: AdamW updates them in %s, where "
+                "updates much smaller than the weights (lr 1e-6) round to zero. trainer.precision=bf16-mixed "
+                "keeps fp32 master weights (or load the model in fp32: model.dtype=float32)",
+                n,
+                half[0].dtype,
+                precision,
+                half[0].dtype,
+            )
+        else:
+            for p in half:
+                self._upcast.append((p, p.dtype))
+                p.data = p.data.float()
+            log.info(
+                "fp32 master weights: %d trainable tensors (%d weights) upcast from %s; frozen weights stay, "
+                "the forward runs under %s autocast",
+                len(half),
+                n,
+                half[0].dtype,
+                precision,
+            )
+
+    def teardown(self, stage: str) -> None:
+        # after fit (and its last checkpoint): the model goes back to the dtype it was loaded in,
+        # so the saved backbone and the evaluation see one dtype, as without master weights
+        for p, dtype in self._upcast:
+            p.data = p.data.to(dtype)
+        self._upcast = []
 
     def configure_optimizers(self):
         o = self.optim
