@@ -22,14 +22,20 @@ HALF = (torch.bfloat16, torch.float16)
 class StageModule(pl.LightningModule):
     """Base LightningModule: holds ``self.model`` (so checkpoints store ``model.*`` weights).
 
-    fp32 master weights (``optim.master_weights: fp32``): under a mixed precision
-    (``trainer.precision: bf16-mixed``) the trainable weights of a model loaded in bf16/fp16 are
-    upcast to fp32 before the optimiser is built and before a checkpoint is restored, so AdamW
-    updates (and its state) are fp32 and an update of 1e-6 is not rounded away; the forward
-    still computes in bf16 under autocast. Frozen weights, and a reference model copied at
-    setup, stay in the dtype they were loaded in. When fit ends the upcast weights go back to
-    that dtype (the saved ``backbone/`` and the evaluation see the model as it was loaded);
-    checkpoints hold the fp32 master weights.
+    Two things every stage gets from here, for models at real scale:
+
+    - fp32 master weights (``optim.master_weights: fp32``): under a mixed precision
+      (``trainer.precision: bf16-mixed``) the trainable weights of a model loaded in bf16/fp16 are
+      upcast to fp32 before the optimiser is built and before a checkpoint is restored, so AdamW
+      updates (and its state) are fp32 and an update of 1e-6 is not rounded away; the forward
+      still computes in bf16 under autocast. Frozen weights, and a reference model copied at
+      setup, stay in the dtype they were loaded in. When fit ends the upcast weights go back to
+      that dtype (the saved ``backbone/`` and the evaluation see the model as it was loaded);
+      checkpoints hold the fp32 master weights.
+    - adapter-only checkpoints under peft: the frozen base is left out of the checkpoint (the
+      adapters, ``modules_to_save``, buffers, heads outside ``self.model`` such as PPO's value head,
+      the optimiser and the training state stay). A resume rebuilds the base from the config and
+      checks it against a fingerprint of the base the run trained on.
     """
 
     def __init__(self, backbone, optim: dict | None = None):
@@ -41,6 +47,7 @@ class StageModule(pl.LightningModule):
         if self.master_weights not in ("fp32", "none"):
             raise ValueError(f"optim.master_weights={self.master_weights!r}; expected fp32 or none")
         self._upcast: list[tuple[torch.nn.Parameter, torch.dtype]] = []  # what fit end casts back
+        self._frozen_fingerprint: dict | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimiser updates; stages with extra heads (PPO's value head) add theirs."""
@@ -128,16 +135,84 @@ class StageModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # --- adapter-only checkpoints under peft -------------------------------------------------------
+    def _frozen_keys(self) -> list[str]:
+        """State-dict keys of the model's frozen parameters (every name of a shared one)."""
+        return [
+            n
+            for n, p in self.named_parameters(remove_duplicate=False)
+            if n.startswith("model.") and not p.requires_grad
+        ]
+
+    def frozen_fingerprint(self) -> dict:
+        """``keys``: the frozen parameters; ``stats``: per key [numel, sum, sum of squares] in float64
+        (chunked: no fp64 copy of a whole embedding). Enough to tell a rebuilt base from another one,
+        and cheap next to writing a checkpoint."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        keys = self._frozen_keys()
+        stats = torch.zeros(len(keys), 3, dtype=torch.float64)
+        with torch.no_grad():
+            for i, k in enumerate(keys):
+                for c in params[k].detach().reshape(-1).split(1 << 24):
+                    c = c.double()
+                    stats[i] += torch.stack([c.new_tensor(c.numel()), c.sum(), c.dot(c)]).cpu()
+        return {"keys": keys, "stats": stats}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # hyper_parameters would pickle config objects: without them torch.load(weights_only=True)
         # reads the file
         checkpoint.pop("hyper_parameters", None)
+        if hasattr(self.model, "peft_config"):
+            # LoRA: the frozen base (~17 GB for a 7B model) is rebuilt from the config on resume;
+            # buffers stay (a frozen tower in train mode still moves its batch-norm statistics)
+            if self._frozen_fingerprint is None:  # frozen weights do not change: computed once
+                self._frozen_fingerprint = self.frozen_fingerprint()
+            sd = checkpoint["state_dict"]
+            for k in self._frozen_fingerprint["keys"]:
+                sd.pop(k, None)
+            checkpoint["frozen_weights"] = self._frozen_fingerprint
         # The random streams, every rank's (RL sampling, dropout), so that a resumed run draws what
         # the uninterrupted one would. Every rank dumps the checkpoint; rank 0 writes it.
         checkpoint["rng_by_rank"] = all_gather_objects(rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get("rng_by_rank")
+        saved = checkpoint.get("frozen_weights")
+        if saved is not None:  # an adapter-only checkpoint: the base is the one built now
+            self._check_frozen_base(saved)
+            # the frozen weights load onto themselves, so a strict load still fails on a missing
+            # or unexpected trainable key
+            sd, mine = checkpoint["state_dict"], self.state_dict()
+            for k in saved["keys"]:
+                sd.setdefault(k, mine[k])
+
+    def _check_frozen_base(self, saved: dict) -> None:
+        now = self.frozen_fingerprint()
+        if now["keys"] != list(saved["keys"]):
+            missing, extra = (
+                sorted(set(saved["keys"]) - set(now["keys"])),
+                sorted(set(now["keys"]) - set(saved["keys"])),
+            )
+            raise RuntimeError(
+                "adapter-only checkpoint: this model's frozen parameters are not those the checkpoint "
+                f"was trained with (not here: {missing[:3]}, not in the checkpoint: {extra[:3]}); "
+                "check model.* and peft.* against the run's .hydra/config.yaml"
+            )
+        a, b = saved["stats"], now["stats"]
+        n, ss = a[:, 0], a[:, 2]
+        # the same weights summed in another order (another device) differ by far less than this
+        same = (n == b[:, 0]) & ((a[:, 1] - b[:, 1]).abs() <= 1e-6 * (n * ss).sqrt() + 1e-12)
+        same &= (ss - b[:, 2]).abs() <= 1e-6 * ss + 1e-12
+        if not same.all():
+            differ = [k for k, ok in zip(saved["keys"], same.tolist()) if not ok]
+            raise RuntimeError(
+                f"adapter-only checkpoint: {len(differ)} of {len(same)} frozen weights of the model built now "
+                f"differ from the base the checkpoint was trained on (e.g. {differ[:3]}). Under peft a "
+                "checkpoint holds the adapters only and a resume rebuilds the base from the config: resume "
+                "with the same model (model.name_or_path, model.init_from, init_seed); a base changed "
+                "before training (a model built in code and warmed up by model.vision_pretrain, which a "
+                "resume skips) cannot be rebuilt: start such runs from model.init_from=<run dir>"
+            )
 
     def on_train_end(self) -> None:
         from unveil.data.datamodule import stop_loader_workers
