@@ -93,6 +93,10 @@ def coord_processor(backbone, coord_decoding: str):
     return MedianCoordinate(backbone.cache[key])
 
 
+def _autocast_on(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)
+
+
 @torch.no_grad()
 def prefill_once(model, inputs: dict, g: int, max_new_tokens: int) -> dict:
     """The prompts' KV cache, computed once per prompt (vision tower included) and repeated ``g``
@@ -102,7 +106,9 @@ def prefill_once(model, inputs: dict, g: int, max_new_tokens: int) -> dict:
     generate()'s own repetition of the prompts (tests/test_policy.py).
 
     The cache is transformers' ``StaticCache``, sized for prompt + ``max_new_tokens``: each decoding
-    step writes its token in place, where a ``DynamicCache`` copies the whole (G-fold) cache."""
+    step writes its token in place, where a ``DynamicCache`` copies the whole (G-fold) cache. Under
+    autocast (``bf16-mixed``) the prompt's keys and the decoded ones can differ in dtype, so the
+    repeated ``DynamicCache`` is kept there."""
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     for k in PER_TOKEN:
@@ -111,9 +117,13 @@ def prefill_once(model, inputs: dict, g: int, max_new_tokens: int) -> dict:
     if extra.get("image_grid_thw") is None:  # left padding; M-RoPE models compute their own positions
         extra["position_ids"] = position_ids_from_mask(am)[:, :-1]
     out = model(input_ids=ids[:, :-1], attention_mask=am[:, :-1], use_cache=True, logits_to_keep=1, **extra)
-    cache = StaticCache(config=unwrap(model).config, max_cache_len=ids.shape[1] + max_new_tokens)
-    for layer, filled in zip(cache.layers, out.past_key_values.layers):
-        layer.update(filled.keys.repeat_interleave(g, dim=0), filled.values.repeat_interleave(g, dim=0))
+    cache = out.past_key_values
+    if _autocast_on(ids.device):  # the dtype decoding writes is not known ahead: a DynamicCache adapts
+        cache.batch_repeat_interleave(g)
+    else:
+        cache = StaticCache(config=unwrap(model).config, max_cache_len=ids.shape[1] + max_new_tokens)
+        for layer, filled in zip(cache.layers, out.past_key_values.layers):
+            layer.update(filled.keys.repeat_interleave(g, dim=0), filled.values.repeat_interleave(g, dim=0))
     trunk = getattr(unwrap(model), "model", None)
     if getattr(trunk, "rope_deltas", None) is not None:  # M-RoPE: decoding continues from each prompt's offset
         trunk.rope_deltas = trunk.rope_deltas.repeat_interleave(g, dim=0)
