@@ -25,7 +25,7 @@ class GradTap(pl.Callback):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
-def one_step(module, samples) -> dict[str, torch.Tensor]:
+def one_step(module, samples, root) -> dict[str, torch.Tensor]:
     """One optimiser step of ``module`` on one batch of ``samples``; the gradients it stepped on."""
     pl.seed_everything(0)
     loader = DataLoader(samples, batch_size=len(samples), shuffle=False, collate_fn=module.collator)
@@ -40,6 +40,7 @@ def one_step(module, samples) -> dict[str, torch.Tensor]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[tap],
+        default_root_dir=str(root),  # PPO writes value_head.pt there
     )
     trainer.fit(module, train_dataloaders=loader)
     assert len(tap.grads) == 1  # one optimiser step, however many micro-batches
@@ -58,7 +59,7 @@ def prompts(dm, n: int = 4):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_grpo_micro_batches_equal_one_update(tiny, loss_type):  # noqa: F811
+def test_grpo_micro_batches_equal_one_update(tiny, loss_type, tmp_path):  # noqa: F811
     from unveil.stages.grpo import GRPOModule
 
     dm, make = tiny
@@ -68,12 +69,12 @@ def test_grpo_micro_batches_equal_one_update(tiny, loss_type):  # noqa: F811
     out = {}
     for micro in (None, 3, 2):  # 2 < G: one group per micro-batch (groups stay whole)
         module = GRPOModule(copy.deepcopy(bb), reward, optim={"lr": 1e-3}, micro_batch_size=micro, **kw)
-        out[micro] = one_step(module, prompts(dm))
+        out[micro] = one_step(module, prompts(dm), tmp_path / str(micro))
     assert_same_gradients(out[None], out[3])
     assert_same_gradients(out[None], out[2])
 
 
-def test_ppo_micro_batches_equal_one_update(tiny):  # noqa: F811
+def test_ppo_micro_batches_equal_one_update(tiny, tmp_path):  # noqa: F811
     from unveil.stages.ppo import PPOModule
 
     dm, make = tiny
@@ -91,12 +92,12 @@ def test_ppo_micro_batches_equal_one_update(tiny):  # noqa: F811
             micro_batch_size=micro,
             log_completions_every=0,
         )
-        out[micro] = one_step(module, prompts(dm))
+        out[micro] = one_step(module, prompts(dm), tmp_path / str(micro))
     assert any(k.startswith("value_head") for k in out[None])
     assert_same_gradients(out[None], out[4])
 
 
-def test_dpo_micro_batches_equal_one_update(tiny):  # noqa: F811
+def test_dpo_micro_batches_equal_one_update(tiny, tmp_path):  # noqa: F811
     from unveil.stages.dpo import DPOModule
 
     dm, make = tiny
@@ -105,6 +106,6 @@ def test_dpo_micro_batches_equal_one_update(tiny):  # noqa: F811
     out = {}
     for micro in (None, 1, 3):
         module = DPOModule(copy.deepcopy(bb), optim={"lr": 1e-3}, weight_norm="raw", micro_batch_size=micro)
-        out[micro] = one_step(module, pairs)
+        out[micro] = one_step(module, pairs, tmp_path / str(micro))
     assert_same_gradients(out[None], out[1])
     assert_same_gradients(out[None], out[3])
