@@ -219,6 +219,7 @@ def main() -> None:
         "# which runs:",
     ]
     shown += [shlex.join(["python", *c[1:]]) for c in (rl_cmds if a.sft_dir else [sft_cmd, *rl_cmds])]
+    shown = [line.replace(f"{ROOT}/", "") for line in shown]  # committed results name repo-relative paths
 
     if not a.collect_only:
         if not a.sft_dir:
