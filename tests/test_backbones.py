@@ -121,6 +121,20 @@ def localize_samples(dm, n: int = 3) -> list[Sample]:
     return boxed + closed
 
 
+def two_image_sample(dm) -> Sample:
+    """A prior / current comparison over two of the data set's images."""
+    paths = sorted({p for s in dm.data["train"] for p in s.images})[:2]
+    return Sample(
+        id="mim-0",
+        images=paths,
+        task="compare",
+        messages=[
+            {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
+            {"role": "assistant", "content": "The second image, at [10, 20, 30, 40]."},
+        ],
+    )
+
+
 def label_text(bb, batch, i: int) -> str:
     lab = batch["labels"][i]
     return bb.tokenizer.decode(lab[lab != IGNORE], skip_special_tokens=False)
@@ -281,16 +295,7 @@ def test_evaluation_reads_boxes_in_the_models_format(make_backbone, dm, monkeypa
 def test_two_image_sample_through_the_sft_collator(make_backbone, dm, arch):
     bb = make_backbone(arch)
     one = localize_samples(dm, 1)[0]
-    paths = sorted({p for s in dm.data["train"] for p in s.images})[:2]
-    two = Sample(
-        id="mim-0",
-        images=paths,
-        task="compare",
-        messages=[
-            {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
-            {"role": "assistant", "content": "The second image, at [10, 20, 30, 40]."},
-        ],
-    )
+    two = two_image_sample(dm)
     batch = SFTCollator(bb)([two, one])
     e = EXPECT[arch]
     ids = batch["input_ids"]

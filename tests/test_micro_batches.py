@@ -30,17 +30,10 @@ def one_step(module, samples, root) -> dict[str, torch.Tensor]:
     pl.seed_everything(0)
     loader = DataLoader(samples, batch_size=len(samples), shuffle=False, collate_fn=module.collator)
     tap = GradTap()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    # one optimiser step, no validation; runs write under root (PPO's value_head.pt)
     trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[tap],
-        default_root_dir=str(root),  # PPO writes value_head.pt there
+        max_steps=1, accelerator="cpu", limit_val_batches=0, callbacks=[tap], default_root_dir=root, **quiet
     )
     trainer.fit(module, train_dataloaders=loader)
     assert len(tap.grads) == 1  # one optimiser step, however many micro-batches

@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_backbones import dm, localize_samples, make_backbone  # noqa: F401  (its fixtures build the tiny archs)
+from test_backbones import dm, localize_samples, make_backbone, two_image_sample  # noqa: F401  (its fixtures build the tiny archs)
 
 from unveil.data.collate import PromptCollator
-from unveil.data.schema import Sample
 from unveil.models import policy
 from unveil.stages.rollout import sample_rollouts
 
 ARCHS = ["llava15", "qwen2_vl", "qwen25_vl", "idefics3"]
-
-
-def two_image_sample(dm) -> Sample:  # noqa: F811
-    paths = sorted({p for s in dm.data["train"] for p in s.images})[:2]
-    return Sample(
-        id="mim-0",
-        images=paths,
-        task="compare",
-        messages=[
-            {"role": "user", "content": "Prior: <image>\nCurrent: <image>\nWhich image shows the lesion?"},
-            {"role": "assistant", "content": "The second image."},
-        ],
-    )
 
 
 def rollout_for(bb, samples, g: int = 3, tokens: int = 6):
@@ -42,15 +28,7 @@ def rollout_for(bb, samples, g: int = 3, tokens: int = 6):
 
 def logps_and_grads(model, ro, share: bool):
     model.zero_grad(set_to_none=True)
-    lp = policy.completion_logprobs(
-        model,
-        ro.inputs,
-        ro.completion_ids,
-        ro.completion_mask,
-        group=ro.group if share else None,
-        n_images=ro.n_images,
-        with_entropy=True,
-    )
+    lp = ro.logprobs(model, share_prompt=share, with_entropy=True)
     (lp.logps.sum() + 0.1 * (lp.logps.exp() * ro.completion_mask).sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return lp, grads

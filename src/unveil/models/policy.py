@@ -159,24 +159,19 @@ def _shared_hidden(
 
 
 def completion_hidden(
-    model,
-    inputs: dict,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    group: torch.Tensor | None = None,
-    n_images: list[int] | None = None,
-    capture=None,
-) -> torch.Tensor:
-    """``[N, T + 1, H]`` final hidden states at positions ``P-1 .. P+T-1`` (row t predicts token t).
+    model, inputs: dict, ids: torch.Tensor, mask: torch.Tensor, group=None, n_images=None, capture=None
+):
+    """``[N, T + 1, H]`` final hidden states at positions ``P-1 .. P+T-1`` (row t predicts token t) of
+    the completions ``ids`` / ``mask`` ``[N, T]`` after the prompts ``inputs`` (one row per completion).
 
     ``group`` [N] (rows with equal ids share their prompt inputs) and ``n_images`` (per row) turn on
     the shared prompt; without them, or where sharing cannot work, every row runs whole."""
     body, _ = body_and_head(model)
     if group is not None and n_images is not None and _can_share(model) and len(torch.unique(group)) < len(group):
-        return _shared_hidden(body, inputs, completion_ids, completion_mask, group, n_images, capture)
+        return _shared_hidden(body, inputs, ids, mask, group, n_images, capture)
     if capture is not None:
-        capture.start(rows=completion_ids.shape[1] + 1, weights=capture.weights)
-    return _unshared_hidden(body, inputs, completion_ids, completion_mask)
+        capture.start(rows=ids.shape[1] + 1, weights=capture.weights)
+    return _unshared_hidden(body, inputs, ids, mask)
 
 
 # --- log-probs at the sampled tokens ----------------------------------------------------------------

@@ -168,27 +168,26 @@ class GRPOModule(RLStageModule):
 
         # 4. clipped surrogate + KL, num_iterations passes x minibatches, one optimiser step each
         history: list[dict] = []
+        # the objective's settings; dapo's normaliser also needs the rollout batch's token count
+        objective = dict(beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high)
+        objective.update(loss_type=self.loss_type, max_completion_length=self.max_new_tokens)
+        objective.update(num_items_in_batch=num_items, num_processes=world_size())
         for _ in range(self.num_iterations):
             parts = self.minibatches(len(ro))
             for idx in parts:
 
                 def loss_fn(part):
                     lp = self.logprobs(self.model, part, with_entropy=True)
+                    old = part.extra.get("old_logps", lp.logps.detach())
                     return grpo_loss(
                         lp.logps,
-                        part.extra.get("old_logps", lp.logps.detach()),
+                        old,
                         part.extra["advantages"],
                         part.completion_mask,
                         ref_logps=part.extra.get("ref_logps"),
-                        beta=self.beta,
-                        eps_low=self.epsilon_low,
-                        eps_high=self.epsilon_high,
-                        loss_type=self.loss_type,
-                        max_completion_length=self.max_new_tokens,
                         entropy=lp.entropy,
-                        num_items_in_batch=num_items,
-                        num_processes=world_size(),
                         steps_per_generation=len(parts),  # noqa: B023  (called at once, in this iteration)
+                        **objective,
                     )
 
                 history.append(self.update(ro.select(idx), loss_fn, LOSS_SCALE[self.loss_type]))
