@@ -44,8 +44,10 @@ class Rollout:
         return self.completion_mask.sum(1)
 
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
-        """The completions ``idx`` (a minibatch)."""
+        """The completions ``idx`` (a minibatch); the rollout itself when that is all of it, in order."""
         idx_t = torch.as_tensor(idx, dtype=torch.long)
+        if idx_t.numel() == len(self) and torch.equal(idx_t.cpu(), torch.arange(len(self))):
+            return self  # no copy of the (per-completion) prompt inputs and images
         il = idx_t.tolist()
         dev = self.completion_ids.device
         return Rollout(
