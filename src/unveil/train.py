@@ -134,6 +134,7 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from unveil.models.factory import build_backbone
+    from unveil.stages.guard import assert_finite_weights
     from unveil.utils.io import write_metrics
 
     torch.set_float32_matmul_precision("high")
@@ -162,6 +163,7 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
     metrics.update(warmup_stats)
+    assert_finite_weights(backbone.model)
     if trainer.is_global_zero:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:
@@ -172,7 +174,11 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except BaseException:
+        log.exception("the run failed")  # so the job's own train.log ends with its traceback
+        raise
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 

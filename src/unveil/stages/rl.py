@@ -42,6 +42,7 @@ from unveil.models.policy import disable_dropout as _disable_dropout
 from unveil.rewards.base import RewardOutput
 from unveil.rewards.composite import zero_spread_fraction
 from unveil.stages.base import StageModule
+from unveil.stages.guard import non_finite_sampling
 from unveil.stages.rollout import Rollout, sample_rollouts
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,17 @@ class RLStageModule(StageModule):
     def rollout(self, batch: dict, num_generations: int | None = None) -> tuple[Rollout, RewardOutput]:
         """G sampled completions per prompt and their rewards (wall times kept for ``log_step``)."""
         t0 = time.perf_counter()
-        ro = sample_rollouts(
-            self.backbone,
-            batch,
-            num_generations or self.num_generations,
-            self.max_new_tokens,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            share_prompt=self.share_prompt,
-        )
+        with non_finite_sampling(self.trainer):
+            ro = sample_rollouts(
+                self.backbone,
+                batch,
+                num_generations or self.num_generations,
+                self.max_new_tokens,
+                self.temperature,
+                self.top_p,
+                self.top_k,
+                share_prompt=self.share_prompt,
+            )
         t1 = time.perf_counter()
         reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))
         ro.extra["reward"] = reward.total.to(self.device).float()
