@@ -202,3 +202,56 @@ def test_curate_with_the_http_judge_keeps_the_key_out_of_every_file(server, monk
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt"):
             assert KEY not in f.read_text(errors="ignore"), f
+
+
+def _serve(handler_cls):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_host_gets_neither_the_key_nor_the_request(server, monkeypatch, code):
+    """The endpoint answers with a redirect to a second local server (another origin): the judge
+    follows no redirect, so the second server never sees the key (urllib would re-send it) and its
+    reply never becomes a score; the item scores NaN."""
+    monkeypatch.setenv(ENV, KEY)
+    seen: list[dict] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def _record(self):
+            seen.append({"method": self.command, "headers": dict(self.headers)})
+            data = json.dumps(chat("10")).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _record  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    other = _serve(Elsewhere)
+    target = f"http://localhost:{other.server_address[1]}/v1/chat/completions"  # another host name and port
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(code)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first = _serve(Redirect)
+    try:
+        server.url = f"http://127.0.0.1:{first.server_address[1]}/v1"
+        score = judge_for(server, retries=0).score("q", "ref", "answer")
+    finally:
+        first.shutdown(), other.shutdown()
+        first.server_close(), other.server_close()
+    assert math.isnan(score)
+    assert seen == []  # not even a request without the key: nothing reaches the other host

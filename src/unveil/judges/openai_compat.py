@@ -22,6 +22,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,19 @@ from concurrent.futures import ThreadPoolExecutor
 from unveil.judges.base import Judge
 
 log = logging.getLogger(__name__)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib re-sends every header, the Authorization one too, to wherever a redirect points: an
+    API endpoint has no reason to redirect a POST, so none is followed (the request fails, the
+    head scores NaN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        where = urllib.parse.urlsplit(newurl).netloc or newurl
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {where} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 SYSTEM_PROMPT = "You are a careful radiologist who grades answers. Reply with a number only."
 USER_PROMPT = (
@@ -154,7 +168,7 @@ class OpenAIJudge(Judge):
             retry = False
             try:
                 req = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     payload = json.loads(resp.read().decode("utf-8", errors="replace"))
                 content = payload["choices"][0]["message"]["content"]
                 return content if isinstance(content, str) else json.dumps(content)
