@@ -25,7 +25,9 @@ from unveil.eval.parse import normalise_short
 from unveil.rewards._common import per_sample, task_set
 from unveil.rewards.base import RewardHead, RolloutBatch
 
-_KW = r"(?:(?i:the)\s+)?(?:(?i:correct)\s+)?(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*"
+# No two whitespace runs touch without a literal between them: adjacent "\s*\s*" made matching
+# quadratic in a whitespace run ("answer" + 16,000 spaces took 10 s in a reward call).
+_KW = r"(?:(?i:the)\s+)?(?:(?i:correct)\s+)?(?i:answer|option|choice)(?:\s*(?i:is))?\s*(?::\s*)?"
 # A leading letter counts as an option; "A" only when punctuation, the end or a capitalised option
 # text follows ("A: ...", "A Chest CT"): "A nodule ..." is an article. Letters are upper case only.
 _LEADING = re.compile(r"^\s*(?:" + _KW + r")?\(?(?:([B-H])\)?(?=[\s:.,;)\]]|$)|(A)\)?(?=[:.,;)\]]|\s*$|\s+[A-Z0-9]))")
@@ -33,6 +35,13 @@ _LABELLED = re.compile(r"(?:^|[\s(\[])([A-H])(?=\s*[:)\]])")  # "A:", "(B)", "C)
 _LIST = re.compile(r"(?<![A-Za-z])\(?([A-H])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-H])\)?(?![A-Za-z])")
 _ANSWER_IS = re.compile(r"\b" + _KW + r"\(?([A-H])\)?(?![A-Za-z])")
 _CLAUSE = re.compile(r"[.,;:!?\n]")
+_SPACE_RUN = re.compile(r"\s{2,}")
+
+
+def squeeze(text: str) -> str:
+    """Whitespace runs to one character (a newline where the run held one: it ends a clause), so
+    the patterns below scan a few characters where a model may emit thousands of spaces."""
+    return _SPACE_RUN.sub(lambda m: "\n" if "\n" in m.group() else " ", text)
 _YES, _NO = "yes", "no"
 
 
@@ -82,7 +91,7 @@ class AnswerReward(RewardHead):
     def score(self, text: str, reference: str | None, task: str) -> float:
         if reference is None or not str(reference).strip():
             return float("nan")
-        reference = str(reference)
+        reference, text = str(reference), squeeze(text if isinstance(text, str) else "")
         if task in self.mcq_tasks:
             ref = single_letter(reference)
             if ref is not None:
