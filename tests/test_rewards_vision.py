@@ -379,6 +379,20 @@ def test_any_text_vision(bb, image, texts):
     assert c.shape == (2,) and torch.isfinite(c).all() and (c.abs() <= 10).all()
 
 
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_an_image_placeholder_in_a_completion_is_nan_for_that_row_only(bb, image, with_ids):
+    """A completion that emits the image token (generated ids, or text the head tokenises) would make
+    the model expect an image it does not have: that row scores NaN, the others are scored."""
+    s = _sample(image)
+    texts = [GOOD, "Region [50, 50, 100, 100]: nodule <image> here.", "Region [50, 50, 100, 100]: nodule."]
+    b = make_batch(bb, [s, s, s], texts, with_ids=with_ids)
+    r, c = VisionRelevanceReward()(b), VisionCounterfactualReward()(b)
+    for scores in (r, c):
+        assert math.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all(), scores
+    alone = make_batch(bb, [s, s], [texts[0], texts[2]], with_ids=with_ids)  # the other rows as if alone
+    torch.testing.assert_close(VisionRelevanceReward()(alone), r[[0, 2]])
+
+
 def test_two_images_box_in_the_second(bb, image):
     """Multi-image prompts: the box of image 1 marks the second run of image tokens and masks the second image."""
     from unveil.rewards.vision_relevance import box_key_weights

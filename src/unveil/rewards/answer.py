@@ -42,6 +42,8 @@ def squeeze(text: str) -> str:
     """Whitespace runs to one character (a newline where the run held one: it ends a clause), so
     the patterns below scan a few characters where a model may emit thousands of spaces."""
     return _SPACE_RUN.sub(lambda m: "\n" if "\n" in m.group() else " ", text)
+
+
 _YES, _NO = "yes", "no"
 
 

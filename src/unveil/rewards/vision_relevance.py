@@ -96,6 +96,12 @@ def run_policy(
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     comp = batch.completion_ids.long().to(device)
     cmask = (batch.completion_mask if batch.completion_mask is not None else torch.ones_like(comp)).to(device)
+    # an image placeholder inside a completion would ask the model for an image it does not have:
+    # the pass sees padding there, and the heads score that row NaN (image_token_rows)
+    image_ids = torch.tensor(batch.backbone.image_token_ids or [-1], device=device)
+    placeholder = torch.isin(comp, image_ids)
+    bad_rows = (placeholder & cmask.bool()).any(1).cpu()
+    comp = comp.masked_fill(placeholder, batch.backbone.tokenizer.pad_token_id or 0)
     n_images = [len(getattr(s, "images", []) or []) for s in batch.samples]
     group = batch.group if batch.group is not None and len(batch.group) == len(comp) else None
     logps, masses = [], []
@@ -115,6 +121,7 @@ def run_policy(
         "token_logps": torch.cat(logps)[order],
         "mask": cmask.cpu().float(),
         "prompt_len": inputs["input_ids"].shape[1],
+        "image_token_rows": bad_rows,
     }
     if key_weights is not None:
         res["key_mass"] = torch.cat(masses, 1)[:, order]
@@ -355,6 +362,7 @@ class VisionRelevanceReward(RewardHead):
                 sel = torch.tensor([int(pos_in_valid[k]) + (1 if self.query == "token" else 0) for k in ks])
                 v = float(m[i, sel].mean())
                 out[i] = min(max(v, 0.0), 1.0) if math.isfinite(v) else _NAN
+            out[batch.cache[FORWARD_KEY]["image_token_rows"]] = _NAN
         except Exception as e:  # noqa: BLE001  (never raise in a training step)
             warn_once(
                 f"vision_relevance:{type(e).__name__}",
@@ -452,6 +460,7 @@ class VisionCounterfactualReward(RewardHead):
             for i in rows:
                 v = float(gap[i])
                 out[i] = min(max(v, -self.clip), self.clip) if math.isfinite(v) else _NAN
+            out[cache["image_token_rows"]] = _NAN
         except Exception as e:  # noqa: BLE001
             warn_once(
                 f"vision_counterfactual:{type(e).__name__}",
