@@ -103,3 +103,31 @@ def test_multirun_in_a_subprocess(tmp_path):
         m = json.loads((p / "metrics.json").read_text())
         assert "test/presence_acc" in m and (p / "predictions.jsonl").exists()
         assert (p / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stage.optim.scheduler=bogus", r"scheduler='bogus'; expected one of cosine, linear, constant"),
+        ("+stage.optim.lrr=1e-4", r"unknown key\(s\) \['lrr'\].*\n  lr: peak learning rate"),
+    ],
+)
+def test_an_unknown_optimiser_key_or_scheduler_fails_before_any_work(make_cfg, tmp_path, override, message):
+    """Before: the scheduler silently became linear decay, a misspelt key was ignored."""
+    from unveil.train import train
+
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg("debug=fast", override))
+    assert not (tmp_path / "data").exists()  # no data generated, no model built
+
+
+def test_a_resume_with_another_schedule_warns(make_cfg, tmp_path, caplog):
+    from unveil.train import train
+
+    train(make_cfg("debug=fast", "trainer.max_steps=4", "eval.enabled=false"))
+    with caplog.at_level("WARNING", logger="unveil.stages.base"):
+        train(make_cfg("debug=fast", "trainer.max_steps=4", "eval.enabled=false", "ckpt_path=last"))
+    assert "another learning-rate schedule" not in caplog.text  # the same schedule: nothing to say
+    with caplog.at_level("WARNING", logger="unveil.stages.base"):
+        train(make_cfg("debug=fast", "trainer.max_steps=7", "eval.enabled=false", "ckpt_path=last"))
+    assert "another learning-rate schedule" in caplog.text and "'total': 4" in caplog.text

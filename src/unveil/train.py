@@ -135,8 +135,10 @@ def train(cfg: DictConfig) -> dict:
 
     from unveil.models.factory import build_backbone
     from unveil.stages.guard import assert_finite_weights
+    from unveil.stages.optim import check_optim
     from unveil.utils.io import write_metrics
 
+    check_optim(cfg.stage.get("optim"))  # a typo in an optimiser key or scheduler fails before any work
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)

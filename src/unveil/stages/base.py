@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from unveil.stages.optim import Schedule, build_optimizer, check_optim
 from unveil.utils.dist import all_gather_objects
 from unveil.utils.rng import rng_state, set_rng_state
 
@@ -42,7 +43,8 @@ class StageModule(pl.LightningModule):
         super().__init__()
         self.backbone = backbone
         self.model = backbone.model  # registered as a submodule: checkpoints, .to(device), train()
-        self.optim = dict(optim or {})
+        self.optim = check_optim(optim)
+        self.schedule: Schedule | None = None  # set with the optimiser
         self.master_weights = str(self.optim.get("master_weights", "fp32")).lower()
         if self.master_weights not in ("fp32", "none"):
             raise ValueError(f"optim.master_weights={self.master_weights!r}; expected fp32 or none")
@@ -99,40 +101,14 @@ class StageModule(pl.LightningModule):
         self._upcast = []
 
     def configure_optimizers(self):
-        o = self.optim
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.freeze and peft settings")
-        lr, wd = float(o.get("lr", 1e-4)), float(o.get("weight_decay", 0.0))
-        # The vision tower may want its own learning rate (a warmed-up tower is easily wrecked).
         tower = getattr(getattr(self.backbone.base_model, "model", None), "vision_tower", None)
         vision_ids = {id(p) for p in tower.parameters()} if tower is not None else set()
-        scale = float(o.get("vision_lr_scale", 1.0))
-        groups = []
-        for is_vision in (False, True):
-            for decay in (True, False):
-                ps = [p for p in params if (id(p) in vision_ids) == is_vision and (p.ndim >= 2) == decay]
-                if ps:
-                    groups.append(
-                        {"params": ps, "weight_decay": wd if decay else 0.0, "lr": lr * (scale if is_vision else 1.0)}
-                    )
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(o.get("warmup_steps", 0))
-        if o.get("warmup_ratio"):
-            warmup = int(float(o["warmup_ratio"]) * total)
-        min_ratio = float(o.get("min_lr_ratio", 0.0))
-        kind = o.get("scheduler", "cosine")
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            if kind == "constant":
-                return 1.0
-            t = min(1.0, (step - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * (0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        opt, sched, self.schedule = build_optimizer(
+            params, vision_ids, self.optim, self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- adapter-only checkpoints under peft -------------------------------------------------------
@@ -174,9 +150,12 @@ class StageModule(pl.LightningModule):
         # The random streams, every rank's (RL sampling, dropout), so that a resumed run draws what
         # the uninterrupted one would. Every rank dumps the checkpoint; rank 0 writes it.
         checkpoint["rng_by_rank"] = all_gather_objects(rng_state())
+        if self.schedule is not None:  # what a resume compares its own schedule with
+            checkpoint["lr_schedule"] = dataclasses.asdict(self.schedule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get("rng_by_rank")
+        self._resume_schedule = checkpoint.get("lr_schedule")
         saved = checkpoint.get("frozen_weights")
         if saved is not None:  # an adapter-only checkpoint: the base is the one built now
             self._check_frozen_base(saved)
@@ -228,6 +207,14 @@ class StageModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # Restored here, not at load time: Lightning loads the checkpoint before building the
         # dataloaders and the optimiser, which draw from the same streams in both runs only from now on.
+        saved, self._resume_schedule = getattr(self, "_resume_schedule", None), None
+        if saved is not None and self.schedule is not None and Schedule(**saved) != self.schedule:
+            log.warning(
+                "resumed with another learning-rate schedule than the run was started with (%s, now %s): "
+                "from here on the learning rate follows the new one (trainer.max_steps or stage.optim changed?)",
+                saved,
+                dataclasses.asdict(self.schedule),
+            )
         states, self._resume_rng = getattr(self, "_resume_rng", None), None
         if states:
             rank, world = self.trainer.global_rank, self.trainer.world_size
