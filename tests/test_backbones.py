@@ -439,6 +439,18 @@ def test_rollout_tokens_rescore_as_greedy_with_left_padded_prompts(make_backbone
     torch.testing.assert_close(stage_logps, chosen * mask, atol=1e-4, rtol=1e-4)
 
 
+def dpo_overrides(data: Path) -> list[str]:
+    """DPO on the preference records under ``data`` (MAU JSONL), without evaluation."""
+    return [
+        "stage=dpo",
+        "data=mau_jsonl",
+        f"data.root={data}",
+        "data.synthetic=null",
+        "data.num_workers=0",
+        "eval.enabled=false",
+    ]
+
+
 def write_preference_set(src: Path, dst: Path, n: int = 8) -> None:
     """MAU JSONL preference records from the synthetic set: text pairs (another record's answer)
     and visual pairs (the same answer on a noised copy of the image), alternating."""
@@ -471,19 +483,7 @@ def test_dpo_step_through_train(arch, dm, tmp_path):
 
     data = tmp_path / "pref"
     write_preference_set(Path(dm.root), data)
-    cfg = compose(
-        [
-            f"model=tiny_{arch}",
-            "stage=dpo",
-            "data=mau_jsonl",
-            f"data.root={data}",
-            "data.synthetic=null",
-            "data.num_workers=0",
-            "eval.enabled=false",
-            "stage.optim.warmup_ratio=0",
-            *run_overrides(tmp_path),
-        ]
-    )
+    cfg = compose([f"model=tiny_{arch}", *dpo_overrides(data), "stage.optim.warmup_ratio=0", *run_overrides(tmp_path)])
     metrics = train(cfg)
     for k in ("train/loss", "val/loss", "val/rewards/margins"):
         assert math.isfinite(metrics[k]), (k, metrics)

@@ -43,7 +43,7 @@ def test_a_run_that_meets_nan_stops_and_saves_nothing(tmp_path, stage):
 
 
 def test_dpo_that_meets_nan_stops(tmp_path, dm):  # noqa: F811
-    from test_backbones import compose, run_overrides, write_preference_set
+    from test_backbones import compose, dpo_overrides, run_overrides, write_preference_set
 
     from unveil.train import train
 
@@ -51,12 +51,7 @@ def test_dpo_that_meets_nan_stops(tmp_path, dm):  # noqa: F811
     write_preference_set(Path(dm.root), data)
     cfg = compose(
         [
-            "stage=dpo",
-            "data=mau_jsonl",
-            f"data.root={data}",
-            "data.synthetic=null",
-            "data.num_workers=0",
-            "eval.enabled=false",
+            *dpo_overrides(data),
             *run_overrides(tmp_path),
             "+callbacks.non_finite._target_=unveil.stages.guard.NonFiniteGuard",  # run_overrides drops callbacks
             "stage.optim.lr=1e30",
