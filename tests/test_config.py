@@ -110,9 +110,10 @@ def test_multirun_in_a_subprocess(tmp_path):
     [
         ("stage.optim.scheduler=bogus", r"scheduler='bogus'; expected one of cosine, linear, constant"),
         ("+stage.optim.lrr=1e-4", r"unknown key\(s\) \['lrr'\].*\n  lr: peak learning rate"),
+        ("model.kind=tiny_lava", r"model.kind='tiny_lava'; expected one of tiny_llava, tiny_hf, hf"),
     ],
 )
-def test_an_unknown_optimiser_key_or_scheduler_fails_before_any_work(make_cfg, tmp_path, override, message):
+def test_an_unknown_model_kind_optimiser_key_or_scheduler_fails_before_any_work(make_cfg, tmp_path, override, message):
     """Before: the scheduler silently became linear decay, a misspelt key was ignored."""
     from unveil.train import train
 

@@ -133,12 +133,13 @@ def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from unveil.models.factory import build_backbone
+    from unveil.models.factory import build_backbone, check_model
     from unveil.stages.guard import assert_finite_weights
     from unveil.stages.optim import check_optim
     from unveil.utils.io import write_metrics
 
-    check_optim(cfg.stage.get("optim"))  # a typo in an optimiser key or scheduler fails before any work
+    check_model(cfg.model)  # a typo in the model kind, an optimiser key or the scheduler fails before any work
+    check_optim(cfg.stage.get("optim"))
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)

@@ -201,7 +201,6 @@ def _hf(cfg) -> Backbone:
 
 def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
     """Build the backbone described by the ``model`` and ``peft`` config groups."""
-    kind = cfg.kind
     init_from = cfg.get("init_from")
     if init_from:
         saved = _saved_dir(init_from)
@@ -210,17 +209,26 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         if Path(str(init_from)).suffix != ".ckpt":
             raise FileNotFoundError(f"model.init_from={init_from}: not a run dir, a saved model dir or a .ckpt file")
     # a .ckpt holds Lightning weights only: build the configured model, then load them into it
-    if kind == "tiny_llava":
-        bb = _tiny_llava(cfg, corpus, cache_dir)
-    elif kind == "tiny_hf":
-        bb = _tiny_hf(cfg, corpus, cache_dir)
-    elif kind == "hf":
-        bb = _hf(cfg)
-    else:
-        raise ValueError(f"unknown model.kind {kind!r} (tiny_llava | tiny_hf | hf)")
+    bb = BUILDERS[check_model(cfg)](cfg, corpus, cache_dir)
     if init_from and str(init_from).endswith(".ckpt"):
         load_lightning_weights(bb.model, init_from)
     return _finish(bb, cfg, peft)
+
+
+# model.kind -> builder(cfg, corpus, cache_dir)
+BUILDERS = {
+    "tiny_llava": _tiny_llava,
+    "tiny_hf": _tiny_hf,
+    "hf": lambda cfg, corpus, cache_dir: _hf(cfg),
+}
+
+
+def check_model(cfg) -> str:
+    """``model.kind``, or a ValueError listing the kinds there are (train() checks it before any work)."""
+    kind = cfg.get("kind")
+    if kind not in BUILDERS:
+        raise ValueError(f"model.kind={kind!r}; expected one of {', '.join(BUILDERS)}")
+    return kind
 
 
 _NESTED_IMAGES = ("Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor")
