@@ -1,7 +1,7 @@
-"""Format adapters for the released record shapes (shared/formats/FORMATS.md), quirks included.
+"""Format adapters for the released record shapes (docs/data_formats.md), quirks included.
 
 Fixtures: ``tests/fixtures/formats/`` (written from the FORMATS.md descriptions; tiny images)
-and the real MMedPO records in ``shared/formats/mmedpo/`` beside the repository.
+and the real MMedPO records copied into ``tests/fixtures/formats/mmedpo/``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ FORMATS = ("llava", "med_mim", "vqa_table", "mmedpo", "stllava_dpo")
 
 
 def _shared(name: str) -> Path:
-    p = FIX / "mmedpo" / name  # copies of the real released records in shared/formats/mmedpo
-    assert p.is_file(), f"real MMedPO sample {p} is missing (copied from shared/formats/mmedpo/*.json)"
+    p = FIX / "mmedpo" / name  # copies of the real released MMedPO records
+    assert p.is_file(), f"real MMedPO sample {p} is missing"
     return p
 
 

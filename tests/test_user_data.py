@@ -50,3 +50,53 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "WANDB_MODE": "offline"}
+
+
+def test_a_data_set_without_a_test_split_ends_with_metrics_json(synthetic_dir, make_cfg, tmp_path, caplog):
+    """MMedPO's and STLLaVA-Med's released DPO data are training pairs only (data.splits.test: null):
+    the run used to crash after training with KeyError: 'test', before writing metrics.json."""
+    import json
+
+    from unveil.train import train
+
+    cfg = make_cfg(
+        "debug=fast",
+        "data=mau_jsonl",
+        f"data.root={synthetic_dir}",
+        "data.splits.test=null",
+        "data.num_workers=0",
+        "trainer.max_steps=1",
+    )
+    with caplog.at_level("WARNING", logger="unveil.train"):
+        metrics = train(cfg)
+    assert "no test split" in caplog.text and "train/loss" in metrics
+    assert "train/loss" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_dpo_says_when_it_ignores_the_pair_weights_it_loaded(synthetic_dir, tmp_path, caplog):
+    from test_backbones import write_preference_set
+
+    from unveil.data.adapters import mau_jsonl
+    from unveil.stages.dpo import DPOModule
+
+    write_preference_set(synthetic_dir, tmp_path / "pref")
+    pairs = mau_jsonl.read(tmp_path / "pref" / "train.jsonl")
+    for i, s in enumerate(pairs):
+        s.weight = 0.5 + 0.1 * i  # MMedPO's clinical-relevance scores
+    dm = type("DM", (), {"data": {"train": pairs, "val": pairs}})()
+    for norm, warned in (("none", True), ("raw", False)):
+        module = DPOModule(_tiny(), weight_norm=norm)
+        module._trainer = type("T", (), {"datamodule": dm})()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="unveil.stages.dpo"):
+            module.setup("fit")
+        assert ("stage.weight_norm=none ignores them" in caplog.text) == warned
+
+
+def _tiny():
+    from conftest import compose
+
+    from unveil.models.factory import build_backbone
+
+    c = compose(["debug=fast"])
+    return build_backbone(c.model, peft=c.peft, corpus=["a nodule at [1, 2, 3, 4]"] * 4, cache_dir=c.paths.cache_dir)

@@ -112,6 +112,16 @@ def _final_eval(cfg: DictConfig, backbone, dm, out: Path, metrics: dict, loggers
     from unveil.eval.evaluate import evaluate, format_table
 
     split = cfg.eval.split
+    if not dm.data.get(split):  # a data set released as training pairs only (MMedPO, STLLaVA-Med DPO)
+        log.warning(
+            "eval.split=%s: this data set has no %s split (data.splits.%s is null or empty), so there is "
+            "no evaluation; metrics.json holds the training metrics. Evaluate with `python -m unveil.eval` "
+            "on the data set's own VQA table.",
+            split,
+            split,
+            split,
+        )
+        return
     metrics.update(
         evaluate(
             backbone,

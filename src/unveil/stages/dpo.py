@@ -48,6 +48,7 @@ reward compares two forward passes and dropout would make it noisy.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -58,6 +59,8 @@ from unveil.data.collate_pref import PreferenceCollator
 from unveil.models.inputs import model_inputs, select_inputs
 from unveil.models.policy import ReferencePolicy, answer_logprobs, disable_dropout
 from unveil.stages.base import StageModule
+
+log = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 WEIGHT_NORMS = ("none", "raw", "mmedpo")
@@ -174,6 +177,15 @@ class DPOModule(StageModule):
                     f"stage=dpo: {len(unpaired)} {split} record(s) have no 'rejected' side "
                     f"(e.g. {unpaired[:3]}): train on preference records (unveil.curate writes them)"
                 )
+        weights = [float(s.weight) for s in data.get("train", [])]
+        if self.weight_norm == "none" and any(w != 1.0 for w in weights):
+            log.warning(
+                "the training pairs carry weights (e.g. MMedPO's clinical-relevance score; %d of %d are not 1) "
+                "but stage.weight_norm=none ignores them: stage.weight_norm=raw uses them as MMedPO's code "
+                "does, mmedpo as its paper does",
+                sum(w != 1.0 for w in weights),
+                len(weights),
+            )
         if self.weight_norm == "mmedpo" and self.weight_scope == "dataset" and self._weight_stats is None:
             if "train" not in data:
                 raise RuntimeError(
