@@ -24,6 +24,18 @@ def test_parse_answer():
     assert p("There is a mass.").abnormal and p("").boxes == []
 
 
+def test_labels_named_before_their_boxes():
+    """Answers that name the finding first ("a nodule at [box]") label each box with its own
+    finding; before, both boxes took the finding named after the first box ('cyst', 'cyst')."""
+    assert p("A nodule at [10, 10, 20, 20] and a cyst at [50, 50, 60, 60].").labels == ["nodule", "cyst"]
+    assert p("Findings: mass [5, 5, 9, 9], nodule [20, 20, 30, 30].").labels == ["mass", "nodule"]
+    # the MAU phrasing, with a finding also named in the lead sentence, stays label-after-box
+    assert p("There is a nodule. Region [10, 10, 30, 30]: nodule. Region [50, 50, 90, 90]: mass.").labels == [
+        "nodule",
+        "mass",
+    ]
+
+
 def test_grounding_metrics_hand_computed():
     m = GroundingMetrics()
     gt = [[0.1, 0.1, 0.3, 0.3]]

@@ -33,19 +33,34 @@ def _first_finding(text: str, vocab: list[str]) -> str | None:
     return best
 
 
+def _last_finding(text: str, vocab: list[str]) -> str | None:
+    best, pos = None, -1
+    low = text.lower()
+    for f in vocab:
+        i = low.rfind(f.lower())
+        if i > pos:
+            best, pos = f, i
+    return best
+
+
+def box_labels(text: str, spans, vocab: list[str]) -> list[str | None]:
+    """The finding each box names. Answers phrase it one way throughout: "Region [box]: nodule"
+    (the label follows its box) or "a nodule at [box]" (it precedes it). When a finding is named
+    before the first box and none after the last, labels precede their boxes: each box takes the
+    last finding between the previous box and itself. Otherwise each takes the first finding after
+    it and before the next box, else the one before it."""
+    gaps = [text[(spans[k - 1].end if k else 0) : sp.start] for k, sp in enumerate(spans)]
+    after = [text[sp.end : (spans[k + 1].start if k + 1 < len(spans) else len(text))] for k, sp in enumerate(spans)]
+    if spans and _first_finding(gaps[0], vocab) and not _first_finding(after[-1], vocab):
+        return [_last_finding(g, vocab) for g in gaps]
+    return [_first_finding(a, vocab) or _first_finding(g, vocab) for a, g in zip(after, gaps)]
+
+
 def parse_answer(text: str, box_format, vocab: list[str], image_size=None) -> Prediction:
     if not isinstance(text, str):
         text = ""
     spans = box_format.parse_spans(text, image_size)
-    labels = []
-    for k, sp in enumerate(spans):
-        # A box's label is the first finding named after it and before the next box, else before it.
-        end = spans[k + 1].start if k + 1 < len(spans) else len(text)
-        lab = _first_finding(text[sp.end : end], vocab)
-        if lab is None:
-            start = spans[k - 1].end if k > 0 else 0
-            lab = _first_finding(text[start : sp.start], vocab)
-        labels.append(lab)
+    labels = box_labels(text, spans, vocab)
     low = text.lower()
     named = [f for f in vocab if f.lower() in low]
     if spans:
