@@ -170,3 +170,28 @@ def test_prefill_once_generates_what_repeated_prompts_generate(make_backbone, dm
     want = generate(bb, repeated, 6)["completion_ids"]
     got = generate(bb, batch, 6, num_return_sequences=3, share_prompt=True)["completion_ids"]
     assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_loss_through_answer_logprobs_equals_hf_labels_loss(make_backbone, dm, arch):  # noqa: F811
+    """SFT's loss (answer positions only reach the LM head, chunked) and its gradients equal HF's
+    cross-entropy with labels, which computes the full-vocabulary logits at every position."""
+    from unveil.models.inputs import model_inputs
+    from unveil.stages.sft import SFTModule
+
+    bb = make_backbone(arch, "model.dtype=float32")
+    module = SFTModule(bb)
+    batch = module.collator([two_image_sample(dm), *localize_samples(dm, 2)])
+    model = bb.model.train()
+    policy.disable_dropout(model)
+    grads = []
+    for loss_fn in (module, lambda b: model(**model_inputs(b), labels=b["labels"]).loss):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ours, g_ours), (hf, g_hf) = grads
+    torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-6)
+    assert g_ours.keys() == g_hf.keys()
+    for n in g_hf:
+        torch.testing.assert_close(g_ours[n], g_hf[n], atol=1e-6, rtol=1e-4, msg=n)
