@@ -204,6 +204,15 @@ def load_dicom(path: str | Path, **overrides) -> Image.Image:
 # ----------------------------------------------------------------------------------------
 # NIfTI
 # ----------------------------------------------------------------------------------------
+def _read(path: Path, get) -> np.ndarray:
+    """Voxel data as float64; a truncated or corrupt file (gzip's EOFError, zlib.error, a short
+    read) becomes an OSError naming the file, like every other unreadable image."""
+    try:
+        return np.asanyarray(get(), dtype=np.float64)
+    except Exception as e:
+        raise OSError(f"{path}: cannot decode NIfTI data (truncated or corrupt): {type(e).__name__}: {e}") from e
+
+
 def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
     """The configured 2D slice as float values, in display orientation (rows, cols)."""
     import nibabel as nib
@@ -218,7 +227,7 @@ def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
     if len(shape) not in (2, 3, 4) or (len(shape) == 4 and shape[3] == 0):
         raise OSError(f"{path}: expected a 2D, 3D or 4D image, got shape {shape}")
     if len(shape) == 2:
-        return np.rot90(np.asanyarray(img.dataobj, dtype=np.float64))
+        return np.rot90(_read(path, lambda: img.dataobj))
     if o.axis not in (0, 1, 2):
         raise ValueError(f"{path}: axis must be 0, 1 or 2, got {o.axis}")
     if o.canonical:
@@ -238,7 +247,7 @@ def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
         if not -shape[3] <= o.volume < shape[3]:
             raise OSError(f"{path}: volume {o.volume} out of range for {shape[3]} volume(s)")
         slicer.append(o.volume % shape[3])
-    plane = np.asanyarray(img.dataobj[tuple(slicer)], dtype=np.float64)  # reads only this slice
+    plane = _read(path, lambda: img.dataobj[tuple(slicer)])  # reads only this slice
     rest = [a for a in range(3) if a != j]  # remaining array axes, in array order
     for pos, a in enumerate(rest):
         if ornt[a, 1] < 0:

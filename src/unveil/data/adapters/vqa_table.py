@@ -38,6 +38,7 @@ from typing import Any
 from unveil.data.adapters.base import collect, iter_json_records
 from unveil.data.adapters.llava import image_paths, is_yes_no, modality_name, unique_ids
 from unveil.data.errors import RecordError
+from unveil.data.images import decode_fully
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,15 @@ def cache_bytes(data: bytes, cache: Path, name_hint: str | None, file: str, n, f
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = (im.format or "").lower()
-                im.verify()
+                if check:  # decoded fully, as for image files (images.image_size): truncation shows
+                    decode_fully(im)
         except Exception as e:
-            raise RecordError(file, n, field, f"undecodable image bytes ({len(data)} bytes): {e}") from None
+            raise RecordError(
+                file,
+                n,
+                field,
+                f"undecodable image bytes ({len(data)} bytes): cannot decode (truncated or corrupt): {e}",
+            ) from None
         suffix = suffix or {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "tiff": ".tif", "gif": ".gif"}.get(
             fmt, f".{fmt or 'img'}"
         )

@@ -1,0 +1,156 @@
+"""Bad input that used to pass the load-time checks and fail later (or never): every kind is a
+RecordError naming file, line and field under ``on_bad_record=raise``, and is skipped and
+counted under ``skip`` with every good record kept."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unveil.data import adapters
+from unveil.data.adapters import base, mau_jsonl
+from unveil.data.errors import RecordError
+from unveil.data.images import image_size, load_image
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (200, 100), "gray").save(tmp_path / "images" / "a.png")
+    return tmp_path
+
+
+def good(i: int = 1, **kw) -> dict:
+    r = {
+        "id": f"r{i}",
+        "images": ["images/a.png"],
+        "query": "Where is it?",
+        "answer": "Region [10, 20, 30, 40]: nodule.",
+        "boxes": [[0.1, 0.2, 0.3, 0.4]],
+        "findings": ["nodule"],
+    }
+    r.update(kw)
+    return r
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    """One JSONL line per item (dicts are dumped); bytes go in as they are."""
+    out = b""
+    for x in lines:
+        if isinstance(x, dict):
+            x = json.dumps(x)
+        out += (x if isinstance(x, bytes) else x.encode("utf-8")) + b"\n"
+    path.write_bytes(out)
+    return path
+
+
+def raises(path, root, **kw) -> RecordError:
+    with pytest.raises(RecordError) as e:
+        mau_jsonl.read(path, root=root, **kw)
+    return e.value
+
+
+def skip_ids(path, root, **kw) -> list[str]:
+    return [s.id for s in mau_jsonl.read(path, root=root, on_bad_record="skip", **kw)]
+
+
+def _noise(path: Path, fmt: str, size: int = 64) -> bytes:
+    arr = (np.random.default_rng(0).random((size, size, 3)) * 255).astype("uint8")
+    Image.fromarray(arr).save(path, fmt)
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# 2. truncated / corrupt images
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG")])
+def test_truncated_image_is_a_record_error_at_load_not_a_crash_in_training(root, suffix, fmt):
+    full = _noise(root / "images" / f"ok{suffix}", fmt)
+    (root / "images" / f"cut{suffix}").write_bytes(full[: len(full) // 2])
+    with pytest.raises(OSError):  # what a DataLoader worker would hit mid-training
+        load_image(root / "images" / f"cut{suffix}")
+    p = write_lines(
+        root / "data.jsonl",
+        [good(1), good(2, images=[f"images/cut{suffix}"]), good(3, images=[f"images/ok{suffix}"])],
+    )
+    e = raises(p, root)
+    assert (e.file, e.record, e.field) == (str(p), 2, "images")
+    assert f"{p}:2 field 'images'" in str(e) and "cannot decode" in str(e) and "truncated" in str(e)
+    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    # the single-path form names its own field, and check_images=false leaves it to the collator
+    one = {k: v for k, v in good(1, image=f"images/cut{suffix}").items() if k != "images"}
+    p = write_lines(root / "one.jsonl", [one])
+    assert raises(p, root).field == "image"
+    assert len(mau_jsonl.read(p, root=root, check_images=False)) == 1
+
+
+def test_truncated_rejected_image_and_llava_image(root):
+    full = _noise(root / "images" / "ok.jpg", "JPEG")
+    (root / "images" / "cut.jpg").write_bytes(full[: len(full) - 40])
+    p = write_lines(root / "pref.jsonl", [good(1, rejected={"answer": "No.", "images": ["images/cut.jpg"]})])
+    assert raises(p, root).field == "rejected.images"
+    recs = [
+        {
+            "id": i,
+            "image": img,
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        }
+        for i, img in enumerate(["images/ok.jpg", "images/cut.jpg", "images/a.png"])
+    ]
+    (root / "llava.json").write_text(json.dumps(recs))
+    with pytest.raises(RecordError, match="cannot decode") as e:
+        adapters.read("llava", root / "llava.json", root=root)
+    assert (e.value.record, e.value.field) == (1, "image") and "record [1] field 'image'" in str(e.value)
+    assert [s.id for s in adapters.read("llava", root / "llava.json", root=root, on_bad_record="skip")] == ["0", "2"]
+
+
+def test_truncated_image_bytes_in_a_table(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    full = _noise(tmp_path / "x.jpg", "JPEG")  # PIL's verify() (the old check) passes a truncated JPEG
+    path = tmp_path / "t.parquet"
+    pq.write_table(
+        pa.table({"image": [full, full[: len(full) // 2]], "question": ["a?", "b?"], "answer": ["yes", "no"]}), path
+    )
+    with pytest.raises(RecordError, match="cannot decode") as e:
+        adapters.read("vqa_table", path, image_cache=tmp_path / "c")
+    assert (e.value.record, e.value.field) == (1, "image")
+    assert len(adapters.read("vqa_table", path, image_cache=tmp_path / "c", on_bad_record="skip")) == 1
+
+
+def test_truncated_dicom_and_nifti_are_record_errors(tmp_path):
+    pytest.importorskip("pydicom")
+    from nibabel.testing import data_path
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(ct[: len(ct) - 4000])
+    vol = (Path(data_path) / "example4d.nii.gz").read_bytes()
+    # cut before the slice the loader reads (only that slice is read, at check time as in training)
+    (tmp_path / "cut.nii.gz").write_bytes(vol[: len(vol) // 10])
+    for name in ("cut.dcm", "cut.nii.gz"):
+        with pytest.raises(OSError, match=name):  # the loader names the file
+            load_image(tmp_path / name)
+        with pytest.raises(RecordError, match="cannot decode") as e:
+            image_size(tmp_path / name, "records.jsonl", 7, "image")
+        assert (e.value.file, e.value.record, e.value.field) == ("records.jsonl", 7, "image")
+
+
+def test_a_shared_image_is_decoded_once(root, monkeypatch):
+    from unveil.data import images
+
+    images._checked_size.cache_clear()
+    calls = []
+    real = images.decode_fully
+    monkeypatch.setattr(images, "decode_fully", lambda im: calls.append(1) or real(im))
+    p = write_lines(root / "data.jsonl", [good(i) for i in range(5)])
+    assert len(mau_jsonl.read(p, root=root)) == 5 and len(calls) == 1
+    os.utime(root / "images" / "a.png", ns=(0, 0))  # a new version of the file is decoded again
+    mau_jsonl.read(p, root=root)
+    assert len(calls) == 2
