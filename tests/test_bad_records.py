@@ -154,3 +154,78 @@ def test_a_shared_image_is_decoded_once(root, monkeypatch):
     os.utime(root / "images" / "a.png", ns=(0, 0))  # a new version of the file is decoded again
     mau_jsonl.read(p, root=root)
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# 3. encoding: bytes that are not UTF-8, and the BOM
+# ------------------------------------------------------------------------------------------
+def _latin1(rec: dict) -> bytes:
+    """A record whose query holds a Latin-1 'é' (0xe9): not UTF-8."""
+    return json.dumps(rec, ensure_ascii=False).encode("latin-1")
+
+
+def test_jsonl_line_not_utf8_is_a_record_error_for_that_line_only(root):
+    p = write_lines(root / "data.jsonl", [good(1), _latin1(good(2, query="Opacité?")), good(3)])
+    e = raises(p, root)
+    assert (e.file, e.record, e.field) == (str(p), 2, "query")
+    assert f"{p}:2 field 'query'" in str(e) and "not valid UTF-8 at byte" in str(e) and "0xe9" in str(e)
+    col = _latin1(good(2, query="Opacité?")).index(b"\xe9") + 1
+    assert f"byte {col} of the line" in str(e)
+    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    # a bad byte outside any string: the line cannot be parsed, still one line lost
+    p = write_lines(root / "b.jsonl", [good(1), b'{"id": "r2",\xff "query": "q"}', good(3)])
+    e = raises(p, root)
+    assert (e.record, e.field) == (2, None) and "not valid UTF-8 at byte 13" in str(e)
+    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+
+
+def test_utf8_bom_is_not_a_bad_record(root):
+    bom = b"\xef\xbb\xbf"
+    p = write_lines(root / "data.jsonl", [bom + json.dumps(good(1)).encode(), good(2)])
+    assert [s.id for s in mau_jsonl.read(p, root=root)] == ["r1", "r2"]
+    assert skip_ids(p, root) == ["r1", "r2"] and base.collect.last_skipped == 0
+    # two files concatenated: the second one's BOM lands mid-file
+    p = write_lines(root / "cat.jsonl", [bom + json.dumps(good(1)).encode(), bom + json.dumps(good(2)).encode()])
+    assert skip_ids(p, root) == ["r1", "r2"] and base.collect.last_skipped == 0
+    # a JSON array with a BOM
+    recs = [
+        {
+            "id": i,
+            "image": "images/a.png",
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+        }
+        for i in range(2)
+    ]
+    (root / "d.json").write_bytes(bom + json.dumps(recs).encode())
+    assert [s.id for s in adapters.read("llava", root / "d.json", root=root)] == ["0", "1"]
+
+
+def test_json_array_not_utf8_names_record_line_and_field(root):
+    recs = [
+        {
+            "id": i,
+            "image": "images/a.png",
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": a}],
+        }
+        for i, a in enumerate(["fine", "Opacité", "fine too", "encore é"])
+    ]
+    text = json.dumps(recs, indent=1, ensure_ascii=False)
+    (root / "d.json").write_bytes(text.encode("latin-1"))
+    line = text[: text.index("Opacit")].count("\n") + 1
+    with pytest.raises(RecordError) as e:
+        adapters.read("llava", root / "d.json", root=root)
+    assert (e.value.record, e.value.field) == (1, "conversations[1].value")
+    assert f"record [1] field 'conversations[1].value': line {line}: not valid UTF-8" in str(e.value)
+    got = adapters.read("llava", root / "d.json", root=root, on_bad_record="skip")
+    assert [s.id for s in got] == ["0", "2"] and base.collect.last_skipped == 2
+
+
+def test_csv_bom_and_bytes_not_utf8(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    rows = ["image,question,answer", "x.png,is it?,yes", "x.png,opacit\xe9?,no", "x.png,where?,left"]
+    (tmp_path / "t.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode("latin-1") + b"\n")
+    with pytest.raises(RecordError) as e:
+        adapters.read("vqa_table", tmp_path / "t.csv")
+    assert (e.value.record, e.value.field) == (3, "question") and "not valid UTF-8 (byte 0xe9)" in str(e.value)
+    got = adapters.read("vqa_table", tmp_path / "t.csv", on_bad_record="skip")
+    assert [s.target for s in got] == ["yes", "left"] and base.collect.last_skipped == 1

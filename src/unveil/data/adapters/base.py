@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,29 +18,113 @@ log = logging.getLogger(__name__)
 ON_BAD_RECORD = ("raise", "skip")
 
 
+# A byte that is not UTF-8, decoded with errors="surrogateescape", becomes one lone surrogate
+# U+DC80..U+DCFF (0x80..0xff), so the text keeps its line breaks and each bad byte's place.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+UTF8_HINT = "the file must be UTF-8 (re-encode it, e.g. iconv -f latin1 -t utf-8)"
+
+
+def undecodable_fields(obj: Any, at: str = "") -> tuple[int, str | None]:
+    """(how many undecodable bytes, the field holding the first) in a record parsed from text
+    decoded with ``surrogateescape``; field paths read ``conversations[1].value``."""
+    if isinstance(obj, str):
+        return len(_UNDECODABLE.findall(obj)), at or None
+    count, first = 0, None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        here = f"{at}[{k}]" if isinstance(k, int) else (f"{at}.{k}" if at else str(k))
+        in_key = len(_UNDECODABLE.findall(k)) if isinstance(k, str) else 0
+        in_value, field = undecodable_fields(v, here)
+        if first is None and (in_key or in_value):
+            first = here if in_key else field
+        count += in_key + in_value
+    return count, first
+
+
+def undecodable_byte(text: str) -> int | None:
+    """The first byte that was not UTF-8 (0x80..0xff) in surrogateescape-decoded text, or None."""
+    m = _UNDECODABLE.search(text)
+    return None if m is None else ord(m.group()) - 0xDC00
+
+
+def not_utf8(text: str, k: int) -> tuple[int, str]:
+    """(line, message) for the undecodable byte at index ``k`` of surrogateescape-decoded text."""
+    start = text.rfind("\n", 0, k) + 1
+    col = len(text[start:k].encode("utf-8", "surrogateescape")) + 1
+    line = text.count("\n", 0, k) + 1
+    return line, f"not valid UTF-8 at byte {col} of the line (0x{ord(text[k]) - 0xDC00:02x}): {UTF8_HINT}"
+
+
+def _jsonl_line(path: Path, n: int, raw: bytes) -> tuple[int, Any] | None:
+    """(n, record or RecordError) of one JSONL line; None for a blank line. A byte that is not
+    UTF-8 is a RecordError for this line alone (the bad-record policy applies), naming the field
+    when the line still parses."""
+    if raw.startswith(codecs.BOM_UTF8):  # an editor's BOM, also mid-file where files were concatenated
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        line, bad = raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        line = raw.decode("utf-8", "surrogateescape")
+        bad = _UNDECODABLE.search(line).start()
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        if bad is None:
+            return n, RecordError(str(path), n, None, f"malformed JSON: {e.msg} at column {e.colno}")
+        rec = None
+    if bad is not None:
+        field = undecodable_fields(rec)[1] if rec is not None else None
+        return n, RecordError(str(path), n, field, not_utf8(line, bad)[1])
+    return n, rec
+
+
+def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    """Records of a JSON array file (a leading BOM is fine). Bytes that are not UTF-8 inside a
+    record's strings make that record a RecordError (line and byte named); elsewhere the file
+    cannot be parsed and is one error."""
+    raw = path.read_bytes()
+    try:
+        text, bad = raw.decode("utf-8-sig"), []
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig", "surrogateescape")
+        bad = [m.start() for m in _UNDECODABLE.finditer(text)]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f"malformed JSON: {e.msg} at column {e.colno}"
+        if bad:
+            line, why = not_utf8(text, bad[0])
+            msg += f"; and line {line}: {why}"
+        raise RecordError(str(path), e.lineno, None, msg) from None
+    if not isinstance(data, list):
+        raise RecordError(str(path), None, None, f"expected a JSON array of records, got {type(data).__name__}")
+    seen = 0  # undecodable bytes of the records before this one: they come in file order
+    for i, rec in enumerate(data):
+        count, field = undecodable_fields(rec) if bad else (0, None)
+        if count and seen < len(bad):
+            line, why = not_utf8(text, bad[seen])
+            seen += count
+            yield ArrayIndex(i), RecordError(str(path), ArrayIndex(i), field, f"line {line}: {why}")
+            continue
+        yield ArrayIndex(i), rec
+
+
 def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number or 0-based index, parsed record) from a .jsonl or .json array file."""
+    """Yield (line number or 0-based index, parsed record or RecordError) from a .jsonl or .json
+    array file. Files are UTF-8; a BOM is allowed (and dropped)."""
     path = Path(path)
     if not path.exists():
         raise RecordError(str(path), None, None, "file not found")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, RecordError(str(path), n, None, f"malformed JSON: {e.msg} at column {e.colno}")
+        with open(path, "rb") as f:  # bytes: each line is decoded on its own, so one bad byte costs one line
+            for n, raw in enumerate(f, start=1):
+                got = _jsonl_line(path, n, raw)
+                if got is not None:
+                    yield got
     else:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RecordError(str(path), e.lineno, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(data, list):
-            raise RecordError(str(path), None, None, f"expected a JSON array of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            yield ArrayIndex(i), rec
+        yield from _json_array(path)
 
 
 def collect(

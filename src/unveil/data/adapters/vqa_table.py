@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unveil.data.adapters.base import collect, iter_json_records
+from unveil.data.adapters.base import UTF8_HINT, collect, iter_json_records, undecodable_byte
 from unveil.data.adapters.llava import image_paths, is_yes_no, modality_name, unique_ids
 from unveil.data.errors import RecordError
 from unveil.data.images import decode_fully
@@ -52,8 +52,13 @@ _ANSWER_TYPES = {"closed": "vqa_closed", "open": "vqa_open"}
 # rows from the four container formats
 # ----------------------------------------------------------------------------------------
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8", newline="") as fh:
+    """Rows of a UTF-8 CSV/TSV (a BOM is dropped). A cell holding bytes that are not UTF-8 makes its
+    row a RecordError naming the line and the column; the other rows are read as usual."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
+        bad = [b for b in map(undecodable_byte, reader.fieldnames or []) if b is not None]
+        if bad:
+            raise RecordError(str(path), 1, None, f"header not valid UTF-8 (byte 0x{bad[0]:02x}): {UTF8_HINT}")
         for row in reader:
             if None in row:  # more cells than header columns
                 yield (
@@ -65,6 +70,11 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
                         f"{len(row[None])} cell(s) more than the header's {len(reader.fieldnames)}",
                     ),
                 )
+                continue
+            bad = [(k, b) for k, v in row.items() if isinstance(v, str) and (b := undecodable_byte(v)) is not None]
+            if bad:
+                msg = f"not valid UTF-8 (byte 0x{bad[0][1]:02x}): {UTF8_HINT}"
+                yield reader.line_num, RecordError(str(path), reader.line_num, bad[0][0], msg)
                 continue
             yield reader.line_num, row
 
