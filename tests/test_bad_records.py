@@ -229,3 +229,68 @@ def test_csv_bom_and_bytes_not_utf8(tmp_path):
     assert (e.value.record, e.value.field) == (3, "question") and "not valid UTF-8 (byte 0xe9)" in str(e.value)
     got = adapters.read("vqa_table", tmp_path / "t.csv", on_bad_record="skip")
     assert [s.target for s in got] == ["yes", "left"] and base.collect.last_skipped == 1
+
+
+# ------------------------------------------------------------------------------------------
+# 4. fields that were accepted without a word
+# ------------------------------------------------------------------------------------------
+FIELD_CASES = {
+    "task as a list": (dict(task=["localize"]), "task"),
+    "empty task": (dict(task=" "), "task"),
+    "short_answer as a dict": (dict(short_answer={"text": "yes"}), "short_answer"),
+    "id true": (dict(id=True), "id"),
+    "answer box off the grid": (dict(answer="Region [10, 20, 130, 40]: nodule."), "answer"),
+    "answer box x1 >= x2": (dict(answer="Region [30, 20, 30, 40]: nodule."), "answer"),
+    "answer box y1 > y2": (dict(answer="Region [10, 60, 30, 40]: nodule."), "answer"),
+    "answer box negative": (dict(answer="Region [-5, 20, 30, 40]: nodule."), "answer"),
+    "<image> in the answer": (dict(answer="<image> shows a nodule."), "answer"),
+    "<image> in the rejected answer": (dict(rejected={"answer": "see <image>", "images": None}), "rejected.answer"),
+    "rejected box off the grid": (dict(rejected={"answer": "[0, 0, 101, 50]", "images": None}), "rejected.answer"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FIELD_CASES))
+def test_field_kind_raise_names_file_line_field_and_skip_keeps_the_good_records(root, kind):
+    change, field = FIELD_CASES[kind]
+    bad = good(2, **change)
+    p = write_lines(root / "data.jsonl", [good(1), bad, good(3)])
+    e = raises(p, root)
+    assert (e.file, e.record, e.field) == (str(p), 2, field), str(e)
+    assert f"{p}:2 field '{field}'" in str(e)
+    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+
+
+def test_fields_that_stay_accepted(root):
+    p = write_lines(
+        root / "data.jsonl",
+        [
+            good(1, id=7, task="my_task", short_answer=None),  # int ids, own task names
+            good(2, answer="Two regions [0, 0, 100, 100] and [12.5, 30, 25, 44.5].", short_answer="yes"),
+            good(3, answer="No boxes, just [brackets] and [1, 2]."),
+        ],
+    )
+    got = mau_jsonl.read(p, root=root)
+    assert [s.id for s in got] == ["7", "r2", "r3"] and got[0].task == "my_task" and got[1].answer == "yes"
+
+
+def test_image_placeholder_in_an_answer_of_the_other_formats(root):
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "It is <image>."}]
+    recs = [{"id": 0, "image": "images/a.png", "conversations": turns}]
+    (root / "l.json").write_text(json.dumps(recs))
+    with pytest.raises(RecordError) as e:
+        adapters.read("llava", root / "l.json", root=root)
+    assert (e.value.record, e.value.field) == (0, "conversations[1].value")
+    (root / "t.jsonl").write_text(json.dumps({"image": "images/a.png", "question": "Q?", "answer": "<image>"}) + "\n")
+    with pytest.raises(RecordError) as e:
+        adapters.read("vqa_table", root / "t.jsonl", root=root)
+    assert (e.value.record, e.value.field) == (1, "answer")
+
+
+def test_validate_sample_refuses_a_placeholder_in_an_assistant_turn():
+    from unveil.data.schema import Rejected, Sample, validate_sample
+
+    s = Sample(id="x", messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<image>"}])
+    assert [f for f, _ in validate_sample(s)] == ["messages"]
+    s.messages[1]["content"] = "A"
+    s.rejected = Rejected(messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<image>"}])
+    assert [f for f, _ in validate_sample(s)] == ["rejected"]

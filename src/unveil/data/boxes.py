@@ -107,6 +107,21 @@ class IntGridFormat(BoxFormat):
     def parse_spans(self, text, image_size=None):
         return _find(self._re, text, self.scale, self.scale)
 
+    def off_grid(self, text: str) -> list[str]:
+        """The ``[x1, y1, x2, y2]`` texts in ``text`` that are not boxes on this grid
+        (``0 <= x1 < x2 <= scale``, same for y). For reference answers: the parse policy would
+        silently reorder, clip or drop them."""
+        bad = []
+        for m in self._re.finditer(text):
+            try:
+                x1, y1, x2, y2 = (float(g) for g in m.groups())
+            except (ValueError, OverflowError):
+                bad.append(m.group())
+                continue
+            if not (0 <= x1 < x2 <= self.scale and 0 <= y1 < y2 <= self.scale):
+                bad.append(m.group())
+        return bad
+
 
 class Qwen2VLFormat(BoxFormat):
     """Qwen2-VL: ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` on a 0..1000 grid."""

@@ -83,11 +83,18 @@ def validate_sample(s: Sample) -> list[tuple[str, str]]:
     n_ph = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in s.messages if m["role"] != "assistant")
     if n_ph != len(s.images):
         problems.append(("images", f"{len(s.images)} image(s) but {n_ph} '{IMAGE_PLACEHOLDER}' placeholder(s)"))
-    for m in s.messages:
-        if m.get("role") not in ROLES:
-            problems.append(("messages", f"unknown role {m.get('role')!r}"))
-        if not isinstance(m.get("content"), str):
-            problems.append(("messages", "content must be a string"))
+    sides = [("messages", s.messages)]
+    if s.rejected is not None and s.rejected.messages is not None:
+        sides.append(("rejected", s.rejected.messages))
+    for where, messages in sides:
+        for m in messages:
+            if m.get("role") not in ROLES:
+                problems.append((where, f"unknown role {m.get('role')!r}"))
+            if not isinstance(m.get("content"), str):
+                problems.append((where, "content must be a string"))
+            elif m.get("role") == "assistant" and IMAGE_PLACEHOLDER in m["content"]:
+                # the processor would expand it into image tokens with no image: the batch fails
+                problems.append((where, f"'{IMAGE_PLACEHOLDER}' in an assistant turn (placeholders go in the prompt)"))
     if len(s.findings) not in (0, len(s.boxes)):
         problems.append(("findings", f"{len(s.findings)} findings for {len(s.boxes)} boxes"))
     for i, b in enumerate(s.boxes):

@@ -175,7 +175,8 @@ def require(rec: dict, key: str, types, path, n):
     if key not in rec:
         raise RecordError(str(path), n, key, "missing required field")
     v = rec[key]
-    if not isinstance(v, types):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in allowed):  # JSON true is no id
         names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
         raise RecordError(str(path), n, key, f"expected {names}, got {type(v).__name__}: {v!r:.80}")
     return v

@@ -86,6 +86,10 @@ def turns_to_messages(turns: Any, path, n, field: str, strip_assistant: bool = F
             )
         if strip_assistant and role == "assistant":
             value = value.strip()
+        if role == "assistant" and IMAGE_PLACEHOLDER in value:
+            raise RecordError(
+                f, n, f"{field}[{i}].value", f"'{IMAGE_PLACEHOLDER}' in a gpt turn: placeholders go in the human turns"
+            )
         out.append({"role": role, "content": value})
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError(f, n, field, "no gpt/assistant turn: nothing to train or score on")

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.boxes import IntGridFormat
 from unveil.data.errors import RecordError
 from unveil.data.images import image_size, resolve
 from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
@@ -97,6 +98,20 @@ def _boxes(rec: dict, n: int, f: str, n_images: int, sizes: list) -> tuple[list[
     return boxes, box_image
 
 
+_GRID = IntGridFormat(100)
+
+
+def _check_answer(text: str, f: str, n: int, field: str) -> None:
+    """An answer holds no image placeholder, and its boxes are boxes on the 0-100 grid."""
+    if IMAGE_PLACEHOLDER in text:
+        raise RecordError(f, n, field, f"'{IMAGE_PLACEHOLDER}' in the answer: placeholders belong in the query")
+    bad = _GRID.off_grid(text)
+    if bad:
+        raise RecordError(
+            f, n, field, f"box {bad[0]} is not on the 0-100 grid with x1 < x2 and y1 < y2 (boxes in answers: 0-100)"
+        )
+
+
 def _rejected(
     rec: dict, n: int, f: str, root: Path, query: str, answer: str, images: list[str], check_images: bool
 ) -> Rejected | None:
@@ -106,6 +121,8 @@ def _rejected(
     rj = rec["rejected"]
     if not isinstance(rj, dict) or not isinstance(rj.get("answer", answer), str):
         raise RecordError(f, n, "rejected", f"expected {{'answer': str, 'images': [paths] | null}}, got {rj!r:.80}")
+    if "answer" in rj:
+        _check_answer(rj["answer"], f, n, "rejected.answer")
     rj_images = rj.get("images")
     if rj_images is not None:
         if not isinstance(rj_images, list) or len(rj_images) != len(images):
@@ -128,6 +145,7 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
     images, sizes = _images(rec, n, path, root, check_images)
     query = require(rec, "query", str, path, n)
     answer = require(rec, "answer", str, path, n)
+    _check_answer(answer, f, n, "answer")
     if images and IMAGE_PLACEHOLDER not in query:
         query = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + query
     boxes, box_image = _boxes(rec, n, f, len(images), sizes)
@@ -140,6 +158,14 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
     weight = rec.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RecordError(f, n, "weight", f"expected a number, got {weight!r:.80}")
+    task = rec.get("task", "localize" if boxes else "vqa_open")
+    if not isinstance(task, str) or not task.strip():
+        raise RecordError(f, n, "task", f"expected a task name (localize, vqa_closed, ...), got {task!r:.80}")
+    short = rec.get("short_answer")
+    if short is not None and not isinstance(short, str):
+        raise RecordError(
+            f, n, "short_answer", f"expected a string or null, got {type(short).__name__}: {short!r:.80}"
+        )
     meta = {k: v for k, v in rec.items() if k not in _KNOWN}
     meta.setdefault("source", "mau_jsonl")
     if any(sizes):
@@ -151,8 +177,8 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
         boxes=boxes,
         box_images=list(box_image),
         findings=findings,
-        task=str(rec.get("task", "localize" if boxes else "vqa_open")),
-        answer=rec.get("short_answer"),
+        task=task,
+        answer=short,
         rejected=rejected,
         weight=float(weight),
         meta=meta,

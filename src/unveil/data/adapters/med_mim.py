@@ -91,6 +91,13 @@ def _messages(conv: list, f: str, n) -> list[dict[str, str]]:
             raise RecordError(
                 f, n, f"conversation[{i}].content", f"expected a string, got {type(content).__name__}: {content!r:.80}"
             )
+        if role == "assistant" and IMAGE_PLACEHOLDER in content:
+            raise RecordError(
+                f,
+                n,
+                f"conversation[{i}].content",
+                f"'{IMAGE_PLACEHOLDER}' in the answer: placeholders go in the user turn",
+            )
         messages.append({"role": role, "content": content})
     return messages
 

@@ -221,6 +221,8 @@ def _answer(rec: dict, n, f: str, key: str) -> tuple[Any, str]:
     answer = (str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)).strip()
     if not answer:
         raise RecordError(f, n, key, "empty answer")
+    if IMAGE_PLACEHOLDER in answer:
+        raise RecordError(f, n, key, f"'{IMAGE_PLACEHOLDER}' in the answer: placeholders go in the question")
     return raw_answer, answer
 
 
