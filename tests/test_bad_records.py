@@ -294,3 +294,21 @@ def test_validate_sample_refuses_a_placeholder_in_an_assistant_turn():
     s.messages[1]["content"] = "A"
     s.rejected = Rejected(messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<image>"}])
     assert [f for f, _ in validate_sample(s)] == ["rejected"]
+
+
+def test_duplicate_id_in_a_file(root):
+    p = write_lines(root / "data.jsonl", [good(1), good(2), good(3, id="r1"), good(4, id=2), good(5, id="2")])
+    e = raises(p, root)
+    assert (e.file, e.record, e.field) == (str(p), 3, "id")
+    assert f"{p}:3 field 'id': 'r1' is a duplicate of line 1" in str(e)
+    assert skip_ids(p, root) == ["r1", "r2", "2"] and base.collect.last_skipped == 2  # int 2 and "2" are one id
+    # a bad record does not claim its id: the next good record with it is kept
+    p = write_lines(root / "b.jsonl", [good(1, images=["images/missing.png"]), good(2, id="r1")])
+    assert skip_ids(p, root) == ["r1"] and base.collect.last_skipped == 1
+
+
+def test_released_formats_keep_making_repeated_ids_unique(root):
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+    recs = [{"id": "fig1", "image": "images/a.png", "conversations": turns}] * 2
+    (root / "l.json").write_text(json.dumps(recs))
+    assert [s.id for s in adapters.read("llava", root / "l.json", root=root)] == ["fig1", "fig1#2"]

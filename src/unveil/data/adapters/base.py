@@ -127,21 +127,31 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
         yield from _json_array(path)
 
 
+def _where(n) -> str:
+    return f"record [{int(n)}]" if isinstance(n, ArrayIndex) else f"line {n}"
+
+
 def collect(
     path: str | Path,
     records: Iterator[tuple[int, Any]],
     convert: Callable[[Any, int], Sample | list[Sample]],
     on_bad_record: str = "raise",
+    *,
+    unique_ids: bool = False,
 ) -> list[Sample]:
     """Convert records to Samples under the bad-record policy.
 
     ``raise`` (default): the first bad record stops loading with a RecordError naming file,
     record and field. ``skip``: bad records are dropped, counted, and the count is logged.
+    ``unique_ids``: a Sample whose id an earlier good record of the file already has is a bad
+    record (``duplicate of line K``); the first one stays. For formats whose ids name one record
+    (MAU JSONL); the released formats that repeat ids make them unique instead (``llava.unique_ids``).
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     out: list[Sample] = []
     skipped: list[str] = []
+    first_at: dict[str, int] = {}  # id -> where the good record with it is
     for n, rec in records:
         try:
             if isinstance(rec, RecordError):
@@ -149,12 +159,17 @@ def collect(
             if not isinstance(rec, dict):
                 raise RecordError(str(path), n, None, f"expected a JSON object, got {type(rec).__name__}")
             got = convert(rec, n)
-            for s in got if isinstance(got, list) else [got]:
+            samples = got if isinstance(got, list) else [got]
+            for s in samples:  # the whole record is checked before any of its samples is kept
                 problems = validate_sample(s)
                 if problems:
                     field, msg = problems[0]
                     raise RecordError(str(path), n, field, msg)
-                out.append(s)
+                if unique_ids and s.id in first_at:
+                    raise RecordError(str(path), n, "id", f"{s.id!r} is a duplicate of {_where(first_at[s.id])}")
+            if unique_ids:
+                first_at.update((s.id, n) for s in samples)
+            out.extend(samples)
         except RecordError as e:
             if on_bad_record == "raise":
                 raise

@@ -190,4 +190,10 @@ def read(
 ) -> list[Sample]:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    return collect(path, iter_json_records(path), lambda r, n: convert(r, n, path, root, check_images), on_bad_record)
+    return collect(
+        path,
+        iter_json_records(path),
+        lambda r, n: convert(r, n, path, root, check_images),
+        on_bad_record,
+        unique_ids=True,  # an id names one record: a repeat is a bad record, not a second sample
+    )
