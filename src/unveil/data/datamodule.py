@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from unveil.data import adapters
 from unveil.data.adapters.base import collect
+from unveil.data.errors import RecordError
 from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
 from unveil.data.schema import Sample
 
@@ -66,6 +67,7 @@ class UnveilDataModule(pl.LightningDataModule):
         max_samples: dict | None = None,
         adapter_kwargs: dict | None = None,
         medical: dict | None = None,
+        allow_split_overlap: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -79,6 +81,7 @@ class UnveilDataModule(pl.LightningDataModule):
         self.max_samples = dict(max_samples or {})
         self.adapter_kwargs = dict(adapter_kwargs or {})  # format-specific options (see conf/data/<format>.yaml)
         self.medical = dict(medical or {})  # DICOM / NIfTI windowing and slice defaults
+        self.allow_split_overlap = allow_split_overlap  # a training id in val/test is an error unless set
         self.seed = seed
         self.data: dict[str, list[Sample]] = {}
         self.skipped: dict[str, int] = {}
@@ -126,7 +129,40 @@ class UnveilDataModule(pl.LightningDataModule):
             if not samples:
                 raise ValueError(f"{path}: no usable samples in split '{split}'")
             self.data[split] = samples
+        self._check_split_overlap()
         log.info("data: %s", {k: len(v) for k, v in self.data.items()})
+
+    def _check_split_overlap(self) -> None:
+        """A record id of the training split that is also in another split is an error (unless
+        ``data.allow_split_overlap``): evaluation on training records inflates every table.
+
+        Compared are the ids the records define; ids an adapter made from a record's position
+        (``meta["id_from_position"]``: a table without an id column, Med-MIM, whose ids repeat)
+        name nothing across files and are left out. Repeats that an adapter made unique
+        (``fig1#2``) are compared as they are: ``fig1`` in train and test is caught.
+        """
+        train = self.data.get("train")
+        if train is None:
+            return
+        train_ids = {s.id for s in train if not s.meta.get("id_from_position")}
+        for split, samples in self.data.items():
+            if split == "train":
+                continue
+            common = sorted({s.id for s in samples if not s.meta.get("id_from_position")} & train_ids)
+            if not common:
+                continue
+            where = f"{self.root / self.splits['train']} (train) and {self.root / self.splits[split]} ({split})"
+            msg = f"{len(common)} record id(s) are in both {where}, e.g. {common[:5]}"
+            if self.allow_split_overlap:
+                log.warning("%s (data.allow_split_overlap=true)", msg)
+                continue
+            raise RecordError(
+                str(self.root / self.splits[split]),
+                None,
+                "id",
+                f"{msg}: {split} records the model trains on inflate every metric. Fix the splits, or set "
+                "data.allow_split_overlap=true where the same id legitimately names different records",
+            )
 
     def corpus(self) -> list[str]:
         """Text the tiny model's tokenizer is trained on: every message of the training split."""

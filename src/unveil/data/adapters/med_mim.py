@@ -162,6 +162,7 @@ def convert(
         held_out=held_out,
         orig_id=rid,
         n_images=len(images),
+        id_from_position=True,  # Med-MIM ids repeat: the record index makes them unique within the file only
     )
     meta["modality"] = next((mod for key, mod in _MODALITY if key in source.lower()), "unknown")
     question, raw_answer = messages[users[-1]]["content"], messages[answers[-1]]["content"]

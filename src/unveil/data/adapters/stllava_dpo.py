@@ -49,6 +49,8 @@ def convert(rec: dict, n, path: Path, root: Path, check_images: bool = True, ima
     fit_placeholders(reject, len(images), path, n, "reject_conversations", add_missing=False)
     meta = {k: v for k, v in rec.items() if k not in _KNOWN}
     meta["source"] = "stllava_dpo"
+    if "id" not in rec:  # the record index: names nothing across files (split-overlap check)
+        meta["id_from_position"] = True
     if "conversations" in rec:
         meta["conversations"] = turns_to_messages(rec["conversations"], path, n, "conversations")
     if [m for m in chosen if m["role"] != "assistant"] != [m for m in reject if m["role"] != "assistant"]:

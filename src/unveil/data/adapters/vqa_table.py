@@ -236,12 +236,15 @@ def _task(atype: Any, answer: str, n, f: str, key: str) -> str:
 
 
 def _record_id(rec: dict, n, f: str, id_key: str | None):
-    """The row's id column (the first of ID_KEYS with a value unless named), else the record number."""
+    """(id, from the position): the row's id column (the first of ID_KEYS with a value unless
+    named), else the record number."""
     ikey_id = id_key or next((k for k in ID_KEYS if rec.get(k) not in (None, "")), None)
-    rid = rec.get(ikey_id) if ikey_id else n
-    if ikey_id and (rid is None or isinstance(rid, (bool, dict, list))):
+    if ikey_id is None:
+        return n, True
+    rid = rec.get(ikey_id)
+    if rid is None or isinstance(rid, (bool, dict, list)):
         raise RecordError(f, n, ikey_id, f"expected an id, got {rid!r:.80}")
-    return rid
+    return rid, False
 
 
 def convert(
@@ -264,11 +267,13 @@ def convert(
     if k > 1:
         raise RecordError(f, n, cols.question, f"{k} '{IMAGE_PLACEHOLDER}' placeholders for 1 image")
     prompt = question if k == 1 else f"{IMAGE_PLACEHOLDER}\n{question}"
-    rid = _record_id(rec, n, f, cols.id)
+    rid, positional = _record_id(rec, n, f, cols.id)
 
     drop = {ikey, cols.question, cols.answer, cols.answer_type}
     meta = {k: v for k, v in rec.items() if k not in drop and not isinstance(v, (bytes, bytearray, memoryview, dict))}
     meta.setdefault("source", "vqa_table")
+    if positional:  # no id column: the row number names nothing across files (split-overlap check)
+        meta["id_from_position"] = True
     if atype is not None:
         meta["answer_type"] = atype
     if raw_answer != answer:

@@ -1,0 +1,85 @@
+"""What the datamodule checks across splits and applies to batches: a training id in val/test is an
+error by default; records too long for ``data.max_tokens`` are refused (or skipped and counted)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from unveil.data.datamodule import UnveilDataModule
+from unveil.data.errors import RecordError
+
+
+def rec(i, **kw) -> dict:
+    r = {"id": f"r{i}", "images": ["images/a.png"], "query": "Is there an abnormality?", "answer": "no"}
+    r.update(kw)
+    return r
+
+
+def write_splits(root: Path, splits: dict[str, list[dict]]) -> Path:
+    (root / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (32, 32), "gray").save(root / "images" / "a.png")
+    for name, recs in splits.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def dm(root: Path, **kw) -> UnveilDataModule:
+    return UnveilDataModule(root=str(root), format="mau_jsonl", **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# train / val / test id overlap
+# ------------------------------------------------------------------------------------------
+def test_a_training_id_in_test_is_an_error_naming_the_files_and_ids(tmp_path):
+    write_splits(
+        tmp_path,
+        {"train": [rec(i) for i in range(6)], "val": [rec(10)], "test": [rec(20), rec(3), rec(21), rec(1)]},
+    )
+    with pytest.raises(RecordError) as e:
+        dm(tmp_path).setup()
+    msg = str(e.value)
+    assert e.value.file == str(tmp_path / "test.jsonl") and e.value.field == "id"
+    assert str(tmp_path / "train.jsonl") in msg and "2 record id(s)" in msg and "['r1', 'r3']" in msg
+    assert "data.allow_split_overlap" in msg
+
+
+def test_allow_split_overlap_warns_and_loads(tmp_path, caplog):
+    write_splits(tmp_path, {"train": [rec(1), rec(2)], "val": [rec(2)], "test": [rec(3)]})
+    d = dm(tmp_path, allow_split_overlap=True)
+    with caplog.at_level(logging.WARNING):
+        d.setup()
+    assert [s.id for s in d.data["val"]] == ["r2"] and "allow_split_overlap=true" in caplog.text
+
+
+def test_disjoint_splits_and_ids_made_from_positions_pass(tmp_path):
+    write_splits(tmp_path, {"train": [rec(1), rec(2)], "val": [rec(3)], "test": [rec(4)]})
+    d = dm(tmp_path)
+    d.setup()
+    assert {k: len(v) for k, v in d.data.items()} == {"train": 2, "val": 1, "test": 1}
+    # a table without an id column: row numbers repeat in every file and name nothing
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for name in ("train", "test"):
+        (tmp_path / f"{name}.csv").write_text("image,question,answer\nx.png,is it?,yes\nx.png,where?,left\n")
+    d = UnveilDataModule(root=str(tmp_path), format="vqa_table", splits={"train": "train.csv", "test": "test.csv"})
+    d.setup()
+    assert [s.id for s in d.data["test"]] == ["2", "3"]
+    # with an id column the ids count
+    for name, qid in (("train", 7), ("test", 7)):
+        (tmp_path / f"{name}.csv").write_text(f"qid,image,question,answer\n{qid},x.png,is it?,yes\n")
+    d = UnveilDataModule(root=str(tmp_path), format="vqa_table", splits={"train": "train.csv", "test": "test.csv"})
+    with pytest.raises(RecordError, match=r"\['7'\]"):
+        d.setup()
+
+
+def test_the_synthetic_sets_have_no_overlap(tmp_path):
+    d = UnveilDataModule(root=str(tmp_path / "syn"), synthetic={"n_patients": 30, "seed": 1})
+    d.setup()
+    assert set(d.data) == {"train", "val", "test"}
+    d = UnveilDataModule(root=str(tmp_path / "mim"), synthetic={"kind": "multi_image", "n_patients": 30, "seed": 1})
+    d.setup()
+    assert set(d.data) == {"train", "val", "test"}
