@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from unveil.data.datamodule import UnveilDataModule
@@ -83,3 +84,44 @@ def test_the_synthetic_sets_have_no_overlap(tmp_path):
     d = UnveilDataModule(root=str(tmp_path / "mim"), synthetic={"kind": "multi_image", "n_patients": 30, "seed": 1})
     d.setup()
     assert set(d.data) == {"train", "val", "test"}
+
+
+# ------------------------------------------------------------------------------------------
+# max_length in the collators
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bb(tmp_path_factory, synthetic_dir):
+    from conftest import compose
+
+    from unveil.data.adapters import mau_jsonl
+    from unveil.models.factory import build_backbone
+
+    tmp = tmp_path_factory.mktemp("bb")
+    cfg = compose([], tmp=tmp)
+    samples = mau_jsonl.read(synthetic_dir / "train.jsonl")
+    bb = build_backbone(cfg.model, corpus=[m["content"] for s in samples for m in s.messages], cache_dir=tmp / "c")
+    return bb, [s for s in samples if s.task == "localize" and s.boxes][:2]
+
+
+def test_sft_collator_applies_max_length_keeping_the_start(tiny_bb):
+    from unveil.data.collate import IGNORE, SFTCollator
+
+    bb, samples = tiny_bb
+    full = SFTCollator(bb)(samples)
+    lengths = full["attention_mask"].sum(1)
+    first_label = max(int((row != IGNORE).nonzero()[0]) for row in full["labels"])
+    n = first_label + 2  # the prompt and images whole, two answer tokens of the longest prompt
+    assert n < int(lengths.min())
+    cut = SFTCollator(bb, max_length=n)(samples)
+    assert cut["input_ids"].shape[1] == n and cut["labels"].shape[1] == n
+    assert torch.equal(cut["input_ids"], full["input_ids"][:, :n]) and torch.equal(
+        cut["labels"], full["labels"][:, :n]
+    )
+    assert ((cut["labels"] != IGNORE).sum(1) > 0).all()
+    start = int((full["labels"][0] != IGNORE).nonzero()[0])  # the prompt of sample 0 fills max_length
+    with pytest.raises(ValueError, match="no answer tokens left"):
+        SFTCollator(bb, max_length=start)(samples[:1])
+    image_token = bb.base_model.config.image_token_index
+    last_image = int((full["input_ids"][0] == image_token).nonzero()[-1])
+    with pytest.raises(ValueError, match="cuts through the image tokens"):
+        SFTCollator(bb, max_length=last_image)(samples[:1])

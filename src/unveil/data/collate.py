@@ -16,6 +16,7 @@ from unveil.data.images import load_image
 from unveil.data.schema import Sample
 
 IGNORE = -100
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # cut by max_length
 _CANON = IntGridFormat(100)  # box text in record files is on the 0-100 grid
 
 
@@ -77,6 +78,8 @@ class SFTCollator:
         max_length: int | None = None,
         image_cache: ImageCache | None = None,
     ):
+        """``max_length``: tokens per row, the start kept (see :meth:`_truncate`); the datamodule
+        sets ``data.max_tokens`` here when the stage leaves it None."""
         self.bb = backbone
         self.train_on_virtual_user = train_on_virtual_user
         self.max_length = max_length
@@ -93,6 +96,35 @@ class SFTCollator:
 
     def _lengths(self, texts: list[str], images: list[list[Any]]) -> list[int]:
         return self._encode(texts, images)["attention_mask"].sum(1).tolist()
+
+    def _truncate(self, batch, labels: torch.Tensor, row_ids: list[str]):
+        """(batch, labels) cut to ``max_length`` tokens per row, keeping the start: the prompt and
+        its image tokens stay whole, the end of a long answer goes. A ValueError names the samples
+        when the cut would go through image tokens (the model would count fewer image tokens than
+        image features) or leave a trained row without any labelled token."""
+        n = self.max_length
+        if n is None or batch["input_ids"].shape[1] <= n:
+            return batch, labels
+        try:
+            image_ids = torch.tensor(self.bb.image_token_ids, dtype=batch["input_ids"].dtype)
+        except (AttributeError, TypeError):  # a backbone without a model config (tests' stubs)
+            image_ids = torch.tensor([], dtype=batch["input_ids"].dtype)
+        dropped = batch["input_ids"][:, n:]
+        cut_images = (torch.isin(dropped, image_ids) & batch["attention_mask"][:, n:].bool()).any(1)
+        if cut_images.any():
+            bad = [row_ids[i] for i in cut_images.nonzero().flatten().tolist()]
+            raise ValueError(
+                f"max_length={n} (data.max_tokens) cuts through the image tokens of {bad[:5]}: "
+                "raise it, or shorten the text before the images"
+            )
+        trained = (labels != IGNORE).any(1)
+        batch = {k: v[:, :n] if k in PER_TOKEN else v for k, v in batch.items()}
+        labels = labels[:, :n]
+        lost = trained & ~(labels != IGNORE).any(1)
+        if lost.any():
+            bad = [row_ids[i] for i in lost.nonzero().flatten().tolist()]
+            raise ValueError(f"no answer tokens left within max_length={n} (data.max_tokens) in {bad[:5]}")
+        return batch, labels
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         msgs = [backbone_messages(self.bb, s) for s in samples]
@@ -120,8 +152,9 @@ class SFTCollator:
             for i, a, b in zip(rows, pre, upto):
                 labels[i, a:b] = batch["input_ids"][i, a:b]
         labels[batch["attention_mask"] == 0] = IGNORE
+        batch, labels = self._truncate(dict(batch), labels, [s.id for s in samples])
         batch["labels"] = labels
-        return dict(batch)
+        return batch
 
 
 class PromptCollator(SFTCollator):

@@ -22,8 +22,6 @@ import torch
 from unveil.data.collate import IGNORE, ImageCache, SFTCollator, backbone_messages
 from unveil.data.schema import Sample
 
-_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-
 
 def _through_last_answer(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     """(prompt, conversation through the final assistant turn) of a message list."""
@@ -73,9 +71,8 @@ class PreferenceCollator(SFTCollator):
         labels = torch.full_like(batch["input_ids"], IGNORE)
         for i, (a, b) in enumerate(zip(starts, ends)):
             labels[i, a:b] = batch["input_ids"][i, a:b]
-        if self.max_length is not None:  # keep the start: prompt and image tokens stay whole
-            batch = {k: v[:, : self.max_length] if k in _PER_TOKEN else v for k, v in batch.items()}
-            labels = labels[:, : self.max_length]
+        # keep the start: prompt and image tokens stay whole
+        batch, labels = self._truncate(dict(batch), labels, [samples[i % len(samples)].id for i in range(len(starts))])
         if ((labels != IGNORE).sum(1) == 0).any():
             bad = [samples[i % len(samples)].id for i in ((labels != IGNORE).sum(1) == 0).nonzero().flatten().tolist()]
             raise ValueError(f"no answer tokens left (empty answer or max_length too short) in {bad[:5]}")
