@@ -312,3 +312,31 @@ def test_released_formats_keep_making_repeated_ids_unique(root):
     recs = [{"id": "fig1", "image": "images/a.png", "conversations": turns}] * 2
     (root / "l.json").write_text(json.dumps(recs))
     assert [s.id for s in adapters.read("llava", root / "l.json", root=root)] == ["fig1", "fig1#2"]
+
+
+# ------------------------------------------------------------------------------------------
+# long records: data.max_tokens
+# ------------------------------------------------------------------------------------------
+def test_record_longer_than_max_tokens_names_its_longest_field(root):
+    from unveil.data.adapters.base import CHARS_PER_TOKEN
+
+    cap = 16 * CHARS_PER_TOKEN  # max_tokens=16
+    p = write_lines(
+        root / "data.jsonl",
+        [good(1), good(2, query="q" * cap), good(3, answer="a" * (cap // 2)), good(4, rejected={"answer": "b" * cap})],
+    )
+    e = raises(p, root, max_tokens=16)
+    assert (e.file, e.record, e.field) == (str(p), 2, "query") and "data.max_tokens=16" in str(e)
+    assert skip_ids(p, root, max_tokens=16) == ["r1", "r3"] and base.collect.last_skipped == 2
+    assert len(mau_jsonl.read(p, root=root)) == 4  # no limit by default at this level
+    with pytest.raises(ValueError, match="max_tokens"):
+        mau_jsonl.read(p, root=root, max_tokens=0)
+
+
+def test_long_llava_turn_is_named(root):
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A" * 100}]
+    recs = [{"id": 0, "image": "images/a.png", "conversations": turns}]
+    (root / "l.json").write_text(json.dumps(recs))
+    with pytest.raises(RecordError) as e:
+        adapters.read("llava", root / "l.json", root=root, max_tokens=4)
+    assert (e.value.record, e.value.field) == (0, "conversations[1].value")

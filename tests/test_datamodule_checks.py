@@ -87,8 +87,22 @@ def test_the_synthetic_sets_have_no_overlap(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# max_length in the collators
+# data.max_tokens
 # ------------------------------------------------------------------------------------------
+def test_a_huge_query_is_skipped_and_counted_by_default(tmp_path):
+    huge = rec(2, query="opacity " * 1_000_000)  # 8 MB: far past 4096 tokens
+    write_splits(tmp_path, {"train": [rec(1), huge, rec(3)], "val": [rec(4)], "test": [rec(5)]})
+    with pytest.raises(RecordError, match="data.max_tokens=4096") as e:
+        dm(tmp_path).setup()
+    assert (e.value.file, e.value.record, e.value.field) == (str(tmp_path / "train.jsonl"), 2, "query")
+    d = dm(tmp_path, on_bad_record="skip")
+    d.setup()
+    assert [s.id for s in d.data["train"]] == ["r1", "r3"] and d.skipped == {"train": 1, "val": 0, "test": 0}
+    d = dm(tmp_path, max_tokens=None)  # null: no limit
+    d.setup()
+    assert len(d.data["train"]) == 3
+
+
 @pytest.fixture(scope="module")
 def tiny_bb(tmp_path_factory, synthetic_dir):
     from conftest import compose
@@ -125,3 +139,19 @@ def test_sft_collator_applies_max_length_keeping_the_start(tiny_bb):
     last_image = int((full["input_ids"][0] == image_token).nonzero()[-1])
     with pytest.raises(ValueError, match="cuts through the image tokens"):
         SFTCollator(bb, max_length=last_image)(samples[:1])
+
+
+def test_the_datamodule_gives_training_collators_max_tokens(tiny_bb, tmp_path):
+    from unveil.data.collate import PromptCollator, SFTCollator
+    from unveil.data.collate_pref import PreferenceCollator
+
+    bb, _ = tiny_bb
+    write_splits(tmp_path, {"train": [rec(1)], "val": [rec(2)], "test": [rec(3)]})
+    d = dm(tmp_path, max_tokens=300)
+    d.setup()
+    d.collate_fn, d.eval_collate_fn = SFTCollator(bb), PromptCollator(bb)
+    d.train_dataloader(), d.val_dataloader(), d.test_dataloader()
+    assert d.collate_fn.max_length == 300 and d.eval_collate_fn.max_length is None
+    d.collate_fn = PreferenceCollator(bb, max_length=128)  # the stage's own setting wins
+    d.train_dataloader()
+    assert d.collate_fn.max_length == 128

@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from unveil.data import adapters
 from unveil.data.adapters.base import collect
+from unveil.data.collate import PromptCollator, SFTCollator
 from unveil.data.errors import RecordError
 from unveil.data.samplers import ResumableRandomSampler, ResumableWeightedSampler
 from unveil.data.schema import Sample
@@ -68,6 +69,7 @@ class UnveilDataModule(pl.LightningDataModule):
         adapter_kwargs: dict | None = None,
         medical: dict | None = None,
         allow_split_overlap: bool = False,
+        max_tokens: int | None = 4096,
         seed: int = 0,
     ):
         super().__init__()
@@ -82,6 +84,9 @@ class UnveilDataModule(pl.LightningDataModule):
         self.adapter_kwargs = dict(adapter_kwargs or {})  # format-specific options (see conf/data/<format>.yaml)
         self.medical = dict(medical or {})  # DICOM / NIfTI windowing and slice defaults
         self.allow_split_overlap = allow_split_overlap  # a training id in val/test is an error unless set
+        # text longer than this many tokens can hold is a bad record at load (adapters.base.CHARS_PER_TOKEN),
+        # and the training collators cut rows to it (when the stage gives them no max_length of their own)
+        self.max_tokens = max_tokens
         self.seed = seed
         self.data: dict[str, list[Sample]] = {}
         self.skipped: dict[str, int] = {}
@@ -118,6 +123,7 @@ class UnveilDataModule(pl.LightningDataModule):
                 root=self.root,
                 on_bad_record=self.on_bad_record,
                 check_images=self.check_images,
+                max_tokens=self.max_tokens,
                 **self.adapter_kwargs,
             )
             self.skipped[split] = collect.last_skipped
@@ -172,9 +178,18 @@ class UnveilDataModule(pl.LightningDataModule):
         """Finding vocabulary of the training split (labels the parser looks for)."""
         return sorted({f for s in self.data["train"] for f in s.findings})
 
+    def _fit_collator(self, collate: Callable) -> Callable:
+        """A training collator (SFT, preference) the stage built without ``max_length`` gets
+        ``data.max_tokens``: rows are cut to it, keeping the start (``SFTCollator._truncate``).
+        Prompt collators are left alone: generation needs the whole prompt."""
+        if isinstance(collate, SFTCollator) and not isinstance(collate, PromptCollator) and collate.max_length is None:
+            collate.max_length = self.max_tokens
+        return collate
+
     def _loader(self, split: str, train: bool, collate: Callable | None):
         if collate is None:
             raise RuntimeError("datamodule.collate_fn is unset: the stage module sets it from its backbone")
+        collate = self._fit_collator(collate)
         ds = ListDataset(self.data[split])
         common = dict(collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if not train:

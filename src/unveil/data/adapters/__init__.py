@@ -1,7 +1,8 @@
 """Format adapters: each turns one released record format into Samples.
 
-A new format is one module here with ``read(path, root=None, on_bad_record="raise") ->
-list[Sample]`` plus one entry in ADAPTERS and one yaml in ``conf/data/``.
+A new format is one module here with ``read(path, root=None, on_bad_record="raise",
+check_images=True, max_tokens=None, **options) -> list[Sample]`` (passing ``on_bad_record`` and
+``max_tokens`` to ``base.collect``) plus one entry in ADAPTERS and one yaml in ``conf/data/``.
 """
 
 from __future__ import annotations

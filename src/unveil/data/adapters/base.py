@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 
 ON_BAD_RECORD = ("raise", "skip")
 
+# Characters per token that no tokenizer we support averages on text (BPE / SentencePiece
+# vocabularies average ~3-5 on English, fewer on other scripts). A record with more than
+# max_tokens * CHARS_PER_TOKEN characters of text is refused at load: its tokens would not fit
+# however it is tokenized, and training a tokenizer on a 50 MB query hangs for minutes. Records
+# under the bound that still exceed max_tokens once tokenized (image tokens included) are cut by
+# the collator (SFTCollator.max_length), keeping the start.
+CHARS_PER_TOKEN = 8
+
 
 # A byte that is not UTF-8, decoded with errors="surrogateescape", becomes one lone surrogate
 # U+DC80..U+DCFF (0x80..0xff), so the text keeps its line breaks and each bad byte's place.
@@ -127,6 +135,35 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
         yield from _json_array(path)
 
 
+def _string_fields(obj: Any, at: str = "") -> Iterator[tuple[str, str]]:
+    """(field path, text) of every string in a parsed record, paths as in ``conversations[1].value``."""
+    if isinstance(obj, str):
+        yield at, obj
+    elif isinstance(obj, (dict, list)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            yield from _string_fields(v, f"{at}[{k}]" if isinstance(k, int) else (f"{at}.{k}" if at else str(k)))
+
+
+def text_length(s: Sample) -> int:
+    """Characters of text in a sample's longer side (chosen or rejected conversation)."""
+    sides = [s.messages] + ([s.rejected.messages] if s.rejected is not None and s.rejected.messages else [])
+    return max(sum(len(m["content"]) for m in side) for side in sides)
+
+
+def _too_long(path, n, rec: dict, s: Sample, max_tokens: int) -> RecordError | None:
+    chars = text_length(s)
+    if chars <= max_tokens * CHARS_PER_TOKEN:
+        return None
+    field = max(_string_fields(rec), key=lambda kv: len(kv[1]), default=(None, ""))[0]
+    return RecordError(
+        str(path),
+        n,
+        field,
+        f"{chars:,} characters of text: more than data.max_tokens={max_tokens} tokens can hold "
+        f"(at most {max_tokens * CHARS_PER_TOKEN:,} characters, {CHARS_PER_TOKEN} per token)",
+    )
+
+
 def _where(n) -> str:
     return f"record [{int(n)}]" if isinstance(n, ArrayIndex) else f"line {n}"
 
@@ -138,6 +175,7 @@ def collect(
     on_bad_record: str = "raise",
     *,
     unique_ids: bool = False,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     """Convert records to Samples under the bad-record policy.
 
@@ -146,7 +184,11 @@ def collect(
     ``unique_ids``: a Sample whose id an earlier good record of the file already has is a bad
     record (``duplicate of line K``); the first one stays. For formats whose ids name one record
     (MAU JSONL); the released formats that repeat ids make them unique instead (``llava.unique_ids``).
+    ``max_tokens``: a record with more text than that many tokens can hold (``CHARS_PER_TOKEN``
+    characters each) is a bad record naming its longest field; None: no limit.
     """
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"data.max_tokens must be a positive integer or null, got {max_tokens!r}")
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     out: list[Sample] = []
@@ -165,6 +207,8 @@ def collect(
                 if problems:
                     field, msg = problems[0]
                     raise RecordError(str(path), n, field, msg)
+                if max_tokens is not None and (long := _too_long(path, n, rec, s, max_tokens)) is not None:
+                    raise long
                 if unique_ids and s.id in first_at:
                     raise RecordError(str(path), n, "id", f"{s.id!r} is a duplicate of {_where(first_at[s.id])}")
             if unique_ids:

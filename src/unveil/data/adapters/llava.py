@@ -289,6 +289,7 @@ def read(
     on_bad_record: str = "raise",
     check_images: bool = True,
     image_dir: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     """Read LLaVA instruction JSON/JSONL or LLaVA-Med eval JSONL (told apart per record).
 
@@ -302,4 +303,4 @@ def read(
         fn = convert_eval if _is_eval(rec) else convert_conversation
         return fn(rec, n, path, root, check_images, image_dir)
 
-    return unique_ids(collect(path, iter_json_records(path), convert, on_bad_record))
+    return unique_ids(collect(path, iter_json_records(path), convert, on_bad_record, max_tokens=max_tokens))

@@ -186,7 +186,11 @@ def convert(rec: dict, n: int, path: Path, root: Path, check_images: bool = True
 
 
 def read(
-    path: str | Path, root: str | Path | None = None, on_bad_record: str = "raise", check_images: bool = True
+    path: str | Path,
+    root: str | Path | None = None,
+    on_bad_record: str = "raise",
+    check_images: bool = True,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -196,4 +200,5 @@ def read(
         lambda r, n: convert(r, n, path, root, check_images),
         on_bad_record,
         unique_ids=True,  # an id names one record: a repeat is a bad record, not a second sample
+        max_tokens=max_tokens,
     )

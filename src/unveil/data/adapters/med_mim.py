@@ -177,6 +177,7 @@ def read(
     check_images: bool = True,
     ability: str | None = None,
     image_dir: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     """Read one Med-MIM ability file. ``ability`` overrides what the file name says."""
     path = Path(path)
@@ -199,4 +200,5 @@ def read(
         iter_json_records(path),
         lambda r, n: convert(r, n, path, root, ability, held_out, check_images, image_dir),
         on_bad_record,
+        max_tokens=max_tokens,
     )

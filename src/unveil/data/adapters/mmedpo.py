@@ -183,6 +183,7 @@ def read(
     image_dir: str | None = None,
     clean_scaffolding: bool = True,
     task: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     """Read an MMedPO ``*_dpo_weighted.json`` file.
 
@@ -197,5 +198,6 @@ def read(
             iter_json_records(path),
             lambda r, n: convert(r, n, path, root, check_images, image_dir, clean_scaffolding, task),
             on_bad_record,
+            max_tokens=max_tokens,
         )
     )

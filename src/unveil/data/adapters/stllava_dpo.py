@@ -73,6 +73,7 @@ def read(
     on_bad_record: str = "raise",
     check_images: bool = True,
     image_dir: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -82,5 +83,6 @@ def read(
             iter_json_records(path),
             lambda r, n: convert(r, n, path, root, check_images, image_dir),
             on_bad_record,
+            max_tokens=max_tokens,
         )
     )

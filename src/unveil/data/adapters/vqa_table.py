@@ -322,6 +322,7 @@ def read(
     image_dir: str | None = None,
     image_cache: str | Path | None = None,
     table_format: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[Sample]:
     """Read a VQA table. ``lang`` keeps only rows whose ``lang_key`` equals it (SLAKE: "en").
 
@@ -345,7 +346,8 @@ def read(
             cache = _cache_dir(root, image_cache)
         return convert(rec, n, path, root, cache, check_images, cols, image_dir)
 
-    out = collect(path, _rows_in(path, table_format, lang, lang_key, dropped), conv, on_bad_record)
+    rows = _rows_in(path, table_format, lang, lang_key, dropped)
+    out = collect(path, rows, conv, on_bad_record, max_tokens=max_tokens)
     if dropped[0]:
         log.info(
             "%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0]
