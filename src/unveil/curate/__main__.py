@@ -87,6 +87,7 @@ def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
             root=root,
             on_bad_record=data.get("on_bad_record", "raise"),
             check_images=bool(data.get("check_images", True)),
+            max_tokens=data.get("max_tokens"),
         )
         if collect.last_skipped:
             log.warning("input split %s: %d bad record(s) skipped", split, collect.last_skipped)
