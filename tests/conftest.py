@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,5 +73,6 @@ def load_experiment(name: str):
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # as importlib's recipe: dataclasses resolve their string annotations through it
     spec.loader.exec_module(mod)
     return mod
