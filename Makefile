@@ -44,6 +44,7 @@ format: $(TSTAMP)
 bench: $(TSTAMP)
 	$(BIN)/python experiments/bench_rl.py
 	$(BIN)/python experiments/bench_dpo.py
+	$(BIN)/python experiments/bench_memory.py
 
 clean:
 	rm -rf logs .cache data/synthetic
