@@ -195,3 +195,26 @@ def test_sft_loss_through_answer_logprobs_equals_hf_labels_loss(make_backbone, d
     assert g_ours.keys() == g_hf.keys()
     for n in g_hf:
         torch.testing.assert_close(g_ours[n], g_hf[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_no_grad_passes_share_the_prompt_under_activation_checkpointing(make_backbone, dm):  # noqa: F811
+    """HF layers drop the KV cache under gradient checkpointing in train mode, with or without
+    gradients: a no-grad pass (reference, old policy) runs in eval mode and shares; a pass with
+    gradients runs every row whole. Both give the unshared log-probs."""
+    bb = make_backbone("llava15", "model.dtype=float32")
+    ro = rollout_for(bb, localize_samples(dm, 2)[:2])
+    model = bb.model
+    policy.disable_dropout(model)
+    with torch.no_grad():
+        want = ro.logprobs(model, share_prompt=False).logps
+    policy.unwrap(model).gradient_checkpointing_enable()
+    try:
+        model.train()
+        with torch.no_grad():
+            got = ro.logprobs(model).logps
+        assert model.training  # put back
+        with_grad = ro.logprobs(model).logps
+    finally:
+        policy.unwrap(model).gradient_checkpointing_disable()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_grad.detach(), want, atol=1e-5, rtol=1e-5)

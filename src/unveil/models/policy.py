@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # label of positions that are not trained on (prompt, padding)
 # fp32 logits held at once by the log-prob head: 64 MiB is ~110 tokens at Qwen's 151,936 vocabulary.
 LOGIT_CHUNK_BYTES = 64 * 2**20
+# Completions that share one pass over a prompt's KV cache when no gradient is needed (reference,
+# old policy, vision relevance): each holds a copy of the prompt's keys and values (~62 MiB at the
+# Qwen2.5-VL-7B shape with 1,024 image tokens), so a few at a time bound the pass's memory.
+COMPLETIONS_PER_PASS = 2
 
 
 @dataclass
@@ -98,9 +102,10 @@ def _rope_index(body, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _can_share(model: torch.nn.Module) -> bool:
-    """HF layers drop the KV cache under gradient checkpointing in training mode."""
+    """HF layers drop the KV cache under gradient checkpointing in training mode, with or without
+    gradients (no-grad passes share when run in eval mode, as completion_logprobs runs them)."""
     base = unwrap(model)
-    return not (torch.is_grad_enabled() and model.training and getattr(base, "is_activation_checkpointing", False))
+    return not (model.training and getattr(base, "is_activation_checkpointing", False))
 
 
 # --- hidden states at the completion positions ------------------------------------------------------
@@ -144,18 +149,44 @@ def _shared_hidden(
     else:
         pos, deltas = position_ids_from_mask(am), None
     if capture is not None:
+        capture.shared = True
         capture.start(rows=1, weights=capture.weights[first.to(capture.weights.device), : ids.shape[1]])
     out = body(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **prompts)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # left-padded: the last column is real
-    cache.batch_select_indices(inv)
+    prefix, last = out.past_key_values, out.last_hidden_state[:, -1:]  # left-padded: the last column is real
     full_am = torch.cat([am[inv], completion_mask.to(am.dtype)], dim=1)
     cpos = position_ids_from_mask(full_am)[:, ids.shape[1] :]
     if deltas is not None:  # text positions continue from the prompt's last M-RoPE position
         cpos = cpos.unsqueeze(0).expand(3, -1, -1) + deltas[inv].view(1, -1, 1)
-    if capture is not None:
-        capture.start(rows=completion_ids.shape[1], weights=capture.weights)
-    out = body(input_ids=completion_ids, attention_mask=full_am, position_ids=cpos, past_key_values=cache)
-    return torch.cat([last[inv], out.last_hidden_state], dim=1)
+    # Each completion attends to its own copy of the prompt's keys and values. Without gradients the
+    # completions run a few at a time, so only that many copies exist at once (with gradients every
+    # copy is kept for the backward anyway).
+    n = len(inv)
+    step = n if torch.is_grad_enabled() else COMPLETIONS_PER_PASS
+    hidden = []
+    for lo in range(0, n, step):
+        rows = slice(lo, lo + step)
+        cache = _expand_cache(body, prefix, inv[rows])
+        if capture is not None:
+            capture.start(rows=completion_ids.shape[1], weights=capture.weights[rows])
+        c = body(
+            input_ids=completion_ids[rows],
+            attention_mask=full_am[rows],
+            position_ids=cpos[..., rows, :],
+            past_key_values=cache,
+        )
+        hidden.append(c.last_hidden_state)
+    return torch.cat([last[inv], torch.cat(hidden)], dim=1)
+
+
+def _expand_cache(body, prefix, idx: torch.Tensor):
+    """A cache holding, for each of ``idx``, a copy of that prompt's keys and values (autograd flows
+    back into the prompt's)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=body.config)
+    for i, layer in enumerate(prefix.layers):
+        cache.update(layer.keys[idx], layer.values[idx], i)
+    return cache
 
 
 def completion_hidden(
@@ -261,7 +292,11 @@ def completion_logprobs(
         ]
         order = torch.cat(list(row_chunks(group, n, chunk_size))).argsort()
         return _cat_logprobs(parts, order)
-    hidden = completion_hidden(model, inputs, completion_ids, completion_mask, group, n_images)[:, :-1]
+    # without gradients, under activation checkpointing, eval mode lets the prompt be shared (the
+    # stages switch dropout off, so the log-probs are those of train mode)
+    no_grad_ckpt = not torch.is_grad_enabled() and not _can_share(model)
+    with eval_mode(model) if no_grad_ckpt else contextlib.nullcontext():
+        hidden = completion_hidden(model, inputs, completion_ids, completion_mask, group, n_images)[:, :-1]
     _, head = body_and_head(model)
     logps, entropy = token_logprobs(
         head, hidden, completion_ids, completion_mask, temperature, with_entropy, entropy_grad
@@ -329,7 +364,7 @@ class KeyMassCapture:
 
     def __init__(self, weights: torch.Tensor):
         self.weights = weights  # [B, L_total] key weights (1 on the keys whose mass is wanted)
-        self.rows, self.current = 0, None
+        self.rows, self.current, self.shared = 0, None, False
         self.passes: list[dict[int, torch.Tensor]] = []
 
     def start(self, rows: int, weights: torch.Tensor) -> None:
@@ -410,10 +445,10 @@ def key_mass(
     _, head = body_and_head(model)
     logps, _ = token_logprobs(head, hidden[:, :-1], completion_ids, completion_mask)
     layers = sorted(capture.passes[-1])
-    if len(capture.passes) == 2:  # shared prompt: row P-1 came from the prompt pass, once per prompt
+    if capture.shared:  # row P-1 came from the prompt pass, once per prompt; then the completions' passes
         _, inv = prompt_rows(group)
-        first = capture.passes[0]
-        mass = torch.stack([torch.cat([first[i][inv], capture.passes[1][i]], dim=2) for i in layers])
+        first, rest = capture.passes[0], capture.passes[1:]
+        mass = torch.stack([torch.cat([first[i][inv], torch.cat([p[i] for p in rest])], dim=2) for i in layers])
     else:
         mass = torch.stack([capture.passes[0][i] for i in layers])
     return mass, logps.cpu()
