@@ -72,28 +72,85 @@ def test_shared_prompt_runs_the_vision_tower_once_per_prompt(make_backbone, dm):
     assert seen == [2, 8]  # 2 prompts x 1 image shared; 8 completions unshared
 
 
-def test_chunked_logsoftmax_equals_the_full_vocabulary_one():
+class _WrappedHead(torch.nn.Module):
+    """A head that is not a plain Linear (as PEFT wraps one): the checkpointed per-chunk path."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inner = linear
+        self.weight = linear.weight
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logsoftmax_equals_the_full_vocabulary_one(wrapped, bias):
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 1000, bias=False)
+    linear = torch.nn.Linear(16, 1000, bias=bias)
+    head = _WrappedHead(linear) if wrapped else linear
     hidden = torch.randn(3, 7, 16, requires_grad=True)
     targets = torch.randint(0, 1000, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0
     lp, ent = policy.token_logprobs(head, hidden, targets, mask, temperature=0.7, with_entropy=True, chunk_tokens=4)
-    lp.sum().backward()
-    g_chunk, w_chunk = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad, head.weight.grad = None, None
-    full = torch.log_softmax(head(hidden) / 0.7, -1)
+    (lp * torch.linspace(0.5, 2, 7)).sum().backward()
+    got = [hidden.grad.clone()] + [p.grad.clone() for p in linear.parameters()]
+    hidden.grad = None
+    linear.zero_grad(set_to_none=True)
+    full = torch.log_softmax(linear(hidden) / 0.7, -1)
     want = full.gather(-1, targets[..., None]).squeeze(-1) * mask
-    want.sum().backward()
+    (want * torch.linspace(0.5, 2, 7)).sum().backward()
     torch.testing.assert_close(lp, want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(hidden.grad, g_chunk, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(head.weight.grad, w_chunk, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got, [hidden.grad] + [p.grad for p in linear.parameters()]):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
     want_ent = -(full.exp() * full).sum(-1) * mask
     torch.testing.assert_close(ent, want_ent.detach(), atol=1e-5, rtol=1e-5)
     assert not ent.requires_grad  # no graph unless a loss term needs it
     _, ent_g = policy.token_logprobs(head, hidden, targets, mask, with_entropy=True, entropy_grad=True)
     assert ent_g.requires_grad
+
+
+def test_chunked_head_keeps_one_weight_gradient_buffer():
+    """The chunks' head-weight gradients accumulate in one [V, H] buffer: the backward's peak
+    allocation holds at most one of them, not one per chunk."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 4096, bias=False)
+    hidden = torch.randn(64, 32)
+    targets = torch.randint(0, 4096, (64,))
+    with _PeakBytes() as peak:
+        lp, _ = policy.token_logprobs(head, hidden[None], targets[None], torch.ones(1, 64), chunk_tokens=8)
+        lp.sum().backward()
+    wbytes = head.weight.numel() * 4
+    assert peak.value < 2 * wbytes + 8 * 4096 * 4 * 4  # the final grad plus a few chunks' logits, not 8 grads
+
+
+class _PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the outputs that ops allocate and are alive together (storages tracked by weakref)."""
+
+    def __enter__(self):
+        import weakref
+
+        self._weakref, self.live, self.value, self._seen = weakref, 0, 0, set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += st.nbytes()
+                    self.value = max(self.value, self.live)
+                    self._weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key, n):
+        self._seen.discard(key)
+        self.live -= n
 
 
 def eager_mass(bb, ro, weights):

@@ -19,8 +19,8 @@ stage objects. Three choices keep them affordable for a 7B backbone with ~1,000 
    unshared sequence. Under gradient checkpointing HF layers drop the cache, so a pass with
    gradients then runs unshared (no-grad passes run in eval mode and share).
 2. **Only completion positions reach the LM head**, in chunks of at most ``LOGIT_CHUNK_BYTES`` of
-   fp32 logits; each chunk is checkpointed, so the backward recomputes it instead of keeping the
-   ``[tokens, vocabulary]`` logits alive. ``log p(y) = z_y - logsumexp(z)`` is gathered at the
+   fp32 logits, recomputed in the backward instead of kept (:mod:`unveil.models.chunked_head`, whose
+   chunks' weight gradients accumulate into one buffer). ``log p(y) = z_y - logsumexp(z)`` is gathered at the
    sampled token; the entropy ``H = logsumexp(z) - sum_v p_v z_v`` carries a graph only when asked.
 3. **Attention mass without maps.** A registered attention function (``unveil_sdpa``: torch's
    sdpa, plus a capture when one is active) computes, for the completion-token queries only,
@@ -39,13 +39,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from unveil.models.chunked_head import chunked_head_logprobs
 from unveil.models.inputs import PER_TOKEN, select_inputs
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that are not trained on (prompt, padding)
-# fp32 logits held at once by the log-prob head: 64 MiB is ~110 tokens at Qwen's 151,936 vocabulary.
-LOGIT_CHUNK_BYTES = 64 * 2**20
+# fp32 logits held at once by the log-prob head: 4 MiB is 6 tokens at Qwen's 151,936 vocabulary. A
+# chunk reads the whole [V, H] head (~0.4 ms on an H100), so smaller chunks trade time for memory.
+LOGIT_CHUNK_BYTES = 4 * 2**20
 # Completions that share one pass over a prompt's KV cache when no gradient is needed (reference,
 # old policy, vision relevance): each holds a copy of the prompt's keys and values (~62 MiB at the
 # Qwen2.5-VL-7B shape with 1,024 image tokens), so a few at a time bound the pass's memory.
@@ -240,13 +242,17 @@ def token_logprobs(
     h, y = hidden[sel], targets[sel].long()
     vocab = int(getattr(head, "out_features", None) or head.weight.shape[0])
     step = max(1, int(chunk_tokens or LOGIT_CHUNK_BYTES // (4 * vocab)))
-    grad = torch.is_grad_enabled() and h.requires_grad
-    lps, ents = [], []
-    for s in range(0, h.shape[0], step):
-        args = (head, h[s : s + step], y[s : s + step], float(temperature), with_entropy, entropy_grad)
-        lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
-        lps.append(lp)
-        ents.append(ent)
+    if type(head) is torch.nn.Linear and not entropy_grad:  # one weight-gradient buffer, not one per chunk
+        lp, ent = chunked_head_logprobs(head, h, y, temperature, step, with_entropy)
+        lps, ents = [lp], [ent]
+    else:  # a wrapped head (e.g. PEFT's), or an entropy with a graph: each chunk checkpointed
+        grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+        lps, ents = [], []
+        for s in range(0, h.shape[0], step):
+            args = (head, h[s : s + step], y[s : s + step], float(temperature), with_entropy, entropy_grad)
+            lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
+            lps.append(lp)
+            ents.append(ent)
     zeros = hidden.new_zeros(sel.shape, dtype=torch.float32)
     logps = zeros.masked_scatter(sel, torch.cat(lps)) if lps else zeros
     entropy = None
