@@ -42,9 +42,9 @@ not scaled (frozen: it keeps no activations for a backward; its transient forwar
 **Rows.** *before* is the old code, re-implemented here from git history (unveil 8caca41), labelled;
 *after* calls ``unveil.models.policy``. Per completion = the pass's peak / its number of completions.
 
-- SFT step: forward + backward of the LM loss, one row, prompt + a 50-token answer. ``stages/sft.py``
-  is unchanged (``model(**inputs, labels=...)``: logits at every position), so before = after; the
-  row ``policy.answer_logprobs`` shows the path it could take (not wired into SFT).
+- SFT step: forward + backward of the LM loss, one row, prompt + a 50-token answer. Before: the old
+  ``stages/sft.py`` (``model(**inputs, labels=...)``: logits at every position); after: today's
+  ``stages/sft.py``, through ``policy.answer_logprobs`` (answer positions only, chunked).
 - RL log-prob pass: forward + backward of the G=8 completions (48 tokens) of one prompt, with the
   entropy as GRPO asks. Before: ``_forward_logprobs`` (every row runs prompt + completion; fp32
   ``log_softmax`` over the full vocabulary at the completion positions; entropy with a graph). After:
@@ -402,7 +402,7 @@ def sft_labels(b: Batch) -> tuple[dict, torch.Tensor]:
 
 
 def pass_sft_hf(model, b: Batch):
-    """stages/sft.py (unchanged): ``model(**inputs, labels=labels).loss`` (HF: logits at every position)."""
+    """The old stages/sft.py: ``model(**inputs, labels=labels).loss`` (HF: logits at every position)."""
     inputs, labels = sft_labels(b)
     model.train()
     model(**inputs, labels=labels).loss.backward()
@@ -771,8 +771,8 @@ def mb(x: float | None) -> str:
 def memory_rows(shape: Shape, args, hd1: int, hd2: int) -> tuple[list[dict], list[str]]:
     G, T = args.generations, args.completion_tokens
     plan = [  # (pass, path, fn, batch, completions)
-        ("SFT step", "before = after: sft.py model(labels=...)", pass_sft_hf, "sft", 1),
-        ("SFT step", "(policy.answer_logprobs; not used by sft.py)", pass_sft_answer_logprobs, "sft", 1),
+        ("SFT step", "before: model(labels=...)", pass_sft_hf, "sft", 1),
+        ("SFT step", "after: sft.py, answer_logprobs", pass_sft_answer_logprobs, "sft", 1),
         ("RL log-prob pass", "before: _forward_logprobs, unshared", pass_rl_before, "rl", G),
         ("RL log-prob pass", "after: completion_logprobs(group)", pass_rl_after, "rl", G),
         ("  its log-prob head", "before: full-vocab log_softmax; head trained", pass_head_before, "head", G),
