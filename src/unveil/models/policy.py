@@ -48,10 +48,10 @@ IGNORE = -100  # label of positions that are not trained on (prompt, padding)
 # fp32 logits held at once by the log-prob head: 4 MiB is 6 tokens at Qwen's 151,936 vocabulary. A
 # chunk reads the whole [V, H] head (~0.4 ms on an H100), so smaller chunks trade time for memory.
 LOGIT_CHUNK_BYTES = 4 * 2**20
-# Completions that share one pass over a prompt's KV cache when no gradient is needed (reference,
-# old policy, vision relevance): each holds a copy of the prompt's keys and values (~62 MiB at the
-# Qwen2.5-VL-7B shape with 1,024 image tokens), so a few at a time bound the pass's memory.
-COMPLETIONS_PER_PASS = 2
+# Without gradients (reference, old policy, vision relevance) the completions run over a prompt's
+# KV cache as many at a time as their copies of it fit in this budget: a copy is ~62 MiB at the
+# Qwen2.5-VL-7B shape with 1,024 image tokens (2 at a time), a few KiB on the tiny model (all at once).
+KV_COPY_BYTES = 128 * 2**20
 
 
 @dataclass
@@ -160,10 +160,11 @@ def _shared_hidden(
     if deltas is not None:  # text positions continue from the prompt's last M-RoPE position
         cpos = cpos.unsqueeze(0).expand(3, -1, -1) + deltas[inv].view(1, -1, 1)
     # Each completion attends to its own copy of the prompt's keys and values. Without gradients the
-    # completions run a few at a time, so only that many copies exist at once (with gradients every
-    # copy is kept for the backward anyway).
+    # completions run KV_COPY_BYTES' worth at a time (with gradients every copy is kept for the
+    # backward anyway).
     n = len(inv)
-    step = n if torch.is_grad_enabled() else COMPLETIONS_PER_PASS
+    per_row = sum(layer.keys[0].nbytes + layer.values[0].nbytes for layer in prefix.layers)
+    step = n if torch.is_grad_enabled() else max(1, KV_COPY_BYTES // max(1, per_row))
     hidden = []
     for lo in range(0, n, step):
         rows = slice(lo, lo + step)
