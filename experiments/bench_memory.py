@@ -793,8 +793,12 @@ def memory_rows(shape: Shape, args, hd1: int, hd2: int) -> tuple[list[dict], lis
     if args.lora:  # the head is frozen under LoRA: the head-trained rows would repeat the frozen ones
         plan = [p for p in plan if not p[1].endswith("head trained")]
     traces: dict[int, list[Trace]] = {i: [] for i in range(len(plan))}
+    budget = policy.KV_COPY_BYTES
     for hd in (hd1, hd2):
         model = build_model(shape, hd, lora=args.lora, grad_ckpt=args.gradient_checkpointing)
+        # the KV copies of a no-grad pass scale with the width: the budget is scaled with them, so the
+        # skeleton runs as many completions per pass as the real-width model would
+        policy.KV_COPY_BYTES = max(1, budget * width(shape, hd)[0] // shape.hidden)
         batches = {
             "sft": make_batch(shape, 1, args.answer_tokens, args.text_tokens),
             "rl": make_batch(shape, G, T, args.text_tokens),
@@ -807,6 +811,7 @@ def memory_rows(shape: Shape, args, hd1: int, hd2: int) -> tuple[list[dict], lis
             print(f"  [{shape.title}, head_dim {hd}] {name.strip()} / {path}: {time.perf_counter() - t0:.1f} s")
         del model, batches
         gc.collect()
+    policy.KV_COPY_BYTES = budget
     (h1, _), (h2, _) = width(shape, hd1), width(shape, hd2)
     rows, notes = [], []
     for i, (name, path, _, _, n) in enumerate(plan):
