@@ -152,6 +152,9 @@ def build_model(
     h, inter = width(shape, head_dim)
     layers = layers or shape.layers
     grid = image_grid or shape.image_grid
+    # the language model's shape: the real vocabulary, layers and heads at a tiny width
+    lm = dict(vocab_size=shape.vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers)
+    lm.update(num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, tie_word_embeddings=False)
     torch.manual_seed(0)
     if shape.arch == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -165,17 +168,7 @@ def build_model(
             patch_size=14,
             projection_dim=32,
         )
-        text = LlamaConfig(
-            vocab_size=shape.vocab,
-            hidden_size=h,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            pad_token_id=LLAVA_PAD_ID,
-        )
+        text = LlamaConfig(**lm, max_position_embeddings=4096, pad_token_id=LLAVA_PAD_ID)
         cfg = LlavaConfig(
             vision_config=vision,
             text_config=text,
@@ -195,23 +188,11 @@ def build_model(
 
         q = head_dim // 2  # M-RoPE sections (temporal, height, width) sum to head_dim / 2
         section = [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8]
-        text = Qwen2_5_VLTextConfig(
-            vocab_size=shape.vocab,
-            hidden_size=h,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0},
-            tie_word_embeddings=False,
-        )
+        rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0}
+        text = Qwen2_5_VLTextConfig(**lm, max_position_embeddings=32768, rope_parameters=rope)
+        tiny = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14)  # one tiny block
         vision = Qwen2_5_VLVisionConfig(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=14,
+            **tiny,
             spatial_merge_size=2,
             temporal_patch_size=2,
             window_size=112,
@@ -950,23 +931,25 @@ def main() -> None:
             if (key := ("its log-prob head", f"after: token_logprobs; head {m}")) in by
         ]
         for what, row in tests:
-            e = row["ext"]
-            frac = None if e.peak is None else e.peak / full
-            ok = frac is not None and frac <= LIMIT_RL_FRACTION
+            verdict, frac = _fraction(row["ext"], full)
             print(
-                f"  [{'PASS' if ok else 'FAIL'}] RL log-prob pass peak <= 1/10 of the full-vocabulary materialisation "
-                f"at vocabulary {shape.vocab:,}, {what}: {'n/a' if frac is None else f'{frac:.3f}'} x "
-                f"{G}*{T}*{shape.vocab}*4 B ({mb(full)} MB)"
+                f"  [{verdict}] RL log-prob pass peak <= 1/10 of the full-vocabulary materialisation "
+                f"at vocabulary {shape.vocab:,}, {what}: {frac} x {G}*{T}*{shape.vocab}*4 B ({mb(full)} MB)"
             )
         for t, e, full_t in sweep:
-            frac = None if e.peak is None else e.peak / full_t
-            ok = frac is not None and frac <= LIMIT_RL_FRACTION
+            verdict, frac = _fraction(e, full_t)
             print(
-                f"  [{'PASS' if ok else 'FAIL'}]   the same at longer completions, log-prob head, head frozen, T={t}: "
-                f"{'n/a' if frac is None else f'{frac:.3f}'} x {G}*{t}*{shape.vocab}*4 B ({mb(full_t)} MB): "
-                f"{mb(e.peak)} MB"
+                f"  [{verdict}]   the same at longer completions, log-prob head, head frozen, T={t}: "
+                f"{frac} x {G}*{t}*{shape.vocab}*4 B ({mb(full_t)} MB): {mb(e.peak)} MB"
             )
     print(f"vr_mb_per_completion={'nan' if vr_after is None else f'{vr_after / MB:.1f}'}")
+
+
+def _fraction(e, full: float) -> tuple[str, str]:
+    """(PASS / FAIL against LIMIT_RL_FRACTION, the peak as a fraction of ``full``)."""
+    frac = None if e.peak is None else e.peak / full
+    ok = frac is not None and frac <= LIMIT_RL_FRACTION
+    return ("PASS" if ok else "FAIL"), ("n/a" if frac is None else f"{frac:.3f}")
 
 
 def head_sweep(shape: Shape, args, hd1: int, hd2: int) -> list[tuple[int, Extrapolated, float]]:
