@@ -39,31 +39,36 @@ def _limit(value, split: str):
     return int(v) if v is not None else None
 
 
+def _image_folder_inputs(cfg: DictConfig) -> tuple[Path, dict]:
+    """(folder, {"train": [Sample]}): one record per image under ``input_images``, no question yet."""
+    from unveil.data.schema import Sample
+
+    src = Path(str(cfg.input_images))
+    files = sorted(src.rglob("*") if src.is_dir() else src.parent.glob(src.name))
+    files = [f for f in files if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"input_images={src}: no images found")
+    root = src if src.is_dir() else src.parent
+    samples = [
+        Sample(
+            id=f.relative_to(root).with_suffix("").as_posix().replace("/", "_"),
+            images=[str(f.resolve())],
+            messages=[{"role": "user", "content": "<image>\n"}],
+            meta={"source": "images"},
+        )
+        for f in files
+    ]
+    n = _limit(cfg.get("max_samples"), "train")
+    return root.resolve(), {"train": samples[:n] if n else samples}
+
+
 def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
     """(input root, {split: [Sample]}) from the ``data`` group or an ``input_images`` folder."""
     from unveil.data import adapters
     from unveil.data.adapters.base import collect
-    from unveil.data.schema import Sample
 
     if cfg.get("input_images"):
-        src = Path(str(cfg.input_images))
-        files = sorted(src.rglob("*") if src.is_dir() else src.parent.glob(src.name))
-        files = [f for f in files if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
-        if not files:
-            raise FileNotFoundError(f"input_images={src}: no images found")
-        root = src if src.is_dir() else src.parent
-        samples = [
-            Sample(
-                id=f.relative_to(root).with_suffix("").as_posix().replace("/", "_"),
-                images=[str(f.resolve())],
-                messages=[{"role": "user", "content": "<image>\n"}],
-                meta={"source": "images"},
-            )
-            for f in files
-        ]
-        n = _limit(cfg.get("max_samples"), "train")
-        return root.resolve(), {"train": samples[:n] if n else samples}
-
+        return _image_folder_inputs(cfg)
     data = cfg.data
     root = Path(str(data.root))
     if data.get("synthetic"):
