@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_backbones import dm, localize_samples, make_backbone, two_image_sample  # noqa: F401  (its fixtures build the tiny archs)
+
+# the fixtures that build the tiny architectures
+from test_backbones import dm, localize_samples, make_backbone, two_image_sample  # noqa: F401
 
 from unveil.data.collate import PromptCollator
 from unveil.models import policy
