@@ -193,7 +193,7 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     )
     got = read_back(tmp_path / "w")
     assert len(got) == s["splits"]["train"]["written"] > 0
-    assert all(0.0 <= x.weight <= 1.0 and 2 <= x.meta["weight_rounds"] <= 5 for x in got)
+    assert all(2 <= x.meta["weight_rounds"] <= 5 for x in got)
     assert len({round(x.weight, 3) for x in got}) > 3  # weights tell pairs apart
     # a "yes" vs "no" swap shares no words with the reference: the overlap judges agree on 0
     yn = [x for x in got if x.target in ("yes", "no")]
@@ -218,7 +218,6 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     assert all(p.rejected.images is None for p in txt) and all(
         p.rejected.images and p.rejected.images != p.images for p in vis
     )
-    assert all(0.0 <= p.weight <= 1.0 for p in pairs)
     assert np.mean([p.weight for p in vis]) > 0.3  # most lesion evidence is gone at k=500
     assert json.loads((tmp_path / "mm" / "summary.json").read_text())["splits"]["train"]["mode"] == "built"
 
@@ -566,7 +565,7 @@ def test_dpo_trains_on_curated_pairs(synthetic_dir, tmp_path, cache_dir):
         )
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
-    assert 0.0 < metrics["train/weights/mean"] <= 1.25
+    assert metrics["train/weights/mean"] > 0.0  # the curated weights reached the loss (0 would mean none did)
     assert (tmp_path / "run" / "backbone" / "config.json").exists()
 
 

@@ -393,7 +393,6 @@ def test_dpo_steps_through_train_raise_preference_margin(tiny, tmp_path):
     assert metrics["val/rewards/accuracies"] > 0.5, metrics
     assert metrics["train/rewards/margins"] > 0, metrics
     assert metrics["val/loss"] < math.log(2) - 0.01, metrics
-    assert 0.75 <= metrics["train/weights/mean"] <= 1.25
     assert (tmp_path / "run" / "backbone" / "config.json").exists()
 
 
