@@ -591,3 +591,33 @@ def test_check_images_false_skips_the_existence_check_but_not_the_root_check(tmp
     rec["image"] = "../../escape.png"
     with pytest.raises(RecordError, match="escapes"):
         llava.read(_write(tmp_path, "e.json", [rec]), check_images=False)
+
+
+def test_llava_med_alignment_spelling_and_mantis_image_lists(tmp_path):
+    """LLaVA-Med's alignment records spell the key "conversatons" (its own loader accepts it), and
+    Mantis-style records list their images under "images": both load; giving both keys is an error."""
+    tmp_path = tmp_path.resolve()
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    align = {
+        "id": "pmc-1",
+        "image": "a.png",
+        "conversatons": [
+            {"from": "human", "value": "<image>\nDescribe the figure."},
+            {"from": "gpt", "value": "A CT of the chest."},
+        ],
+    }
+    mantis = {
+        "id": "m-1",
+        "images": ["a.png", "b.png"],
+        "conversations": [
+            {"from": "human", "value": "<image> <image> Which image shows the lesion?"},
+            {"from": "gpt", "value": "The second."},
+        ],
+    }
+    s, m = llava.read(_write(tmp_path, "d.json", [align, mantis]))
+    assert s.target == "A CT of the chest." and s.images == [str(tmp_path / "a.png")]
+    assert m.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")] and m.target == "The second."
+    both = {**mantis, "image": "a.png"}
+    with pytest.raises(RecordError, match="'images'.*both 'image' and 'images'"):
+        llava.read(_write(tmp_path, "e.json", [both]))

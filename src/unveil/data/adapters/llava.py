@@ -4,7 +4,8 @@ Instruction data (``.json``, a JSON array)::
 
     {"id": "PMC-123_fig2",                       # str or int
      "image": "pmc/PMC-123_fig2.jpg",            # optional; str or list of str, relative to root
-     "conversations": [                          # several turns
+                                                 # ("images": [...] in Mantis-style records)
+     "conversations": [                          # several turns ("conversatons" in LLaVA-Med's alignment data)
         {"from": "human", "value": "<image>\\nWhat does the CT show?"},
         {"from": "gpt",   "value": "A mass in ..."},
         {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "..."}]}
@@ -203,7 +204,9 @@ def modality_name(v: Any) -> str:
 # ----------------------------------------------------------------------------------------
 # the two LLaVA shapes
 # ----------------------------------------------------------------------------------------
-_CONV_KNOWN = {"id", "image", "conversations"}
+_CONV_KNOWN = {"id", "image", "images", "conversations", "conversatons"}
+# LLaVA-Med's alignment records spell it "conversatons", which LLaVA-Med's own loader accepts
+_CONVERSATION_KEYS = ("conversations", "conversatons")
 
 
 def convert_conversation(
@@ -216,9 +219,13 @@ def convert_conversation(
     source: str = "llava",
 ) -> Sample:
     rid = require(rec, "id", (str, int), path, n)
-    images = record_images(rec, "image", root, path, n, check_images, image_dir)
-    messages = turns_to_messages(require(rec, "conversations", list, path, n), path, n, "conversations")
-    added = fit_placeholders(messages, len(images), path, n, "conversations")
+    if "image" in rec and "images" in rec:
+        raise RecordError(str(path), n, "images", "both 'image' and 'images' are set: give one")
+    key = "images" if "images" in rec else "image"  # Mantis-style records list their images
+    images = record_images(rec, key, root, path, n, check_images, image_dir)
+    conv = next((k for k in _CONVERSATION_KEYS if k in rec), "conversations")
+    messages = turns_to_messages(require(rec, conv, list, path, n), path, n, conv)
+    added = fit_placeholders(messages, len(images), path, n, conv)
     meta = {k: v for k, v in rec.items() if k not in _CONV_KNOWN}
     meta.setdefault("source", source)
     if added:
@@ -280,7 +287,8 @@ def convert_eval(
 
 
 def _is_eval(rec: Any) -> bool:
-    return isinstance(rec, dict) and "question_id" in rec and "text" in rec and "conversations" not in rec
+    conversation = any(k in rec for k in _CONVERSATION_KEYS) if isinstance(rec, dict) else False
+    return isinstance(rec, dict) and "question_id" in rec and "text" in rec and not conversation
 
 
 def read(
