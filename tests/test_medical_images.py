@@ -276,3 +276,16 @@ def test_nifti_permuted_axes_give_the_same_ras_slices(tmp_path, codes):
         np.testing.assert_array_equal(
             medical.nifti_slice(p, axis=axis, index=5), medical.nifti_slice(nii("anatomical.nii"), axis=axis, index=5)
         )
+
+
+def test_non_images_are_refused_with_a_clear_error(tmp_path):
+    """A CIFTI file (nibabel's own test file) and a DICOM segmentation (pydicom's CT_small with its
+    class and modality made a SEG's) used to load silently as pictures."""
+    with pytest.raises(OSError, match="a CIFTI file"):
+        medical.load_nifti(os.path.join(NIB_DATA, "row_major.dconn.nii"))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Modality, ds.SOPClassUID = "SEG", "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.save_as(tmp_path / "seg.dcm")
+    with pytest.raises(OSError, match=r"seg\.dcm: a DICOM segmentation \(SEG\), not an image"):
+        medical.load_dicom(tmp_path / "seg.dcm")
+    medical.load_dicom(get_testdata_file("CT_small.dcm"))  # the image itself still loads

@@ -142,6 +142,10 @@ def _frame_index(frame: int | str, n: int, path: Path) -> int:
     return frame % n
 
 
+# Segmentation Storage and Surface Segmentation Storage: pixel data that are labels, not intensities
+_DICOM_NOT_IMAGES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5"}
+
+
 def dicom_values(path: str | Path, frame: int | str | None = None) -> tuple[np.ndarray, Any, int]:
     """(one frame as modality values (float64, or stored RGB), dataset, frame index)."""
     import pydicom
@@ -154,6 +158,11 @@ def dicom_values(path: str | Path, frame: int | str | None = None) -> tuple[np.n
         raise OSError(f"{path}: not a readable DICOM file: {e}") from e
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise OSError(f"{path}: DICOM file has no pixel data ({ds.get('Modality', '?')} object)")
+    if ds.get("Modality") == "SEG" or str(ds.get("SOPClassUID", "")) in _DICOM_NOT_IMAGES:
+        raise OSError(
+            f"{path}: a DICOM segmentation (SEG), not an image: its frames are label masks. Give the image "
+            "series it annotates (a builder can read the SEG as the lesion's mask)"
+        )
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     k = _frame_index(DICOM.frame if frame is None else frame, n_frames, path)
     try:
@@ -223,6 +232,8 @@ def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
         img = nib.load(str(path))
     except Exception as e:
         raise OSError(f"{path}: not a readable NIfTI file: {e}") from e
+    if type(img).__name__.startswith("Cifti2"):
+        raise OSError(f"{path}: a CIFTI file (brain grayordinates or connectivity), not an image volume")
     shape = img.shape
     if len(shape) not in (2, 3, 4) or (len(shape) == 4 and shape[3] == 0):
         raise OSError(f"{path}: expected a 2D, 3D or 4D image, got shape {shape}")
