@@ -142,6 +142,11 @@ def _frame_index(frame: int | str, n: int, path: Path) -> int:
     return frame % n
 
 
+# JPEG Lossless and JPEG-LS decode through python-gdcm (in requirements.txt); 12-bit JPEG Extended
+# needs pylibjpeg-libjpeg, GPL-3.0 and so not a dependency of this Apache-2.0 project
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.51": " (12-bit JPEG Extended: `pip install pylibjpeg pylibjpeg-libjpeg`, GPL-3.0)",
+}
 # Segmentation Storage and Surface Segmentation Storage: pixel data that are labels, not intensities
 _DICOM_NOT_IMAGES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5"}
 
@@ -168,7 +173,9 @@ def dicom_values(path: str | Path, frame: int | str | None = None) -> tuple[np.n
     try:
         arr = pixel_array(ds, index=k) if n_frames > 1 else ds.pixel_array
     except Exception as e:
-        raise OSError(f"{path}: cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "?"))
+        hint = _DECODER_HINTS.get(ts, "")
+        raise OSError(f"{path}: cannot decode pixel data ({ts}){hint}: {e}") from e
     if int(ds.get("SamplesPerPixel", 1)) == 1 and ds.get("PhotometricInterpretation") != "PALETTE COLOR":
         slope = _frame_attr(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _frame_attr(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
