@@ -282,6 +282,7 @@ def completion_logprobs(
     ``chunk_size`` bounds the completions of one forward pass (whole groups stay together)."""
     n = completion_ids.shape[0]
     if chunk_size and chunk_size < n:
+        chunks = row_chunks(group, n, chunk_size)
         parts = [
             completion_logprobs(
                 model,
@@ -295,9 +296,9 @@ def completion_logprobs(
                 entropy_grad,
                 with_hidden,
             )
-            for rows in row_chunks(group, n, chunk_size)
+            for rows in chunks
         ]
-        order = torch.cat(list(row_chunks(group, n, chunk_size))).argsort()
+        order = torch.cat(chunks).argsort()
         return _cat_logprobs(parts, order)
     # without gradients, under activation checkpointing, eval mode lets the prompt be shared (the
     # stages switch dropout off, so the log-probs are those of train mode)

@@ -105,7 +105,8 @@ def run_policy(
     n_images = [len(getattr(s, "images", []) or []) for s in batch.samples]
     group = batch.group if batch.group is not None and len(batch.group) == len(comp) else None
     logps, masses = [], []
-    for rows in row_chunks(group, len(comp), max(1, int(chunk_size))):
+    chunks = row_chunks(group, len(comp), max(1, int(chunk_size)))
+    for rows in chunks:
         sub = select_inputs(inputs, rows, n_images)
         args = (sub, comp[rows], cmask[rows])
         kw = dict(group=None if group is None else group[rows], n_images=[n_images[i] for i in rows.tolist()])
@@ -116,7 +117,7 @@ def run_policy(
             mass, lp = key_mass(model, *args, key_weights[rows].to(device), **kw)
             masses.append(mass)
             logps.append(lp)
-    order = torch.cat(row_chunks(group, len(comp), max(1, int(chunk_size)))).argsort()
+    order = torch.cat(chunks).argsort()
     res = {
         "token_logps": torch.cat(logps)[order],
         "mask": cmask.cpu().float(),
