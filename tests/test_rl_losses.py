@@ -127,18 +127,13 @@ def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, entropies, num_items, n
 
     from trl import GRPOTrainer
 
+    # the objective's settings, and TRL's features this comparison leaves off
+    objective = dict(loss_type=loss_type, beta=0.04, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=6)
+    off = dict(top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token")
+    off.update(use_vllm=False, vllm_importance_sampling_correction=False, _entropy_bonus_enabled=False)
     trainer = SimpleNamespace(
-        loss_type=loss_type,
-        beta=0.04,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        max_completion_length=6,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
-        _entropy_bonus_enabled=False,
+        **objective,
+        **off,
         aux_loss_enabled=False,
         current_gradient_accumulation_steps=1,
         model=SimpleNamespace(training=True),
