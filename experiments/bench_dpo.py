@@ -23,9 +23,10 @@ import warnings
 
 import torch
 
+from unveil.data.records import load_records
+
 
 def build(pairs: int):
-    import hydra
     from hydra import compose, initialize_config_dir
 
     import unveil.utils.resolvers  # noqa: F401
@@ -35,8 +36,7 @@ def build(pairs: int):
 
     with initialize_config_dir(config_dir=f"{project_root()}/conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=["debug=fast", "stage=dpo"])
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    dm = load_records(cfg.data)
     bb = build_backbone(cfg.model, corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
     train = dm.data["train"]
     samples = []

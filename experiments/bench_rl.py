@@ -33,6 +33,8 @@ import warnings
 
 import torch
 
+from unveil.data.records import load_records
+
 # renders HF content lists ({"type": "image"} / {"type": "text"}) exactly as the tiny template renders
 # the string "<image>\n<question>"
 STRUCTURED_TEMPLATE = (
@@ -48,7 +50,6 @@ STRUCTURED_TEMPLATE = (
 
 def build(prompts: int):
     """The tiny LLaVA saved to a temp dir, reloaded (as both frameworks see it), and P localisation prompts."""
-    import hydra
     from hydra import compose, initialize_config_dir
 
     import unveil.utils.resolvers  # noqa: F401
@@ -57,8 +58,7 @@ def build(prompts: int):
 
     with initialize_config_dir(config_dir=f"{project_root()}/conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=["debug=fast", "stage=grpo"])
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    dm = load_records(cfg.data)
     bb = build_backbone(cfg.model, corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
     path = tempfile.mkdtemp(prefix="bench_rl_model_")
     bb.save(path)

@@ -5,8 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from unveil.data import adapters
-from unveil.data.adapters import base, mau_jsonl
+from unveil.data.adapters import mau_jsonl
 from unveil.data.errors import RecordError
 
 
@@ -97,12 +96,12 @@ def test_other_field_errors(root):
 
 def test_skip_policy_counts(root, caplog):
     p = write(root, good(), good(id="r2", images=["images/missing.png"]), raw_lines=["{oops"])
-    samples = adapters.read("mau_jsonl", p, root=root, on_bad_record="skip")
+    samples = mau_jsonl.read(p, root=root, on_bad_record="skip")
     assert [s.id for s in samples] == ["r1"]
-    assert base.collect.last_skipped == 2
+    assert samples.skipped == 2
     assert "skipped 2 bad record(s)" in caplog.text
     with pytest.raises(ValueError, match="on_bad_record"):
-        adapters.read("mau_jsonl", p, root=root, on_bad_record="ignore")
+        mau_jsonl.read(p, root=root, on_bad_record="ignore")
 
 
 def test_preference_fields(root):
@@ -117,6 +116,8 @@ def test_preference_fields(root):
     assert s.rejected.images[0].endswith("noised.png") and s.weight == 0.4
 
 
-def test_unknown_format():
-    with pytest.raises(ValueError, match="unknown data format"):
-        adapters.read("nope", "x.jsonl")
+def test_an_adapter_target_that_names_nothing_fails_listing_the_data_configs():
+    from unveil.utils.plug import locate
+
+    with pytest.raises(ValueError, match=r"data.adapter._target_='unveil.data.adapters.nope.read'.*data=mau_jsonl"):
+        locate("unveil.data.adapters.nope.read", "data.adapter", group="data")

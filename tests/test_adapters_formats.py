@@ -6,6 +6,7 @@ and the real MMedPO records copied into ``tests/fixtures/formats/mmedpo/``.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import shutil
@@ -15,8 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from unveil.data import adapters
-from unveil.data.adapters import base, llava, med_mim, mmedpo, stllava_dpo, vqa_table
+from unveil.data.adapters import llava, med_mim, mmedpo, stllava_dpo, vqa_table
 from unveil.data.errors import RecordError
 from unveil.data.images import load_image
 from unveil.data.schema import IMAGE_PLACEHOLDER, validate_sample
@@ -59,19 +59,28 @@ def _all_valid(samples):
 # ==========================================================================================
 # registry and configs
 # ==========================================================================================
-def test_every_adapter_is_registered_with_a_data_config():
+def read(fmt: str, *args, **kw):
+    """The ``read`` of adapter module ``fmt`` (what ``data.adapter._target_`` names in its yaml)."""
+    return importlib.import_module(f"unveil.data.adapters.{fmt}").read(*args, **kw)
+
+
+def test_every_adapter_is_plugged_in_by_a_data_config():
+    from unveil.utils.plug import locate
+
     for name in FORMATS:
-        mod = adapters.get_adapter(name)
-        assert callable(mod.read)
         cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
-        assert cfg.format == name
-        assert cfg._target_ == "unveil.data.datamodule.UnveilDataModule"
+        assert cfg._target_ == "unveil.data.records.RecordSet"
+        assert cfg.adapter._target_ == f"unveil.data.adapters.{name}.read" and cfg.adapter._partial_
+        assert (
+            locate(cfg.adapter._target_, "data.adapter")
+            is importlib.import_module(f"unveil.data.adapters.{name}").read
+        )
         assert set(cfg.splits) == {"train", "val", "test"}
         assert cfg.splits.train
 
 
 def test_the_datamodule_call_reads_each_format():
-    """What UnveilDataModule.setup does per split (without importing Lightning: it is slow to load)."""
+    """What RecordSet.load does per split (without importing Lightning: it is slow to load)."""
     calls = {
         "llava": "llava/instruct.json",
         "med_mim": "med_mim/MedMIM_Held_in_Temporal.json",
@@ -80,10 +89,10 @@ def test_the_datamodule_call_reads_each_format():
         "stllava_dpo": "stllava/dpo.json",
     }
     for fmt, rel in calls.items():
-        samples = adapters.read(fmt, FIX / rel, root=FIX, on_bad_record="raise", check_images=True)
-        assert samples and base.collect.last_skipped == 0, fmt
+        samples = read(fmt, FIX / rel, root=FIX, on_bad_record="raise", check_images=True)
+        assert samples and samples.skipped == 0, fmt
         _all_valid(samples)
-    assert [s.meta["ability"] for s in adapters.read("med_mim", FIX / calls["med_mim"], root=FIX)] == ["temporal"] * 2
+    assert [s.meta["ability"] for s in med_mim.read(FIX / calls["med_mim"], root=FIX)] == ["temporal"] * 2
 
 
 # ==========================================================================================
@@ -154,7 +163,7 @@ def test_mmedpo_real_file_with_images_under_a_root(tmp_path):
     path = _shared("vqa-rad_dpo_weighted.sample.json")
     for r in json.loads(path.read_text(encoding="utf-8")):
         _png(tmp_path / r["image"])
-    samples = adapters.read("mmedpo", path, root=tmp_path)
+    samples = mmedpo.read(path, root=tmp_path)
     assert len(samples) == 15 and all(Path(p).exists() for s in samples for p in s.images)
 
 
@@ -280,7 +289,7 @@ def test_slake_json_language_filter_and_modality():
     every = vqa_table.read(path, root=FIX, image_dir="images")
     assert len(every) == 4
     en = vqa_table.read(path, root=FIX, image_dir="images", lang="en")
-    assert [s.id for s in en] == ["0", "2", "3"] and vqa_table.read.last_filtered == 1
+    assert [s.id for s in en] == ["0", "2", "3"] and en.filtered == 1
     _all_valid(en)
     a, b, c = en
     assert a.messages == [
@@ -312,7 +321,7 @@ def test_pathvqa_csv_yes_no_closed():
 
 
 def test_slake_jsonl():
-    samples = adapters.read("vqa_table", FIX / "vqa" / "slake.jsonl", root=FIX, image_dir="images")
+    samples = vqa_table.read(FIX / "vqa" / "slake.jsonl", root=FIX, image_dir="images")
     assert [(s.id, s.task) for s in samples] == [("10", "vqa_open"), ("11", "vqa_closed")]
 
 
@@ -519,7 +528,7 @@ def test_bad_record_names_file_record_and_field(tmp_path, fmt, kind, suffix, cha
     bad = _set(json.loads(json.dumps(good)), *change)
     path = _write(root, f"data{suffix}", [good, bad, good])
     with pytest.raises(RecordError) as e:
-        adapters.read(fmt, path, root=root)
+        read(fmt, path, root=root)
     err = e.value
     record = 2 if suffix == ".jsonl" else 1  # JSONL: line number; JSON array: index
     assert (err.file, err.record, err.field) == (str(path), record, field), str(err)
@@ -528,8 +537,8 @@ def test_bad_record_names_file_record_and_field(tmp_path, fmt, kind, suffix, cha
     # a line reads file:2, an array position file record [1] (file:1 would send the reader to a line)
     assert (f"{path}:{record} " if suffix == ".jsonl" else f"{path} record [{record}] ") in msg
     # skip: the bad record is dropped and counted, the good ones load
-    kept = adapters.read(fmt, path, root=root, on_bad_record="skip")
-    assert len(kept) == 2 and base.collect.last_skipped == 1
+    kept = read(fmt, path, root=root, on_bad_record="skip")
+    assert len(kept) == 2 and kept.skipped == 1
 
 
 @pytest.mark.parametrize("fmt,kind", [("llava", "llava_eval"), ("vqa_table", "vqa_table"), ("llava", "llava")])
@@ -538,10 +547,11 @@ def test_malformed_json_line_is_a_record_error(tmp_path, fmt, kind):
     good = json.dumps(_good(kind))
     path = _write(tmp_path, "d.jsonl", [good, '{"id": "x", "conversations": [', good, good])
     with pytest.raises(RecordError) as e:
-        adapters.read(fmt, path)
+        read(fmt, path)
     assert e.value.file == str(path) and e.value.record == 2 and "malformed JSON" in str(e.value)
     assert f"{path}:2" in str(e.value)
-    assert len(adapters.read(fmt, path, on_bad_record="skip")) == 3 and base.collect.last_skipped == 1
+    kept = read(fmt, path, on_bad_record="skip")
+    assert len(kept) == 3 and kept.skipped == 1
 
 
 def test_malformed_json_array_and_csv_rows(tmp_path):
@@ -549,7 +559,7 @@ def test_malformed_json_array_and_csv_rows(tmp_path):
     p.write_text('[{"id": 1,', encoding="utf-8")
     for fmt in FORMATS:
         with pytest.raises(RecordError, match="malformed JSON") as e:
-            adapters.read(fmt, p)
+            read(fmt, p)
         assert e.value.file == str(p)
     _png(tmp_path / "img.png")
     c = tmp_path / "t.csv"
@@ -557,7 +567,8 @@ def test_malformed_json_array_and_csv_rows(tmp_path):
     with pytest.raises(RecordError) as e:
         vqa_table.read(c)
     assert (e.value.record, "more than the header") == (3, "more than the header") and str(c) in str(e.value)
-    assert len(vqa_table.read(c, on_bad_record="skip")) == 1 and base.collect.last_skipped == 2
+    kept = vqa_table.read(c, on_bad_record="skip")
+    assert len(kept) == 1 and kept.skipped == 2
 
 
 def test_non_object_records_and_missing_files(tmp_path):
@@ -568,7 +579,7 @@ def test_non_object_records_and_missing_files(tmp_path):
     assert e.value.record == 1
     for fmt in FORMATS:
         with pytest.raises(RecordError, match="file not found"):
-            adapters.read(fmt, tmp_path / "nope.json")
+            read(fmt, tmp_path / "nope.json")
     with pytest.raises(RecordError, match="unknown table format"):
         vqa_table.read(_write(tmp_path, "x.xml", []))
     with pytest.raises(RecordError, match=r"lang='en'") as e:

@@ -21,6 +21,7 @@ from PIL import Image
 
 import unveil.utils.resolvers  # noqa: F401
 from unveil.data.collate import IGNORE, SFTCollator, backbone_messages
+from unveil.data.records import load_records
 from unveil.data.schema import Sample
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,10 +89,8 @@ def compose(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def dm():
-    import hydra
 
-    d = hydra.utils.instantiate(compose([]).data, _convert_="all")
-    d.setup()
+    d = load_records(compose([]).data)
     return d
 
 
@@ -356,7 +355,11 @@ def test_real_checkpoint_configs_fit_their_architecture(make_backbone, name):
 
     c = compose([f"model={name}", "peft=lora"])
     arch = REAL[name]
-    assert c.model.kind == "hf" and "/" in c.model.name_or_path and not c.model.trust_remote_code
+    assert (
+        c.model._target_ == "unveil.models.factory.hf"
+        and "/" in c.model.name_or_path
+        and not c.model.trust_remote_code
+    )
     assert c.model.box_format == EXPECT[arch]["box"] and c.model.structured_chat
     if c.model.chat_template:
         assert resolve_chat_template(c.model.chat_template) == CHAT_TEMPLATES[name]

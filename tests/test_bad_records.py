@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unveil.data import adapters
-from unveil.data.adapters import base, mau_jsonl
+from unveil.data.adapters import llava, mau_jsonl, vqa_table
 from unveil.data.errors import RecordError
 from unveil.data.images import image_size, load_image
 
@@ -55,8 +54,10 @@ def raises(path, root, **kw) -> RecordError:
     return e.value
 
 
-def skip_ids(path, root, **kw) -> list[str]:
-    return [s.id for s in mau_jsonl.read(path, root=root, on_bad_record="skip", **kw)]
+def skip_ids(path, root, **kw) -> tuple[list[str], int]:
+    """(ids of the records kept, number skipped) under on_bad_record=skip."""
+    got = mau_jsonl.read(path, root=root, on_bad_record="skip", **kw)
+    return [s.id for s in got], got.skipped
 
 
 def _noise(path: Path, fmt: str, size: int = 64) -> bytes:
@@ -81,7 +82,7 @@ def test_truncated_image_is_a_record_error_at_load_not_a_crash_in_training(root,
     e = raises(p, root)
     assert (e.file, e.record, e.field) == (str(p), 2, "images")
     assert f"{p}:2 field 'images'" in str(e) and "cannot decode" in str(e) and "truncated" in str(e)
-    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    assert skip_ids(p, root) == (["r1", "r3"], 1)
     # the single-path form names its own field, and check_images=false leaves it to the collator
     one = {k: v for k, v in good(1, image=f"images/cut{suffix}").items() if k != "images"}
     p = write_lines(root / "one.jsonl", [one])
@@ -104,9 +105,9 @@ def test_truncated_rejected_image_and_llava_image(root):
     ]
     (root / "llava.json").write_text(json.dumps(recs))
     with pytest.raises(RecordError, match="cannot decode") as e:
-        adapters.read("llava", root / "llava.json", root=root)
+        llava.read(root / "llava.json", root=root)
     assert (e.value.record, e.value.field) == (1, "image") and "record [1] field 'image'" in str(e.value)
-    assert [s.id for s in adapters.read("llava", root / "llava.json", root=root, on_bad_record="skip")] == ["0", "2"]
+    assert [s.id for s in llava.read(root / "llava.json", root=root, on_bad_record="skip")] == ["0", "2"]
 
 
 def test_truncated_image_bytes_in_a_table(tmp_path):
@@ -119,9 +120,9 @@ def test_truncated_image_bytes_in_a_table(tmp_path):
         pa.table({"image": [full, full[: len(full) // 2]], "question": ["a?", "b?"], "answer": ["yes", "no"]}), path
     )
     with pytest.raises(RecordError, match="cannot decode") as e:
-        adapters.read("vqa_table", path, image_cache=tmp_path / "c")
+        vqa_table.read(path, image_cache=tmp_path / "c")
     assert (e.value.record, e.value.field) == (1, "image")
-    assert len(adapters.read("vqa_table", path, image_cache=tmp_path / "c", on_bad_record="skip")) == 1
+    assert len(vqa_table.read(path, image_cache=tmp_path / "c", on_bad_record="skip")) == 1
 
 
 def test_truncated_dicom_and_nifti_are_record_errors(tmp_path):
@@ -171,22 +172,22 @@ def test_jsonl_line_not_utf8_is_a_record_error_for_that_line_only(root):
     assert f"{p}:2 field 'query'" in str(e) and "not valid UTF-8 at byte" in str(e) and "0xe9" in str(e)
     col = _latin1(good(2, query="Opacité?")).index(b"\xe9") + 1
     assert f"byte {col} of the line" in str(e)
-    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    assert skip_ids(p, root) == (["r1", "r3"], 1)
     # a bad byte outside any string: the line cannot be parsed, still one line lost
     p = write_lines(root / "b.jsonl", [good(1), b'{"id": "r2",\xff "query": "q"}', good(3)])
     e = raises(p, root)
     assert (e.record, e.field) == (2, None) and "not valid UTF-8 at byte 13" in str(e)
-    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    assert skip_ids(p, root) == (["r1", "r3"], 1)
 
 
 def test_utf8_bom_is_not_a_bad_record(root):
     bom = b"\xef\xbb\xbf"
     p = write_lines(root / "data.jsonl", [bom + json.dumps(good(1)).encode(), good(2)])
     assert [s.id for s in mau_jsonl.read(p, root=root)] == ["r1", "r2"]
-    assert skip_ids(p, root) == ["r1", "r2"] and base.collect.last_skipped == 0
+    assert skip_ids(p, root) == (["r1", "r2"], 0)
     # two files concatenated: the second one's BOM lands mid-file
     p = write_lines(root / "cat.jsonl", [bom + json.dumps(good(1)).encode(), bom + json.dumps(good(2)).encode()])
-    assert skip_ids(p, root) == ["r1", "r2"] and base.collect.last_skipped == 0
+    assert skip_ids(p, root) == (["r1", "r2"], 0)
     # a JSON array with a BOM
     recs = [
         {
@@ -197,7 +198,7 @@ def test_utf8_bom_is_not_a_bad_record(root):
         for i in range(2)
     ]
     (root / "d.json").write_bytes(bom + json.dumps(recs).encode())
-    assert [s.id for s in adapters.read("llava", root / "d.json", root=root)] == ["0", "1"]
+    assert [s.id for s in llava.read(root / "d.json", root=root)] == ["0", "1"]
 
 
 def test_json_array_not_utf8_names_record_line_and_field(root):
@@ -213,11 +214,11 @@ def test_json_array_not_utf8_names_record_line_and_field(root):
     (root / "d.json").write_bytes(text.encode("latin-1"))
     line = text[: text.index("Opacit")].count("\n") + 1
     with pytest.raises(RecordError) as e:
-        adapters.read("llava", root / "d.json", root=root)
+        llava.read(root / "d.json", root=root)
     assert (e.value.record, e.value.field) == (1, "conversations[1].value")
     assert f"record [1] field 'conversations[1].value': line {line}: not valid UTF-8" in str(e.value)
-    got = adapters.read("llava", root / "d.json", root=root, on_bad_record="skip")
-    assert [s.id for s in got] == ["0", "2"] and base.collect.last_skipped == 2
+    got = llava.read(root / "d.json", root=root, on_bad_record="skip")
+    assert [s.id for s in got] == ["0", "2"] and got.skipped == 2
 
 
 def test_csv_bom_and_bytes_not_utf8(tmp_path):
@@ -225,10 +226,10 @@ def test_csv_bom_and_bytes_not_utf8(tmp_path):
     rows = ["image,question,answer", "x.png,is it?,yes", "x.png,opacit\xe9?,no", "x.png,where?,left"]
     (tmp_path / "t.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode("latin-1") + b"\n")
     with pytest.raises(RecordError) as e:
-        adapters.read("vqa_table", tmp_path / "t.csv")
+        vqa_table.read(tmp_path / "t.csv")
     assert (e.value.record, e.value.field) == (3, "question") and "not valid UTF-8 (byte 0xe9)" in str(e.value)
-    got = adapters.read("vqa_table", tmp_path / "t.csv", on_bad_record="skip")
-    assert [s.target for s in got] == ["yes", "left"] and base.collect.last_skipped == 1
+    got = vqa_table.read(tmp_path / "t.csv", on_bad_record="skip")
+    assert [s.target for s in got] == ["yes", "left"] and got.skipped == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def test_field_kind_raise_names_file_line_field_and_skip_keeps_the_good_records(
     e = raises(p, root)
     assert (e.file, e.record, e.field) == (str(p), 2, field), str(e)
     assert f"{p}:2 field '{field}'" in str(e)
-    assert skip_ids(p, root) == ["r1", "r3"] and base.collect.last_skipped == 1
+    assert skip_ids(p, root) == (["r1", "r3"], 1)
 
 
 def test_fields_that_stay_accepted(root):
@@ -278,11 +279,11 @@ def test_image_placeholder_in_an_answer_of_the_other_formats(root):
     recs = [{"id": 0, "image": "images/a.png", "conversations": turns}]
     (root / "l.json").write_text(json.dumps(recs))
     with pytest.raises(RecordError) as e:
-        adapters.read("llava", root / "l.json", root=root)
+        llava.read(root / "l.json", root=root)
     assert (e.value.record, e.value.field) == (0, "conversations[1].value")
     (root / "t.jsonl").write_text(json.dumps({"image": "images/a.png", "question": "Q?", "answer": "<image>"}) + "\n")
     with pytest.raises(RecordError) as e:
-        adapters.read("vqa_table", root / "t.jsonl", root=root)
+        vqa_table.read(root / "t.jsonl", root=root)
     assert (e.value.record, e.value.field) == (1, "answer")
 
 
@@ -301,17 +302,17 @@ def test_duplicate_id_in_a_file(root):
     e = raises(p, root)
     assert (e.file, e.record, e.field) == (str(p), 3, "id")
     assert f"{p}:3 field 'id': 'r1' is a duplicate of line 1" in str(e)
-    assert skip_ids(p, root) == ["r1", "r2", "2"] and base.collect.last_skipped == 2  # int 2 and "2" are one id
+    assert skip_ids(p, root) == (["r1", "r2", "2"], 2)  # int 2 and "2" are one id
     # a bad record does not claim its id: the next good record with it is kept
     p = write_lines(root / "b.jsonl", [good(1, images=["images/missing.png"]), good(2, id="r1")])
-    assert skip_ids(p, root) == ["r1"] and base.collect.last_skipped == 1
+    assert skip_ids(p, root) == (["r1"], 1)
 
 
 def test_released_formats_keep_making_repeated_ids_unique(root):
     turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
     recs = [{"id": "fig1", "image": "images/a.png", "conversations": turns}] * 2
     (root / "l.json").write_text(json.dumps(recs))
-    assert [s.id for s in adapters.read("llava", root / "l.json", root=root)] == ["fig1", "fig1#2"]
+    assert [s.id for s in llava.read(root / "l.json", root=root)] == ["fig1", "fig1#2"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_record_longer_than_max_tokens_names_its_longest_field(root):
     )
     e = raises(p, root, max_tokens=16)
     assert (e.file, e.record, e.field) == (str(p), 2, "query") and "data.max_tokens=16" in str(e)
-    assert skip_ids(p, root, max_tokens=16) == ["r1", "r3"] and base.collect.last_skipped == 2
+    assert skip_ids(p, root, max_tokens=16) == (["r1", "r3"], 2)
     assert len(mau_jsonl.read(p, root=root)) == 4  # no limit by default at this level
     with pytest.raises(ValueError, match="max_tokens"):
         mau_jsonl.read(p, root=root, max_tokens=0)
@@ -338,5 +339,5 @@ def test_long_llava_turn_is_named(root):
     recs = [{"id": 0, "image": "images/a.png", "conversations": turns}]
     (root / "l.json").write_text(json.dumps(recs))
     with pytest.raises(RecordError) as e:
-        adapters.read("llava", root / "l.json", root=root, max_tokens=4)
+        llava.read(root / "l.json", root=root, max_tokens=4)
     assert (e.value.record, e.value.field) == (0, "conversations[1].value")

@@ -110,15 +110,30 @@ def test_multirun_in_a_subprocess(tmp_path):
     [
         ("stage.optim.scheduler=bogus", r"scheduler='bogus'; expected one of cosine, linear, constant"),
         ("+stage.optim.lrr=1e-4", r"unknown key\(s\) \['lrr'\].*\n  lr: peak learning rate"),
-        ("model.kind=tiny_lava", r"model.kind='tiny_lava'; expected one of tiny_llava, tiny_hf, hf"),
+        (
+            "model._target_=unveil.models.factory.tiny_lava",
+            r"model._target_='unveil.models.factory.tiny_lava' names nothing.*model=tiny_llava "
+            r"\(unveil.models.factory.tiny_llava\)",
+        ),
+        ("+data.batchsize=4", r"data: unknown key\(s\) \['batchsize'\].*valid keys: .*batch_size"),
+        ("+data.adapter.imagedir=x", r"data.adapter: unknown key\(s\) \['imagedir'\].*mau_jsonl.read"),
+        ("peft=lora +peft.rr=4", r"peft: unknown key\(s\) \['rr'\] for peft.tuners.lora.config.LoraConfig"),
+        ("+stage.num_generation=4", r"stage: unknown key\(s\) \['num_generation'\]"),
+        (
+            "stage=grpo reward=umed +reward.localization.iou_mode=giou",
+            r"reward.localization: unknown key\(s\) \['iou_mode'\]",
+        ),
+        ("stage._target_=unveil.stages.grpo.GRPOModul", r"stage._target_=.*names nothing.*stage=grpo"),
     ],
 )
-def test_an_unknown_model_kind_optimiser_key_or_scheduler_fails_before_any_work(make_cfg, tmp_path, override, message):
+def test_an_unknown_component_key_optimiser_key_or_scheduler_fails_before_any_work(
+    make_cfg, tmp_path, override, message
+):
     """Before: the scheduler silently became linear decay, a misspelt key was ignored."""
     from unveil.train import train
 
     with pytest.raises(ValueError, match=message):
-        train(make_cfg("debug=fast", override))
+        train(make_cfg("debug=fast", *override.split()))
     assert not (tmp_path / "data").exists()  # no data generated, no model built
 
 
@@ -132,3 +147,27 @@ def test_a_resume_with_another_schedule_warns(make_cfg, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="unveil.stages.base"):
         train(make_cfg("debug=fast", "trainer.max_steps=7", "eval.enabled=false", "ckpt_path=last"))
     assert "another learning-rate schedule" in caplog.text and "'total': 4" in caplog.text
+
+
+def test_a_run_config_of_the_registry_era_reads_as_the_current_one():
+    """`python -m unveil.eval <old run>`: model.kind, peft.kind, data.format/adapter_kwargs and
+    synthetic.kind (before one plug-in mechanism) become the `_target_`s the current config has."""
+    from omegaconf import OmegaConf, open_dict
+
+    from unveil.eval.old_configs import upgrade
+
+    now = compose(["debug=fast", "peft=lora", "peft.r=4", "peft.lora_alpha=8", "data=synthetic_mim"])
+    old = now.copy()
+    with open_dict(old):
+        old.model.kind = old.model.pop("_target_").rsplit(".", 1)[1]
+        old.peft = {"kind": "lora", "r": 4, "alpha": 8, "dropout": now.peft.lora_dropout}
+        old.peft.target_modules, old.peft.modules_to_save = now.peft.target_modules, []
+        old.data._target_ = "unveil.data.datamodule.UnveilDataModule"
+        old.data.format, old.data.adapter_kwargs = "mau_jsonl", {}
+        del old.data.adapter
+        old.data.synthetic.kind = "multi_image"
+        del old.data.synthetic._target_
+    got = upgrade(old)
+    for group in ("model", "peft", "data"):
+        assert OmegaConf.to_container(got[group]) == OmegaConf.to_container(now[group]), group
+    assert upgrade(now) == now  # a current config passes through

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from unveil.data.records import load_records
 from unveil.models.generation import MedianCoordinate, grid_token_ids
 
 
@@ -42,14 +43,12 @@ def test_bad_coord_decoding_fails_before_training(make_cfg):
 
 
 def test_evaluate_with_median_decoding_on_the_tiny_model(make_cfg, tmp_path):
-    import hydra
 
     from unveil.eval.evaluate import evaluate
     from unveil.models.factory import build_backbone
 
     cfg = make_cfg("debug=fast")
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    dm = load_records(cfg.data)
     bb = build_backbone(cfg.model, corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
     samples = [s for s in dm.data["test"] if s.task == "localize"][:8]
     a = evaluate(bb, samples, None, progress=False, max_new_tokens=24)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unveil.data.datamodule import UnveilDataModule
+from unveil.data.adapters import mau_jsonl, vqa_table
 from unveil.data.errors import RecordError
+from unveil.data.records import RecordSet
 
 
 def rec(i, **kw) -> dict:
@@ -29,8 +30,8 @@ def write_splits(root: Path, splits: dict[str, list[dict]]) -> Path:
     return root
 
 
-def dm(root: Path, **kw) -> UnveilDataModule:
-    return UnveilDataModule(root=str(root), format="mau_jsonl", **kw)
+def dm(root: Path, **kw) -> RecordSet:
+    return RecordSet(root=str(root), adapter=mau_jsonl.read, **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def test_a_training_id_in_test_is_an_error_naming_the_files_and_ids(tmp_path):
         {"train": [rec(i) for i in range(6)], "val": [rec(10)], "test": [rec(20), rec(3), rec(21), rec(1)]},
     )
     with pytest.raises(RecordError) as e:
-        dm(tmp_path).setup()
+        dm(tmp_path).load()
     msg = str(e.value)
     assert e.value.file == str(tmp_path / "test.jsonl") and e.value.field == "id"
     assert str(tmp_path / "train.jsonl") in msg and "2 record id(s)" in msg and "['r1', 'r3']" in msg
@@ -53,36 +54,41 @@ def test_allow_split_overlap_warns_and_loads(tmp_path, caplog):
     write_splits(tmp_path, {"train": [rec(1), rec(2)], "val": [rec(2)], "test": [rec(3)]})
     d = dm(tmp_path, allow_split_overlap=True)
     with caplog.at_level(logging.WARNING):
-        d.setup()
+        d.load()
     assert [s.id for s in d.data["val"]] == ["r2"] and "allow_split_overlap=true" in caplog.text
 
 
 def test_disjoint_splits_and_ids_made_from_positions_pass(tmp_path):
     write_splits(tmp_path, {"train": [rec(1), rec(2)], "val": [rec(3)], "test": [rec(4)]})
     d = dm(tmp_path)
-    d.setup()
+    d.load()
     assert {k: len(v) for k, v in d.data.items()} == {"train": 2, "val": 1, "test": 1}
     # a table without an id column: row numbers repeat in every file and name nothing
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     for name in ("train", "test"):
         (tmp_path / f"{name}.csv").write_text("image,question,answer\nx.png,is it?,yes\nx.png,where?,left\n")
-    d = UnveilDataModule(root=str(tmp_path), format="vqa_table", splits={"train": "train.csv", "test": "test.csv"})
-    d.setup()
+    d = RecordSet(root=str(tmp_path), adapter=vqa_table.read, splits={"train": "train.csv", "test": "test.csv"})
+    d.load()
     assert [s.id for s in d.data["test"]] == ["2", "3"]
     # with an id column the ids count
     for name, qid in (("train", 7), ("test", 7)):
         (tmp_path / f"{name}.csv").write_text(f"qid,image,question,answer\n{qid},x.png,is it?,yes\n")
-    d = UnveilDataModule(root=str(tmp_path), format="vqa_table", splits={"train": "train.csv", "test": "test.csv"})
+    d = RecordSet(root=str(tmp_path), adapter=vqa_table.read, splits={"train": "train.csv", "test": "test.csv"})
     with pytest.raises(RecordError, match=r"\['7'\]"):
-        d.setup()
+        d.load()
 
 
 def test_the_synthetic_sets_have_no_overlap(tmp_path):
-    d = UnveilDataModule(root=str(tmp_path / "syn"), synthetic={"n_patients": 30, "seed": 1})
-    d.setup()
+    from unveil.data.synthetic import SyntheticConfig
+    from unveil.data.synthetic.multi_image import MultiImageConfig
+
+    d = RecordSet(root=str(tmp_path / "syn"), adapter=mau_jsonl.read, synthetic=SyntheticConfig(n_patients=30, seed=1))
+    d.load()
     assert set(d.data) == {"train", "val", "test"}
-    d = UnveilDataModule(root=str(tmp_path / "mim"), synthetic={"kind": "multi_image", "n_patients": 30, "seed": 1})
-    d.setup()
+    d = RecordSet(
+        root=str(tmp_path / "mim"), adapter=mau_jsonl.read, synthetic=MultiImageConfig(n_patients=30, seed=1)
+    )
+    d.load()
     assert set(d.data) == {"train", "val", "test"}
 
 
@@ -93,13 +99,13 @@ def test_a_huge_query_is_skipped_and_counted_by_default(tmp_path):
     huge = rec(2, query="opacity " * 1_000_000)  # 8 MB: far past 4096 tokens
     write_splits(tmp_path, {"train": [rec(1), huge, rec(3)], "val": [rec(4)], "test": [rec(5)]})
     with pytest.raises(RecordError, match="data.max_tokens=4096") as e:
-        dm(tmp_path).setup()
+        dm(tmp_path).load()
     assert (e.value.file, e.value.record, e.value.field) == (str(tmp_path / "train.jsonl"), 2, "query")
     d = dm(tmp_path, on_bad_record="skip")
-    d.setup()
+    d.load()
     assert [s.id for s in d.data["train"]] == ["r1", "r3"] and d.skipped == {"train": 1, "val": 0, "test": 0}
     d = dm(tmp_path, max_tokens=None)  # null: no limit
-    d.setup()
+    d.load()
     assert len(d.data["train"]) == 3
 
 
@@ -144,14 +150,15 @@ def test_sft_collator_applies_max_length_keeping_the_start(tiny_bb):
 def test_the_datamodule_gives_training_collators_max_tokens(tiny_bb, tmp_path):
     from unveil.data.collate import PromptCollator, SFTCollator
     from unveil.data.collate_pref import PreferenceCollator
+    from unveil.data.datamodule import UnveilDataModule
 
     bb, _ = tiny_bb
     write_splits(tmp_path, {"train": [rec(1)], "val": [rec(2)], "test": [rec(3)]})
-    d = dm(tmp_path, max_tokens=300)
-    d.setup()
-    d.collate_fn, d.eval_collate_fn = SFTCollator(bb), PromptCollator(bb)
-    d.train_dataloader(), d.val_dataloader(), d.test_dataloader()
-    assert d.collate_fn.max_length == 300 and d.eval_collate_fn.max_length is None
-    d.collate_fn = PreferenceCollator(bb, max_length=128)  # the stage's own setting wins
+    records = dm(tmp_path, max_tokens=300).load()
+    d = UnveilDataModule(records, SFTCollator(bb))
+    d.train_dataloader(), d.val_dataloader()
+    assert d.collate_fn.max_length == 300
+    assert UnveilDataModule(records, PromptCollator(bb)).collate_fn.max_length is None  # generation needs it whole
+    d = UnveilDataModule(records, PreferenceCollator(bb, max_length=128))  # the stage's own setting wins
     d.train_dataloader()
     assert d.collate_fn.max_length == 128

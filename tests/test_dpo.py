@@ -16,6 +16,7 @@ from PIL import Image
 
 import unveil.utils.resolvers  # noqa: F401
 from unveil.data.collate import IGNORE
+from unveil.data.records import load_records
 from unveil.data.schema import Rejected, Sample
 from unveil.models.inputs import model_inputs
 from unveil.models.policy import answer_logprobs
@@ -41,15 +42,13 @@ def compose(overrides: list[str]):
 def tiny(tmp_path_factory):
     """The debug-size synthetic data and a factory for the tiny LLaVA (with or without LoRA),
     with data and tokenizer caches in a temporary directory."""
-    import hydra
 
     from unveil.models.factory import build_backbone
 
     tmp = tmp_path_factory.mktemp("dpo")
     paths = [f"paths.data_dir={tmp / 'data'}", f"paths.cache_dir={tmp / 'cache'}"]
     cfg = compose(paths)
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    dm = load_records(cfg.data)
 
     def backbone(peft: str = "none"):
         c = compose([*paths, f"peft={peft}"])

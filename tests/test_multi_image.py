@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from unveil.data.adapters import mau_jsonl
+from unveil.data.records import load_records
 from unveil.data.schema import IMAGE_PLACEHOLDER, validate_sample
 from unveil.data.synthetic.multi_image import COMPARISON, TEMPORAL, MultiImageConfig, chance, generate_multi_image
 from unveil.eval.evaluate import mcq_letter
@@ -173,15 +174,13 @@ def test_splits_by_patient(mim):
 def mim_setup(tmp_path_factory):
     """The experiment's real config, shrunk: datamodule (via the `kind: multi_image` hook) + backbone."""
     from conftest import compose
-    from hydra.utils import instantiate
 
     from unveil.models.factory import build_backbone
 
     tmp = tmp_path_factory.mktemp("mimcfg")
     cfg = compose(["experiment=mim_sft", "data.synthetic.n_patients=16"], tmp=tmp)
-    assert cfg.optimized_metric == "test/mcq_acc" and cfg.data.synthetic.kind == "multi_image"
-    dm = instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    assert cfg.optimized_metric == "test/mcq_acc" and cfg.data.synthetic._target_.endswith("MultiImageConfig")
+    dm = load_records(cfg.data)
     bb = build_backbone(cfg.model, corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
     return cfg, dm, bb
 

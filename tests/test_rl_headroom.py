@@ -5,6 +5,7 @@ import pytest
 from conftest import compose, load_experiment
 
 from unveil.data.boxes import IntGridFormat
+from unveil.data.records import load_records
 from unveil.data.schema import Sample
 
 
@@ -31,14 +32,12 @@ def test_study_iou_hand_computed(hr):
 
 
 def test_headroom_bounds_on_the_tiny_model(hr):
-    import hydra
     import torch
 
     from unveil.models.factory import build_backbone
 
     c = compose(["debug=fast"])
-    dm = hydra.utils.instantiate(c.data, _convert_="all")
-    dm.setup()
+    dm = load_records(c.data)
     bb = build_backbone(c.model, peft=c.peft, corpus=dm.corpus(), cache_dir=c.paths.cache_dir)
     samples = [s for s in dm.data["test"] if s.task == "localize" and s.boxes][:6]
     assert samples

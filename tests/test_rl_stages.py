@@ -11,6 +11,8 @@ import torch
 from omegaconf.errors import InterpolationResolutionError
 
 import unveil.utils.resolvers  # noqa: F401
+from unveil.data.datamodule import UnveilDataModule
+from unveil.data.records import load_records
 from unveil.models.policy import ReferencePolicy, position_ids_from_mask
 from unveil.rewards.base import RewardOutput
 from unveil.stages.rollout import sample_rollouts
@@ -29,13 +31,11 @@ def compose(overrides: list[str]):
 @pytest.fixture(scope="module")
 def tiny():
     """The debug-size synthetic data and a factory for the tiny LLaVA (random init, or LoRA)."""
-    import hydra
 
     from unveil.models.factory import build_backbone
 
     cfg = compose(["debug=fast"])
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
+    dm = load_records(cfg.data)
 
     def backbone(peft: str = "none"):
         c = compose(["debug=fast", f"peft={peft}"])
@@ -77,7 +77,9 @@ def mixed_batch(module, dm, n=4):
 def test_stage_configs_compose(stage, target):
     cfg = compose(["debug=fast", f"stage={stage}", "reward=umed", "trainer.gradient_clip_val=0.7"])
     assert cfg.stage._target_ == target
-    assert cfg.stage.needs_rewards is True
+    from unveil.utils.plug import locate
+
+    assert locate(cfg.stage._target_, "stage").needs_rewards is True
     assert cfg.stage.max_grad_norm == 0.7  # follows trainer.gradient_clip_val
     assert cfg.stage.val_num_generations == cfg.stage.num_generations
     assert set(cfg.reward) == {"relevance", "localization", "vision_relevance"}
@@ -373,7 +375,7 @@ def fit_batches(module, dm, n_batches: int, tmp_path):
     """One epoch of ``n_batches`` rollout batches of 4 prompts; returns the Trainer."""
     import pytorch_lightning as pl
 
-    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+    batch_size, dm.batch_size = dm.batch_size, 4
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -386,7 +388,7 @@ def fit_batches(module, dm, n_batches: int, tmp_path):
         limit_val_batches=0,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    trainer.fit(module, train_dataloaders=UnveilDataModule(dm, module.collator).train_dataloader())
     dm.batch_size = batch_size
     return trainer
 
@@ -461,7 +463,7 @@ def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
             max_new_tokens=8,
             log_completions_every=0,
         )
-        saved_bs, dm.batch_size, dm.collate_fn = dm.batch_size, 2, module.collator
+        saved_bs, dm.batch_size = dm.batch_size, 2
         trainer = pl.Trainer(
             max_steps=max_steps,
             logger=False,
@@ -471,7 +473,9 @@ def test_grpo_resume_keeps_the_initial_reference(tiny, tmp_path):
             limit_val_batches=0,
             default_root_dir=str(tmp_path),
         )
-        trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+        trainer.fit(
+            module, train_dataloaders=UnveilDataModule(dm, module.collator).train_dataloader(), ckpt_path=ckpt_path
+        )
         dm.batch_size = saved_bs
         return trainer, module, init
 
@@ -561,7 +565,7 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
             return out
 
         module.groups_with_spread = recording
-        saved, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+        saved, dm.batch_size = dm.batch_size, 4
         pl.seed_everything(0)
         trainer = pl.Trainer(
             max_epochs=epochs,
@@ -574,7 +578,9 @@ def test_grpo_fill_batch_resumes_with_the_held_groups(tiny, tmp_path):
             limit_val_batches=0,
             default_root_dir=str(tmp_path),
         )
-        trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+        trainer.fit(
+            module, train_dataloaders=UnveilDataModule(dm, module.collator).train_dataloader(), ckpt_path=ckpt_path
+        )
         dm.batch_size = saved
         return trainer, module, sizes
 
@@ -661,7 +667,7 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
         return float(reward(sample_rollouts(bb, prompts, 8, 16).reward_batch()).total.mean())
 
     before = mean_reward()
-    batch_size, dm.batch_size, dm.collate_fn = dm.batch_size, 4, module.collator
+    batch_size, dm.batch_size = dm.batch_size, 4
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_steps=6,
@@ -673,7 +679,7 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
         limit_val_batches=0,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    trainer.fit(module, train_dataloaders=UnveilDataModule(dm, module.collator).train_dataloader())
     dm.batch_size = batch_size
     after = mean_reward()
     print(f"{algo}: mean toy reward {before:.3f} -> {after:.3f}")

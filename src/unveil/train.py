@@ -19,17 +19,37 @@ from unveil.utils import resolvers  # noqa: F401  (registers ${unveil.*} resolve
 log = logging.getLogger("unveil.train")
 
 
-def build_stage(cfg: DictConfig, backbone, datamodule):
-    """Instantiate the stage module; RL stages also get their reward heads."""
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on a typo: every component's ``_target_`` and keys (data and its adapter,
+    model, LoRA, stage), the optimiser keys and the scheduler, each error listing the valid choices."""
+    from unveil.models.factory import check_model
+    from unveil.stages.optim import check_optim
+    from unveil.utils.plug import as_dict, check, locate
+
+    check(as_dict(cfg.data), "data", group="data")
+    check_model(cfg.model)
+    if cfg.get("peft") and cfg.peft.get("_target_"):
+        check(as_dict(cfg.peft), "peft", group="peft")
+    stage = locate(cfg.stage.get("_target_"), "stage", group="stage")
+    check(as_dict(cfg.stage), "stage", group="stage", given=("backbone", "rewards"))
+    check_optim(cfg.stage.get("optim"))
+    if getattr(stage, "needs_rewards", False):
+        for name, head in as_dict(cfg.get("reward")).items():
+            if isinstance(head, dict) and "_target_" in head:
+                check(head, f"reward.{name}", group="reward", given=("weight", "norm"))
+
+
+def build_stage(cfg: DictConfig, backbone, records):
+    """The stage module ``stage._target_`` names; a stage class that ``needs_rewards`` (RL) also gets
+    the ``reward`` group's heads, bound to this backbone and the data's finding vocabulary."""
+    from unveil.utils.plug import as_dict, instantiate, locate
+
     kwargs = {"backbone": backbone}
-    if cfg.stage.get("needs_rewards", False):
+    if getattr(locate(cfg.stage.get("_target_"), "stage", group="stage"), "needs_rewards", False):
         from unveil.rewards import build_rewards
 
-        kwargs["rewards"] = build_rewards(cfg.reward, backbone=backbone, vocab=datamodule.findings())
-    stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
-    stage_cfg.pop("needs_rewards", None)
-    # _partial_: objects like the backbone must not pass through OmegaConf (it would copy them)
-    return hydra.utils.instantiate(stage_cfg, _partial_=True, _convert_="all")(**kwargs)
+        kwargs["rewards"] = build_rewards(cfg.reward, backbone=backbone, vocab=records.findings())
+    return instantiate(as_dict(cfg.stage), "stage", group="stage", **kwargs)
 
 
 def resolve_ckpt_path(value, output_dir: Path) -> str | None:
@@ -55,37 +75,6 @@ def resolve_ckpt_path(value, output_dir: Path) -> str | None:
     return str(path)
 
 
-def _warm_up_vision(cfg: DictConfig, backbone, dm, ckpt_path: str | None) -> dict:
-    """Warm a tower built in code up on the training split's boxes (``model.vision_pretrain``) at the
-    start of a fresh run; returns the warm-up's stats (empty when it does not run)."""
-    warmup = dict(cfg.model.get("vision_pretrain") or {})
-    built_in_code = cfg.model.kind == "tiny_llava"  # checkpoints bring their own pretrained tower
-    if not (built_in_code and warmup.get("steps", 0) > 0):
-        return {}
-    if ckpt_path and not cfg.model.get("init_from") and not str(cfg.stage.get("_target_", "")).endswith("SFTModule"):
-        # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
-        log.warning(
-            "resuming %s without model.init_from: the first run warmed the vision tower up before "
-            "taking its reference model, the resumed run does not, so its reference differs. Start "
-            "RL/DPO from model.init_from=<SFT run>, which a resume reloads.",
-            cfg.stage.get("_target_"),
-        )
-    if cfg.model.get("init_from") or ckpt_path:
-        return {}
-    # a model built in code has no pretrained vision encoder: warm its tower up first
-    from unveil.models.vision_pretrain import pretrain_vision_tower
-
-    if any(s.task == "localize" and s.images for s in dm.data["train"]):
-        return pretrain_vision_tower(
-            backbone, dm.data["train"], seed=cfg.seed, val_samples=dm.data.get("val"), **warmup
-        )
-    log.warning(
-        "model.vision_pretrain skipped: the training split has no 'localize' records to learn "
-        "lesion features from, so the tower starts untrained"
-    )
-    return {}
-
-
 def _build_trainer(cfg: DictConfig, module, resuming: bool):
     """(trainer, loggers, CSV history) for ``module``; the loggers have logged the resolved config."""
     from unveil.utils.csv_history import CSVHistory
@@ -106,13 +95,13 @@ def _build_trainer(cfg: DictConfig, module, resuming: bool):
     return trainer, loggers, history
 
 
-def _final_eval(cfg: DictConfig, backbone, dm, out: Path, metrics: dict, loggers, step: int) -> None:
+def _final_eval(cfg: DictConfig, backbone, records, out: Path, metrics: dict, loggers, step: int) -> None:
     """Score the trained backbone on ``eval.split`` into ``metrics`` (predictions.jsonl into ``out``),
     log the test/ metrics and print the table."""
     from unveil.eval.evaluate import evaluate, format_table
 
     split = cfg.eval.split
-    if not dm.data.get(split):  # a data set released as training pairs only (MMedPO, STLLaVA-Med DPO)
+    if not records.data.get(split):  # a data set released as training pairs only (MMedPO, STLLaVA-Med DPO)
         log.warning(
             "eval.split=%s: this data set has no %s split (data.splits.%s is null or empty), so there is "
             "no evaluation; metrics.json holds the training metrics. Evaluate with `python -m unveil.eval` "
@@ -125,12 +114,12 @@ def _final_eval(cfg: DictConfig, backbone, dm, out: Path, metrics: dict, loggers
     metrics.update(
         evaluate(
             backbone,
-            dm.data[split],
+            records.data[split],
             out,
             prefix="test",
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
-            vocab=dm.findings(),
+            vocab=records.findings(),
             coord_decoding=cfg.eval.get("coord_decoding", "argmax"),
         )
     )
@@ -143,29 +132,35 @@ def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from unveil.models.factory import build_backbone, check_model
+    from unveil.data.datamodule import UnveilDataModule
+    from unveil.data.records import load_records
+    from unveil.models.factory import build_backbone
     from unveil.stages.guard import assert_finite_weights
-    from unveil.stages.optim import check_optim
     from unveil.utils.io import write_metrics
 
-    check_model(cfg.model)  # a typo in the model kind, an optimiser key or the scheduler fails before any work
-    check_optim(cfg.stage.get("optim"))
+    check_config(cfg)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.setup()
-    backbone = build_backbone(cfg.model, peft=cfg.get("peft"), corpus=dm.corpus(), cache_dir=cfg.paths.cache_dir)
+    # records -> backbone -> stage module -> datamodule(records, module.collator) -> trainer
+    records = load_records(cfg.data)
+    backbone = build_backbone(
+        cfg.model,
+        peft=cfg.get("peft"),
+        records=records,
+        cache_dir=cfg.paths.cache_dir,
+        resuming=bool(ckpt_path),
+        seed=cfg.seed,
+    )
     if cfg.eval.enabled:  # a decoding this backbone cannot do fails now, not after training
         from unveil.models.generation import coord_processor
 
         coord_processor(backbone, cfg.eval.get("coord_decoding", "argmax"))
-    warmup_stats = _warm_up_vision(cfg, backbone, dm, ckpt_path)
-    module = build_stage(cfg, backbone, dm)
-    dm.collate_fn, dm.eval_collate_fn = module.collator, getattr(module, "eval_collator", None)
+    module = build_stage(cfg, backbone, records)
+    dm = UnveilDataModule(records, collate_fn=module.collator)
     trainer, loggers, history = _build_trainer(cfg, module, resuming=bool(ckpt_path))
 
     # our checkpoints hold plain tensors only (RNG states, held RL groups included), so resuming
@@ -174,13 +169,13 @@ def train(cfg: DictConfig) -> dict:
     history.finish()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update({f"data/skipped_{k}": v for k, v in dm.skipped.items()})
-    metrics.update(warmup_stats)
+    metrics.update({f"data/skipped_{k}": v for k, v in records.skipped.items()})
+    metrics.update(backbone.build_metrics)
     assert_finite_weights(backbone.model)
     if trainer.is_global_zero:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:
-            _final_eval(cfg, backbone, dm, out, metrics, loggers, trainer.global_step)
+            _final_eval(cfg, backbone, records, out, metrics, loggers, trainer.global_step)
         write_metrics(out / "metrics.json", metrics)
     return metrics
 

@@ -64,19 +64,17 @@ def _image_folder_inputs(cfg: DictConfig) -> tuple[Path, dict]:
 
 def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
     """(input root, {split: [Sample]}) from the ``data`` group or an ``input_images`` folder."""
-    from unveil.data import adapters
-    from unveil.data.adapters.base import collect
+    from unveil.utils.plug import instantiate
 
     if cfg.get("input_images"):
         return _image_folder_inputs(cfg)
     data = cfg.data
     root = Path(str(data.root))
     if data.get("synthetic"):
-        from unveil.data.synthetic import SyntheticConfig, generate
+        from unveil.data.synthetic import make
 
-        syn = OmegaConf.to_container(data.synthetic, resolve=True)
-        syn["studies_per_patient"] = tuple(syn.get("studies_per_patient", (1, 3)))
-        generate(SyntheticConfig(**syn), root, progress=bool(cfg.progress))
+        make(instantiate(data.synthetic, "data.synthetic"), root, progress=bool(cfg.progress))
+    read = instantiate(data.adapter, "data.adapter")
     tasks = set(cfg.tasks) if cfg.get("tasks") else None
     out = {}
     for split, rel in (data.splits or {}).items():
@@ -86,16 +84,15 @@ def load_inputs(cfg: DictConfig) -> tuple[Path, dict]:
         if not path.exists():
             log.warning("input split %s: %s not found, skipped", split, path)
             continue
-        samples = adapters.read(
-            data.format,
+        samples = read(
             path,
             root=root,
             on_bad_record=data.get("on_bad_record", "raise"),
             check_images=bool(data.get("check_images", True)),
             max_tokens=data.get("max_tokens"),
         )
-        if collect.last_skipped:
-            log.warning("input split %s: %d bad record(s) skipped", split, collect.last_skipped)
+        if samples.skipped:
+            log.warning("input split %s: %d bad record(s) skipped", split, samples.skipped)
         if tasks is not None:
             samples = [s for s in samples if s.task in tasks]
         n = _limit(cfg.get("max_samples"), split)

@@ -145,11 +145,11 @@ class Context:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self._backbone is None:
-            from unveil.models.factory import build_backbone
+            from unveil.models.factory import build_backbone, built_in_code
 
             if self.model_cfg is None:
                 raise ValueError("this builder needs a model: pass a `model` config")
-            if self.model_cfg.get("kind") == "tiny_llava" and not self.model_cfg.get("init_from"):
+            if built_in_code(self.model_cfg):
                 log.warning(
                     "sampling from an untrained tiny model (model.init_from is unset): "
                     "answers will be noise; use model.init_from=<SFT run> for real data"

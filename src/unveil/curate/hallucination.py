@@ -17,7 +17,7 @@ Two ways to get the dispreferred answer of a (image, query, reference) triple:
   normal, yes <-> no). Rules that do not apply to an answer (no box to move, no finding to
   swap) are passed over; the order is drawn per sample from the seed.
 - ``sampler=auto`` (default): ``model`` when the model config names trained weights
-  (``model.init_from`` or ``model.kind=hf``), else ``rules``.
+  (``model.init_from`` or ``model=hf``), else ``rules``.
 
 Boxes in answers are on the 0-100 grid of record files; model output is converted to it.
 """
@@ -276,7 +276,7 @@ class HallucinationBuilder(BaseBuilder):
         if self.sampler != "auto":
             return self.sampler == "model"
         m = ctx.model_cfg
-        return m is not None and (bool(m.get("init_from")) or m.get("kind") == "hf")
+        return m is not None and (bool(m.get("init_from")) or str(m.get("_target_", "")).endswith(".factory.hf"))
 
     def sample_answers(self, chunk: list[Sample], ctx: Context) -> list[list[str]]:
         from unveil.data.collate import PromptCollator

@@ -13,6 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from unveil.data.records import load_records
+from unveil.eval.old_configs import upgrade
 from unveil.utils import resolvers  # noqa: F401
 
 log = logging.getLogger("unveil.eval")
@@ -37,10 +39,9 @@ def load_for_eval(ckpt_path: str | Path, data_cfg=None):
         raise ValueError(
             f"{ckpt}: not inside a training run (no .hydra/config.yaml above it); pass data=... explicitly"
         )
-    run_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml") if run_dir else None
+    run_cfg = upgrade(OmegaConf.load(run_dir / ".hydra" / "config.yaml")) if run_dir else None
     dcfg = data_cfg if data_cfg is not None else run_cfg.data
-    dm = hydra.utils.instantiate(dcfg, _convert_="all")
-    dm.setup()
+    dm = load_records(dcfg)
     if ckpt.suffix == ".ckpt":
         model_cfg = run_cfg.model.copy()
         with open_dict(model_cfg):
@@ -50,7 +51,11 @@ def load_for_eval(ckpt_path: str | Path, data_cfg=None):
         from omegaconf import OmegaConf as OC
 
         src = ckpt / "backbone" if (ckpt / "backbone" / "config.json").exists() else ckpt
-        model_cfg = run_cfg.model.copy() if run_cfg else OC.create({"kind": "hf", "box_format": "int100"})
+        model_cfg = (
+            run_cfg.model.copy()
+            if run_cfg
+            else OC.create({"_target_": "unveil.models.factory.hf", "box_format": "int100"})
+        )
         with open_dict(model_cfg):
             model_cfg.init_from = str(src)
         peft = None  # saved backbones have LoRA merged

@@ -1,9 +1,10 @@
 """The backbone factory: one entry point for the tiny model built in code and HF checkpoints.
 
-``model.kind=tiny_llava`` builds a LLaVA from a config with a tokenizer trained on the data's
-text (cached); ``model.kind=tiny_hf model.arch=...`` a tiny random model of a real HF VLM
-architecture with its real processor class (:mod:`unveil.models.tiny_hf`); ``model.kind=hf``
-loads ``model.name_or_path`` (hub id or local dir).
+``model._target_`` names the builder, ``builder(cfg, corpus, cache_dir) -> Backbone``:
+:func:`tiny_llava` builds a LLaVA from a config with a tokenizer trained on the data's text
+(cached); :func:`tiny_hf` (``model.arch=...``) a tiny random model of a real HF VLM architecture
+with its real processor class (:mod:`unveil.models.tiny_hf`); :func:`hf` loads
+``model.name_or_path`` (hub id or local dir). A new backbone family is one builder plus one yaml.
 ``model.init_from`` starts from an earlier run (its ``backbone/`` dir), a saved HF dir, or a
 Lightning ``.ckpt``.
 """
@@ -32,6 +33,7 @@ class Backbone:
     structured_chat: bool = False  # HF templates want content lists; the tiny one plain strings
     extra: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived lookups (e.g. grid token ids)
+    build_metrics: dict = field(default_factory=dict)  # what building it measured (the vision warm-up's stats)
 
     @property
     def tokenizer(self):
@@ -138,14 +140,17 @@ def _load_saved(p: Path, cfg) -> Backbone:
         processor,
         get_box_format(meta.get("box_format", cfg.box_format)),
         name=str(p),
-        structured_chat=meta.get("structured_chat", str(cfg.get("structured_chat", cfg.kind != "tiny_llava")))
+        structured_chat=meta.get(
+            "structured_chat",
+            str(cfg.get("structured_chat", not str(cfg.get("_target_", "")).endswith(".tiny_llava"))),
+        )
         == "True",
     )
     log.info("backbone initialised from %s", p)
     return bb
 
 
-def _tiny_llava(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
+def tiny_llava(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
     from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
     from unveil.models.tokenizer import train_tokenizer
 
@@ -164,7 +169,7 @@ def _tiny_llava(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> 
     )
 
 
-def _tiny_hf(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
+def tiny_hf(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Backbone:
     from unveil.models.tiny_hf import build_tiny_hf
 
     if not corpus:
@@ -186,7 +191,7 @@ def _tiny_hf(cfg, corpus: list[str] | None, cache_dir: str | Path | None) -> Bac
     )
 
 
-def _hf(cfg) -> Backbone:
+def hf(cfg, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
     if not cfg.get("name_or_path"):
         raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
     model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
@@ -199,8 +204,23 @@ def _hf(cfg) -> Backbone:
     )
 
 
-def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: str | Path | None = None) -> Backbone:
-    """Build the backbone described by the ``model`` and ``peft`` config groups."""
+def build_backbone(
+    cfg,
+    peft=None,
+    corpus: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    records=None,
+    resuming: bool = False,
+    seed: int = 0,
+) -> Backbone:
+    """Build the backbone described by the ``model`` and ``peft`` config groups.
+
+    ``records`` (a loaded :class:`~unveil.data.records.RecordSet`) gives the corpus the tiny models'
+    tokenizers are trained on and, for the tower built in code, the boxes its vision warm-up
+    learns from (``model.vision_pretrain``; not when ``resuming``: the checkpoint holds the tower).
+    Its stats are in ``Backbone.build_metrics``."""
+    if records is not None and corpus is None:
+        corpus = records.corpus()
     init_from = cfg.get("init_from")
     if init_from:
         saved = _saved_dir(init_from)
@@ -209,26 +229,35 @@ def build_backbone(cfg, peft=None, corpus: list[str] | None = None, cache_dir: s
         if Path(str(init_from)).suffix != ".ckpt":
             raise FileNotFoundError(f"model.init_from={init_from}: not a run dir, a saved model dir or a .ckpt file")
     # a .ckpt holds Lightning weights only: build the configured model, then load them into it
-    bb = BUILDERS[check_model(cfg)](cfg, corpus, cache_dir)
+    bb = check_model(cfg)(cfg, corpus, cache_dir)
     if init_from and str(init_from).endswith(".ckpt"):
         load_lightning_weights(bb.model, init_from)
+    elif records is not None and built_in_code(cfg):
+        from unveil.models.vision_pretrain import warm_up
+
+        if not resuming:
+            bb.build_metrics.update(warm_up(bb, cfg, records, seed=seed))
+        elif (cfg.get("vision_pretrain") or {}).get("steps", 0) > 0:
+            # the checkpoint restores the policy, but a reference model (KL anchor) is taken from the model as built
+            log.warning(
+                "resuming without model.init_from: the first run warmed the vision tower up before an RL/DPO "
+                "stage took its reference model, the resumed run does not, so its reference differs. Start "
+                "RL/DPO from model.init_from=<SFT run>, which a resume reloads."
+            )
     return _finish(bb, cfg, peft)
 
 
-# model.kind -> builder(cfg, corpus, cache_dir)
-BUILDERS = {
-    "tiny_llava": _tiny_llava,
-    "tiny_hf": _tiny_hf,
-    "hf": lambda cfg, corpus, cache_dir: _hf(cfg),
-}
+def check_model(cfg):
+    """The builder ``model._target_`` names, or a ValueError listing the model configs there are
+    (train() checks it before any work)."""
+    from unveil.utils.plug import locate
+
+    return locate(cfg.get("_target_"), "model", group="model")
 
 
-def check_model(cfg) -> str:
-    """``model.kind``, or a ValueError listing the kinds there are (train() checks it before any work)."""
-    kind = cfg.get("kind")
-    if kind not in BUILDERS:
-        raise ValueError(f"model.kind={kind!r}; expected one of {', '.join(BUILDERS)}")
-    return kind
+def built_in_code(cfg) -> bool:
+    """Whether the model is the tiny LLaVA built in code (no pretrained tower, a trained tokenizer)."""
+    return str(cfg.get("_target_", "")).endswith(".tiny_llava") and not cfg.get("init_from")
 
 
 _NESTED_IMAGES = ("Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor")
@@ -243,20 +272,20 @@ def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
         bb.extra.setdefault("nest_images", True)
     extra = cfg.get("extra") or {}  # e.g. model_image_size of Qwen2.5-VL absolute boxes
     bb.extra.update(extra if isinstance(extra, dict) else OmegaConf.to_container(extra, resolve=True))
-    lora = peft_cfg is not None and peft_cfg.get("kind", "none") == "lora"
-    if lora and cfg.get("peft_target_modules"):  # architectures whose LM is not `language_model`
-        peft_cfg = OmegaConf.create(
-            {
-                **OmegaConf.to_container(OmegaConf.create(peft_cfg), resolve=True),
-                "target_modules": cfg.peft_target_modules,
-            }
-        )
+    lora = None
+    if peft_cfg and peft_cfg.get("_target_"):  # conf/peft/lora.yaml: peft.LoraConfig
+        from unveil.utils.plug import as_dict, instantiate
+
+        spec = as_dict(peft_cfg)
+        if cfg.get("peft_target_modules"):  # architectures whose LM is not `language_model`
+            spec["target_modules"] = cfg.peft_target_modules
+        lora = instantiate(spec, "peft", group="peft")
     fz = cfg.get("freeze") or {}
     apply_freeze(
         bb.model, bool(fz.get("vision", False)), bool(fz.get("projector", False)), bool(fz.get("language", False))
     )
-    if lora:
-        bb.model = apply_lora(bb.model, peft_cfg)
+    if lora is not None:
+        bb.model = apply_lora(bb.model, lora)
     if cfg.get("gradient_checkpointing", False):
         bb.base_model.gradient_checkpointing_enable()
     return bb

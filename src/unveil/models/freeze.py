@@ -40,18 +40,10 @@ def apply_freeze(
             m.requires_grad_(True)
 
 
-def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    """Wrap the language model's linear layers with LoRA; modules_to_save stay fully trained."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model: torch.nn.Module, lcfg) -> torch.nn.Module:
+    """Wrap the layers ``lcfg`` (a ``peft.LoraConfig``) targets with LoRA; modules_to_save stay fully trained."""
+    from peft import get_peft_model
 
-    lcfg = LoraConfig(
-        r=int(cfg.r),
-        lora_alpha=int(cfg.alpha),
-        lora_dropout=float(cfg.dropout),
-        target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str) else cfg.target_modules,
-        modules_to_save=list(cfg.get("modules_to_save") or []) or None,
-        bias="none",
-    )
     model = get_peft_model(model, lcfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

@@ -1,8 +1,8 @@
 """Tiny random models of real HF VLM architectures, with their real processor classes.
 
-``model.kind=tiny_hf model.arch=<arch>`` builds, in code and offline, a few-hundred-thousand
-parameter model of the exact class a real checkpoint loads as, plus that family's processor
-class around a byte-level BPE tokenizer trained locally on the data's text. The tokenizer
+``model=tiny_<arch>`` (builder ``factory.tiny_hf``, ``model.arch=<arch>``) builds, in code and
+offline, a few-hundred-thousand parameter model of the exact class a real checkpoint loads as,
+plus that family's processor class around a byte-level BPE tokenizer trained locally on the data's text. The tokenizer
 carries the family's special tokens and the processor a chat template that mirrors the real
 one, so everything that touches prompts, image tokens, boxes and loss masks runs as it would
 on the full-size model:

@@ -294,3 +294,20 @@ def pretrain_vision_tower(
     stats.update(_val_stats(tower, heads.box, backbone.processor, val_samples, images, pooling, n_slots))
     log.info("vision warm-up: %s", stats)
     return stats
+
+
+def warm_up(backbone, model_cfg, records, seed: int = 0) -> dict[str, float]:
+    """``model.vision_pretrain`` for a fresh tower built in code: warm it up on the training split's
+    boxes before any stage sees it; returns the warm-up's stats (empty when it does not run)."""
+    steps = dict(model_cfg.get("vision_pretrain") or {})
+    if steps.get("steps", 0) <= 0:
+        return {}
+    if not any(s.task == "localize" and s.images for s in records.data["train"]):
+        log.warning(
+            "model.vision_pretrain skipped: the training split has no 'localize' records to learn "
+            "lesion features from, so the tower starts untrained"
+        )
+        return {}
+    return pretrain_vision_tower(
+        backbone, records.data["train"], seed=seed, val_samples=records.data.get("val"), **steps
+    )

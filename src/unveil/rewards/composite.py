@@ -193,11 +193,12 @@ def _plain(cfg) -> dict:
     return dict(cfg)
 
 
-def build_head(cfg: dict) -> RewardHead:
-    """Instantiate one head from its config (``_target_`` + options; weight/norm already removed)."""
-    import hydra.utils
+def build_head(cfg: dict, name: str = "head") -> RewardHead:
+    """Instantiate one head from its config (``_target_`` + options; weight/norm already removed);
+    a typo in a key fails, listing the keys the head takes."""
+    from unveil.utils.plug import instantiate
 
-    return hydra.utils.instantiate(cfg, _convert_="all")
+    return instantiate(cfg, f"reward.{name}", group="reward")
 
 
 def build_composite(cfg, backbone=None, vocab=None) -> CompositeReward:
@@ -218,7 +219,7 @@ def build_composite(cfg, backbone=None, vocab=None) -> CompositeReward:
         if weight == 0.0:
             log.info("reward head %s has weight 0: not computed", name)
             continue
-        heads.append(HeadSpec(name=name, head=build_head(hcfg), weight=weight, norm=norm))
+        heads.append(HeadSpec(name=name, head=build_head(hcfg, name), weight=weight, norm=norm))
     comp = CompositeReward(heads, backbone=backbone, vocab=vocab)
     log.info("rewards: %r", comp)
     return comp

@@ -39,6 +39,10 @@ class StageModule(pl.LightningModule):
       checks it against a fingerprint of the base the run trained on.
     """
 
+    # whether the stage scores its own samples with the `reward` group's heads (RL stages): train.py
+    # builds the heads and passes them as ``rewards``
+    needs_rewards = False
+
     def __init__(self, backbone, optim: dict | None = None):
         super().__init__()
         self.backbone = backbone

@@ -54,7 +54,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from unveil.data.collate import PromptCollator
 from unveil.data.collate_pref import PreferenceCollator
 from unveil.models.inputs import model_inputs, select_inputs
 from unveil.models.policy import ReferencePolicy, answer_logprobs, disable_dropout
@@ -160,7 +159,6 @@ class DPOModule(StageModule):
         self._weight_stats: tuple[float, float] | None = None
 
         self.collator = PreferenceCollator(backbone, max_length=max_length)
-        self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
         if not dropout:
             disable_dropout(self.model)
         # Reference: the adapter switched off under peft; else a frozen copy of the starting policy,

@@ -59,6 +59,8 @@ def mean_metrics(history: list[dict]) -> dict[str, float]:
 
 
 class RLStageModule(StageModule):
+    needs_rewards = True
+
     def __init__(
         self,
         backbone,
@@ -98,7 +100,6 @@ class RLStageModule(StageModule):
         if disable_dropout:
             _disable_dropout(self.model)
         self.collator = PromptCollator(backbone)
-        self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
         self.reference: ReferencePolicy | None = None
         self._rollout_steps = 0
         self._times: dict[str, float] = {}

@@ -11,7 +11,7 @@ are trained on too).
 
 from __future__ import annotations
 
-from unveil.data.collate import PromptCollator, SFTCollator
+from unveil.data.collate import SFTCollator
 from unveil.models.inputs import model_inputs
 from unveil.models.policy import answer_logprobs
 from unveil.stages.base import StageModule
@@ -21,7 +21,6 @@ class SFTModule(StageModule):
     def __init__(self, backbone, optim: dict | None = None, train_on_virtual_user: bool = False):
         super().__init__(backbone, optim)
         self.collator = SFTCollator(backbone, train_on_virtual_user=train_on_virtual_user)
-        self.eval_collator = PromptCollator(backbone, image_cache=self.collator.images)
 
     def forward(self, batch):
         """The mean negative log-likelihood of the batch's labelled tokens."""

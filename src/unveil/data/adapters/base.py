@@ -168,6 +168,15 @@ def _where(n) -> str:
     return f"record [{int(n)}]" if isinstance(n, ArrayIndex) else f"line {n}"
 
 
+class Records(list):
+    """The samples an adapter read from one file, with how many bad records it skipped
+    (``data/skipped_<split>`` in metrics.json)."""
+
+    def __init__(self, samples=(), skipped: int = 0):
+        super().__init__(samples)
+        self.skipped = skipped
+
+
 def collect(
     path: str | Path,
     records: Iterator[tuple[int, Any]],
@@ -176,7 +185,7 @@ def collect(
     *,
     unique_ids: bool = False,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     """Convert records to Samples under the bad-record policy.
 
     ``raise`` (default): the first bad record stops loading with a RecordError naming file,
@@ -222,11 +231,7 @@ def collect(
         log.warning(
             "%s: skipped %d bad record(s) (data.on_bad_record=skip); first: %s", path, len(skipped), skipped[0]
         )
-    collect.last_skipped = len(skipped)  # read by the datamodule to log the count as a metric
-    return out
-
-
-collect.last_skipped = 0
+    return Records(out, skipped=len(skipped))
 
 
 def require(rec: dict, key: str, types, path, n):

@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.adapters.base import Records, collect, iter_json_records, require
 from unveil.data.errors import RecordError
 from unveil.data.images import image_size, resolve
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
@@ -298,7 +298,7 @@ def read(
     check_images: bool = True,
     image_dir: str | None = None,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     """Read LLaVA instruction JSON/JSONL or LLaVA-Med eval JSONL (told apart per record).
 
     ``image_dir``: folder under ``root`` that the records' image paths are relative to

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.adapters.base import Records, collect, iter_json_records, require
 from unveil.data.boxes import IntGridFormat
 from unveil.data.errors import RecordError
 from unveil.data.images import image_size, resolve
@@ -191,7 +191,7 @@ def read(
     on_bad_record: str = "raise",
     check_images: bool = True,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     return collect(

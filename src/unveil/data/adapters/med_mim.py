@@ -35,7 +35,7 @@ import logging
 import re
 from pathlib import Path
 
-from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.adapters.base import Records, collect, iter_json_records, require
 from unveil.data.adapters.llava import image_paths, is_yes_no, n_placeholders
 from unveil.data.errors import RecordError
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
@@ -178,7 +178,7 @@ def read(
     ability: str | None = None,
     image_dir: str | None = None,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     """Read one Med-MIM ability file. ``ability`` overrides what the file name says."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent

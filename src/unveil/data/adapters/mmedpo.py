@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.adapters.base import Records, collect, iter_json_records, require
 from unveil.data.adapters.llava import (
     fit_placeholders,
     image_paths,
@@ -184,7 +184,7 @@ def read(
     clean_scaffolding: bool = True,
     task: str | None = None,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     """Read an MMedPO ``*_dpo_weighted.json`` file.
 
     ``clean_scaffolding=False`` keeps leaked scaffolding in the training text (as released);

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unveil.data.adapters.base import collect, iter_json_records, require
+from unveil.data.adapters.base import Records, collect, iter_json_records, require
 from unveil.data.adapters.llava import fit_placeholders, record_images, turns_to_messages, unique_ids
 from unveil.data.errors import RecordError
 from unveil.data.schema import Rejected, Sample
@@ -74,7 +74,7 @@ def read(
     check_images: bool = True,
     image_dir: str | None = None,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     return unique_ids(

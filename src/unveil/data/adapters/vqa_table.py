@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unveil.data.adapters.base import UTF8_HINT, collect, iter_json_records, undecodable_byte
+from unveil.data.adapters.base import UTF8_HINT, Records, collect, iter_json_records, undecodable_byte
 from unveil.data.adapters.llava import image_paths, is_yes_no, modality_name, unique_ids
 from unveil.data.errors import RecordError
 from unveil.data.images import decode_fully
@@ -323,7 +323,7 @@ def read(
     image_cache: str | Path | None = None,
     table_format: str | None = None,
     max_tokens: int | None = None,
-) -> list[Sample]:
+) -> Records:
     """Read a VQA table. ``lang`` keeps only rows whose ``lang_key`` equals it (SLAKE: "en").
 
     ``image_dir``: folder under ``root`` the image names are relative to (SLAKE ``imgs``,
@@ -352,8 +352,5 @@ def read(
         log.info(
             "%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0]
         )
-    read.last_filtered = dropped[0]
+    out.filtered = dropped[0]  # rows left out for their language (not bad records)
     return unique_ids(out)
-
-
-read.last_filtered = 0
