@@ -10,7 +10,8 @@ The judge asks for a 0-10 rating and reads the first number of the reply (``"8"`
 ``"Score: 7.5"``, ``"8/10"``, ``"80/100"`` as a fraction), divided by 10. Network errors,
 timeouts, 429 and 5xx are retried ``retries`` times with exponential backoff; anything that
 still fails, and any reply without a usable number, gives NaN. ``score_batch`` never raises.
-Standard library only (urllib).
+Standard library only (urllib). :func:`post_chat` (the request, retries, refused redirects) and
+:func:`auth_headers` are shared with the MAU data builder (``unveil.curate.mau``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from unveil.judges.base import Judge
@@ -43,6 +44,80 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+def check_key_env(api_key_env, who: str) -> str:
+    """The NAME of the environment variable holding the key; a literal key is refused without echoing it
+    (it would end up in logged configs)."""
+    if not isinstance(api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+        raise ValueError(
+            f"{who}.api_key_env must be the NAME of an environment variable holding the key "
+            "(e.g. OPENAI_API_KEY), not the key itself"
+        )
+    return api_key_env
+
+
+def auth_headers(api_key_env: str) -> dict:
+    """JSON headers, with ``Authorization: Bearer <key>`` when the named variable is set (read now)."""
+    h = {"Content-Type": "application/json", "Accept": "application/json"}
+    key = os.environ.get(api_key_env)
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    return h
+
+
+def _error_kind(e: BaseException) -> str:
+    if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+        return "timeout"
+    return "network"
+
+
+def post_chat(
+    url: str,
+    data: bytes,
+    headers: dict,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    who: str = "endpoint",
+    allow: Callable[[], bool] | None = None,
+) -> tuple[str | None, str | None]:
+    """POST a chat-completions body; (reply text, None), or (None, why) after the retries are spent.
+
+    ``why``: ``http_<status>``, ``timeout``, ``network``, ``bad_reply`` (not the expected JSON) or
+    ``budget_exhausted`` (``allow()`` said no before an attempt). Network errors, timeouts, 429 and
+    5xx are retried with exponential back-off (``backoff * 2**attempt`` seconds); other statuses are
+    not. Redirects are refused (see ``_NoRedirect``). Never raises.
+    """
+    why = "network"
+    for attempt in range(retries + 1):
+        if allow is not None and not allow():
+            return None, "budget_exhausted"
+        retry = False
+        try:
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            with _OPENER.open(req, timeout=timeout) as resp:
+                payload = json.loads(resp.read().decode("utf-8", errors="replace"))
+            content = payload["choices"][0]["message"]["content"]
+            return (content if isinstance(content, str) else json.dumps(content)), None
+        except urllib.error.HTTPError as e:
+            retry, why = e.code in _RETRY_STATUS, f"http_{e.code}"
+            log.warning("%s: HTTP %s from %s (attempt %d/%d)", who, e.code, url, attempt + 1, retries + 1)
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            retry, why = True, _error_kind(e)
+            log.warning("%s: %s from %s (attempt %d/%d)", who, type(e).__name__, url, attempt + 1, retries + 1)
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON shape we expect
+            why = "bad_reply"
+            log.warning("%s: unexpected reply from %s: %s", who, url, type(e).__name__)
+        except Exception as e:  # never raise into a training or curation loop
+            why = "network"
+            log.warning("%s: %s from %s", who, type(e).__name__, url)
+        if not retry or attempt == retries:
+            return None, why
+        time.sleep(backoff * (2**attempt))
+    return None, why
+
 
 SYSTEM_PROMPT = "You are a careful radiologist who grades answers. Reply with a number only."
 USER_PROMPT = (
@@ -52,7 +127,6 @@ USER_PROMPT = (
 )
 _FRACTION = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d+)?)\s*(?:/|out of)\s*(\d{1,4}(?:\.\d+)?)")
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,4}(?:\.\d+)?)")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 def parse_score(text: str, scale: float = 10.0) -> float:
@@ -92,12 +166,7 @@ class OpenAIJudge(Judge):
     ):
         if not model:
             raise ValueError("OpenAIJudge needs `model` (the endpoint's model name)")
-        if not isinstance(api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
-            # A literal key pasted here would end up in logged configs: refuse, without echoing it.
-            raise ValueError(
-                "OpenAIJudge.api_key_env must be the NAME of an environment variable holding the key "
-                "(e.g. OPENAI_API_KEY), not the key itself"
-            )
+        check_key_env(api_key_env, "OpenAIJudge")
         self.model, self.base_url, self.api_key_env = str(model), str(base_url).rstrip("/"), api_key_env
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
@@ -126,11 +195,8 @@ class OpenAIJudge(Judge):
 
     # --- one request -----------------------------------------------------------------------
     def _headers(self) -> dict:
-        h = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        elif not self._warned:
+        h = auth_headers(self.api_key_env)
+        if "Authorization" not in h and not self._warned:
             self._warned = True
             log.warning(
                 "OpenAIJudge: environment variable %s is unset; sending no Authorization header", self.api_key_env
@@ -163,31 +229,16 @@ class OpenAIJudge(Judge):
     def complete(self, question: str, reference: str, answer: str) -> str | None:
         """The endpoint's reply text, or None after the retries are spent."""
         url = f"{self.base_url}/chat/completions"
-        data = self._body(question, reference, answer)
-        for attempt in range(self.retries + 1):
-            retry = False
-            try:
-                req = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
-                with _OPENER.open(req, timeout=self.timeout) as resp:
-                    payload = json.loads(resp.read().decode("utf-8", errors="replace"))
-                content = payload["choices"][0]["message"]["content"]
-                return content if isinstance(content, str) else json.dumps(content)
-            except urllib.error.HTTPError as e:
-                retry = e.code in _RETRY_STATUS
-                log.warning("OpenAIJudge: HTTP %s from %s (attempt %d/%d)", e.code, url, attempt + 1, self.retries + 1)
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                retry = True
-                log.warning(
-                    "OpenAIJudge: %s from %s (attempt %d/%d)", type(e).__name__, url, attempt + 1, self.retries + 1
-                )
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON shape we expect
-                log.warning("OpenAIJudge: unexpected reply from %s: %s", url, type(e).__name__)
-            except Exception as e:  # never raise into a training or curation loop
-                log.warning("OpenAIJudge: %s from %s", type(e).__name__, url)
-            if not retry or attempt == self.retries:
-                return None
-            time.sleep(self.backoff * (2**attempt))
-        return None
+        reply, _ = post_chat(
+            url,
+            self._body(question, reference, answer),
+            self._headers(),
+            self.timeout,
+            self.retries,
+            self.backoff,
+            who="OpenAIJudge",
+        )
+        return reply
 
     def _score_one(self, item) -> float:
         try:
