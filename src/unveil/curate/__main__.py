@@ -9,7 +9,9 @@ evaluates on the result. Prints a summary and saves it as ``summary.json``.
 
 Builders (``conf/builder/``): ``hallucination`` (text pairs), ``lesion_noise`` (visual
 pairs), ``relevance_weights`` (weights for existing pairs), ``self_training`` (STLLaVA-Med
-self-questioning), ``mmedpo`` (text + visual pairs, weighted).
+self-questioning), ``mmedpo`` (text + visual pairs, weighted), ``mau`` (UMed-LVLM's MAU
+records from segmentation / detection data sets: it reads ``builder.sources`` instead of
+``data``, and builds every split it makes, split by patient).
 """
 
 from __future__ import annotations
@@ -208,11 +210,13 @@ def curate(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.num_threads))
     out = Path(str(cfg.out_dir)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    root, splits = load_inputs(cfg)
     builder = hydra.utils.instantiate(cfg.builder, _convert_="all")
+    # a builder with its own inputs (builder=mau: segmentation sources) makes every split it returns
+    own = hasattr(builder, "inputs")
+    root, splits = builder.inputs(out, int(cfg.seed), bool(cfg.progress)) if own else load_inputs(cfg)
     images = ImageStore(out, root, mode=cfg.get("images", "link"))
     ctx = _context(cfg, out, root, splits, images)
-    build = [s for s in cfg.build_splits if s in splits]
+    build = list(splits) if own else [s for s in cfg.build_splits if s in splits]
     if not build:
         raise ValueError(f"build_splits={list(cfg.build_splits)} matches none of the input splits {list(splits)}")
     summary = {
