@@ -465,7 +465,12 @@ def test_template_only_output_of_the_volumes_trains(tmp_path):
 
     make_volumes(tmp_path / "vol")
     out = tmp_path / "out"
-    run_mau(out, [nifti_source(tmp_path / "vol")], label_names=LABELS, modality="mri", normal_ratio=0.5)
+    globs = {
+        "images": str(tmp_path / "vol" / "img" / "*_t1.nii.gz"),
+        "labels": str(tmp_path / "vol" / "lab" / "*.nii.gz"),
+    }
+    run_mau(out, [nifti_source(tmp_path / "vol", **globs)], label_names=LABELS, modality="mri", normal_ratio=0.5)
+    assert len(loc_records(out)) == 18  # 6 volumes x (2 lesion slices + 1 normal): the globs paired them all
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
