@@ -479,16 +479,18 @@ def seg_studies(src: dict, rules: MaskRules, stats, where: str, rng) -> tuple[Pa
             regions, dropped = rules.regions({k: masks[k] for k in ids if masks[k].any()}, names)
             stats["components_too_small"] += dropped
             found[uid] = (regions, int(sum(int(r.mask.sum()) for r in regions)))
-        areas = {index[u][1]: a for u, (_, a) in found.items()}
+        # positions in the series (InstanceNumber order; ties and missing numbers by UID) rank and name the slices
+        order = {u: k for k, u in enumerate(sorted(found, key=lambda u: (index[u][1], u)))}
+        areas = {order[u]: a for u, (_, a) in found.items()}
         chosen = set(choose_slices(areas, int(src.get("max_slices", 3)), int(src.get("min_area", 50)),
                                    int(src.get("min_gap", 1))))  # fmt: skip
         free = [u for u, (r, _) in found.items() if not r]
         normals = set(rng.permutation(free)[: int(src.get("normal_per_volume", 2))].tolist()) if free else set()
         pid = str(ds.get("PatientID") or "") or patient_of(strip_ext(path.name), src.get("patient_regex"), where)
-        for uid, (regions, area) in sorted(found.items(), key=lambda kv: index[kv[0]][1]):
-            img, number = index[uid]
-            if (number in chosen and regions) or uid in normals:
-                sid = safe_id(f"{strip_ext(path.name)}_{number:04d}")
+        for uid in sorted(found, key=order.get):
+            (regions, area), img = found[uid], index[uid][0]
+            if (order[uid] in chosen and regions) or uid in normals:
+                sid = safe_id(f"{strip_ext(path.name)}_{order[uid]:04d}")
                 meta = {"source_image": img.relative_to(root).as_posix(), "source_seg": path.name}
                 size = (int(ds.Columns), int(ds.Rows))
                 out.append(Study(sid, safe_id(pid), "dicom_seg", size, regions, image=str(img), meta=meta, area=area))
