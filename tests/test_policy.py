@@ -218,6 +218,33 @@ def test_prefill_once_generates_what_repeated_prompts_generate(make_backbone, dm
     assert torch.equal(want, got)
 
 
+def test_a_checkpoints_generation_config_does_not_change_what_rl_samples(make_backbone, dm):  # noqa: F811
+    """Qwen2-VL's generation_config.json says top_k=1, top_p=0.001, repetition_penalty=1.05: generate()
+    fills every setting it is not given from there, which made RL's G completions of a prompt one
+    near-greedy answer, sampled off the distribution its log-probs are computed under."""
+    from unveil.models.generation import generate
+
+    bb = make_backbone("qwen2_vl")
+    batch = PromptCollator(bb)(localize_samples(dm, 2)[:2])
+
+    def sample(share: bool) -> torch.Tensor:
+        torch.manual_seed(5)
+        return generate(bb, batch, 8, do_sample=True, num_return_sequences=4, share_prompt=share)["completion_ids"]
+
+    clean = {share: sample(share) for share in (False, True)}
+    assert torch.equal(clean[False], clean[True])
+    assert len({tuple(r.tolist()) for r in clean[True][:4]}) > 1  # four different answers to one prompt
+    gc = bb.model.generation_config
+    saved = gc.to_dict()
+    # values a checkpoint may ship (these two strong enough to change 8 sampled tokens for sure)
+    gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty, gc.no_repeat_ngram_size = 1, 0.001, 0.01, 3.0, 1
+    try:
+        for share in (False, True):  # generate() (unshared) and the lean loop (shared) alike
+            assert torch.equal(sample(share), clean[share])
+    finally:
+        gc.update(**saved)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sft_loss_through_answer_logprobs_equals_hf_labels_loss(make_backbone, dm, arch):  # noqa: F811
     """SFT's loss (answer positions only reach the LM head, chunked) and its gradients equal HF's

@@ -154,6 +154,9 @@ def generate(
     model = backbone.model
     tok = backbone.tokenizer
     inputs = model_inputs(batch)
+    # Every setting that changes which token comes next is given, so that the values a checkpoint's
+    # generation_config.json carries (Qwen2-VL: top_k=1, top_p=0.001, repetition_penalty=1.05) never
+    # apply: RL samples from exactly the distribution its log-probs are computed under.
     kw = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -161,9 +164,14 @@ def generate(
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         use_cache=True,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        temperature=temperature if do_sample else 1.0,
+        top_p=top_p if do_sample else 1.0,
+        top_k=top_k if do_sample else 0,
+        min_p=None,
     )
-    if do_sample:
-        kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     bad = backbone.image_token_ids
     if bad:
         kw["suppress_tokens"] = bad
