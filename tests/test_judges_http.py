@@ -72,11 +72,11 @@ def chat(content: str) -> dict:
 def judge_for(server, **kw) -> OpenAIJudge:
     return build_judge(
         {
-            "kind": "openai",
+            "_target_": "unveil.judges.openai_compat.OpenAIJudge",
             "model": "grader-1",
             "base_url": server.url,
             "api_key_env": ENV,
-            "timeout": 5,
+            "timeout_s": 5,
             "backoff": 0.01,
             **kw,
         }
@@ -139,7 +139,7 @@ def test_failures_give_nan_and_never_raise(server, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dead = OpenAIJudge(
-        model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=ENV, retries=1, backoff=0.01, timeout=2
+        model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=ENV, retries=1, backoff=0.01, timeout_s=2
     )
     assert all(math.isnan(x) for x in dead.score_batch([("q", "r", "a")] * 2))
 
@@ -173,7 +173,10 @@ def test_curate_with_the_http_judge_keeps_the_key_out_of_every_file(server, monk
         curate(
             compose("curate", overrides=[*base, "builder=hallucination", "builder.sampler=rules", f"out_dir={pairs}"])
         )
-        judge = f"{{kind:openai,model:grader-1,base_url:'{server.url}',api_key_env:{ENV},timeout:5}}"
+        judge = (
+            f"{{_target_:unveil.judges.openai_compat.OpenAIJudge,model:grader-1,base_url:'{server.url}',"
+            f"api_key_env:{ENV},timeout_s:5}}"
+        )
         cfg = compose(
             "curate",
             overrides=[
@@ -196,7 +199,8 @@ def test_curate_with_the_http_judge_keeps_the_key_out_of_every_file(server, monk
     assert all(
         r["weight"] == pytest.approx(0.6) and r["weight_rounds"] == 2 for r in recs
     )  # one judge, agrees with itself
-    assert len(server.requests) == 10 and all(
+    # two rounds per pair, the second a cache hit (same judge, same content): one request per pair
+    assert len(server.requests) == 5 and all(
         r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests
     )
     for f in out.rglob("*"):

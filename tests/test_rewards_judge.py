@@ -142,7 +142,7 @@ def test_never_raises(tiny_lm, monkeypatch):
 
 def test_build_judge_and_relevance_head(tiny_lm):
     model, tok = tiny_lm
-    j = build_judge({"kind": "hf", "model": model, "tokenizer": tok, "mode": "yes_no"})
+    j = build_judge({"_target_": "unveil.judges.hf.HFJudge", "model": model, "tokenizer": tok, "mode": "yes_no"})
     assert isinstance(j, HFJudge)
     s = Sample(
         "a",

@@ -165,19 +165,13 @@ class Context:
         return p
 
 
-def make_judge(spec):
-    """A judge from a config (``{kind: overlap | hf | openai, ...}``) or a ready object.
-
-    A config with ``_target_`` is instantiated by Hydra before it gets here, so any class
-    with ``score_batch(items) -> list[float]`` plugs in without a registry entry.
-    """
-    if spec is None:
-        spec = {"kind": "overlap"}
-    if hasattr(spec, "score_batch"):
-        return spec
+def make_judge(spec, where: str = "builder.judge"):
+    """A judge from a config (``{_target_: <judge class>, ...}``; None: the offline overlap judge)
+    or a ready object with ``score_batch`` (Hydra instantiates a nested ``_target_`` before a
+    builder sees it). See :func:`unveil.judges.build_judge`."""
     from unveil.judges import build_judge
 
-    return build_judge(dict(spec))
+    return build_judge(spec, where=where)
 
 
 def user_query(s: Sample) -> str:

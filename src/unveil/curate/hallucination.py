@@ -45,6 +45,7 @@ from unveil.curate.common import (
 )
 from unveil.data.boxes import iou_matrix
 from unveil.data.schema import IMAGE_PLACEHOLDER, Sample
+from unveil.judges.base import JudgeItem
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class HallucinationBuilder(BaseBuilder):
                 if self.plausible_only and not plausible(a, s.target):
                     self.stats["model_samples_implausible"] += 1
                     continue
-                items.append((q, s.target, a))
+                items.append(JudgeItem(q, s.target, a, s.images))
                 owners.append(i)
         scores = self.judge().score_batch(items) if items else []
         for (_q, _ref, a), i, sc in zip(items, owners, scores):

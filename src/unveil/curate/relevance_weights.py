@@ -29,6 +29,7 @@ import numpy as np
 
 from unveil.curate.common import BaseBuilder, Context, Outcome, make_judge, rejected_answer, user_query
 from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
+from unveil.judges.base import JudgeItem
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class RelevanceWeightBuilder(BaseBuilder):
         keep_unpaired: bool = False,
     ):
         super().__init__()
-        self.judge_cfgs = list(judges or [{"kind": "overlap"}])
+        self.judge_cfgs = list(judges or [None])
         if not self.judge_cfgs:
             raise ValueError("builder.judges: give at least one judge config")
         self.tolerance, self.max_rounds = float(tolerance), int(max_rounds)
@@ -152,12 +153,18 @@ class RelevanceWeightBuilder(BaseBuilder):
 
     def judges(self):
         if self._judges is None:
-            self._judges = [make_judge(c) for c in self.judge_cfgs]
+            self._judges = [make_judge(c, f"builder.judges[{i}]") for i, c in enumerate(self.judge_cfgs)]
+            for i, j in enumerate(self._judges):
+                if getattr(getattr(j, "rubric", None), "mode", "single") != "single":
+                    raise ValueError(
+                        f"builder.judges[{i}]: rubric {j.rubric.name!r} compares two answers; "
+                        "relevance weights score one (e.g. rubric: mmedpo_clinical_relevance)"
+                    )
         return self._judges
 
     def text_weight(self, s: Sample) -> tuple[float, int, list[float]]:
         q = user_query(s).replace(IMAGE_PLACEHOLDER, "").strip()
-        item = (q, s.target, rejected_answer(s))
+        item = JudgeItem(q, s.target, rejected_answer(s), s.images)  # a judge that sees gets the chosen image
         fns = [lambda j=j: j.score_batch([item])[0] for j in self.judges()]
         return agreement_score(fns, self.tolerance, self.max_rounds)
 

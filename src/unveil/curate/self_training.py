@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from unveil.curate.common import BaseBuilder, Context, Outcome, clean_text, make_judge, to_canonical
 from unveil.data.schema import IMAGE_PLACEHOLDER, Rejected, Sample
+from unveil.judges.base import JudgeItem
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,10 @@ class SelfTrainingBuilder(BaseBuilder):
 
     def _judge_answers(self, asks: list[tuple[_Dialogue, str]], answers: list[list[str]]) -> Iterator[Outcome]:
         """Step 4: the judge's better answer becomes chosen; unusable pairs are skipped with their reason."""
-        items = [
-            (q, d.description if self.reference == "description" else "", a)
-            for (d, q), pair in zip(asks, answers)
-            for a in pair
-        ]
-        scores = self.judge().score_batch(items)
+        ref = lambda d: d.description if self.reference == "description" else ""  # noqa: E731
+        pairs = [(JudgeItem(q, ref(d), a, d.images), b) for (d, q), (a, b) in zip(asks, answers)]
+        # one request per pair for a pairwise rubric (STLLaVA-Med's preference), else each answer alone
+        scores = [s for pair in self.judge().score_pairs(pairs) for s in pair] if pairs else []
         for j, ((d, q), (a, b)) in enumerate(zip(asks, answers)):
             sa, sb = float(scores[2 * j]), float(scores[2 * j + 1])
             if not a or not b:

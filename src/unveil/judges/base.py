@@ -1,8 +1,10 @@
-"""The judge contract and the default offline judge (reference overlap)."""
+"""The judge contract, the default offline judge (reference overlap) and ``build_judge``."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math
 import re
 from collections import Counter
@@ -12,20 +14,72 @@ _WORD = re.compile(r"[a-z0-9]+")
 _NEG = re.compile(r"\b(no|not|without|absent|negative|normal)\b")
 
 
+class JudgeItem(tuple):
+    """``(question, reference, answer)`` with the sample's image paths as ``.images``: a plain
+    3-tuple to a judge that reads no image (``for q, ref, ans in items`` keeps working)."""
+
+    def __new__(cls, question: str, reference: str, answer: str, images: Sequence[str] = ()):
+        obj = super().__new__(cls, (question, reference, answer))
+        obj.images = tuple(str(p) for p in images or ())
+        return obj
+
+    def __getnewargs__(self):
+        return (*self, self.images)
+
+
+def as_item(x) -> JudgeItem:
+    """A JudgeItem from a JudgeItem or a ``(question, reference, answer[, images])`` tuple."""
+    if isinstance(x, JudgeItem):
+        return x
+    x = tuple(x)
+    if len(x) not in (3, 4):
+        raise ValueError(f"a judge item is (question, reference, answer[, images]), got {len(x)} fields")
+    return JudgeItem(*x)
+
+
 class Judge:
-    """Scores (question, reference, answer) triples in [0, 1]. Never raises on model text.
+    """Scores (question, reference, answer) items in [0, 1]. Never raises on model text.
 
     Implementations override ``score_batch``; a judge that cannot score an item (endpoint
-    down, unparsable reply) returns NaN for it, and callers decide what NaN means.
+    down, deadline passed, unparsable reply) returns NaN for it, and callers decide what NaN
+    means. Items are :class:`JudgeItem` (or plain 3-tuples); a judge that looks at images reads
+    ``item.images``. ``score_pairs`` scores two answers to one question (STLLaVA-Med's
+    preference); the default scores each on its own. ``submit`` starts the work and returns a
+    handle whose ``result()`` gives the scores: judges that call out (HTTP) start the requests
+    there, so a caller can do other work before it needs them; the default scores at once.
     """
 
     name = "judge"
+    sees_images = False
+    rubric = None
 
-    def score(self, question: str, reference: str, answer: str) -> float:
-        return self.score_batch([(question, reference, answer)])[0]
+    def score(self, question: str, reference: str, answer: str, images: Sequence[str] = ()) -> float:
+        return self.score_batch([JudgeItem(question, reference, answer, images)])[0]
 
-    def score_batch(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
+    def score_batch(self, items: Sequence[tuple]) -> list[float]:
         raise NotImplementedError
+
+    def score_pairs(self, pairs: Sequence[tuple[JudgeItem, str]]) -> list[tuple[float, float]]:
+        """``(item, other_answer)`` -> (score of item.answer, score of other_answer)."""
+        flat = []
+        for it, other in pairs:
+            it = as_item(it)
+            flat += [it, JudgeItem(it[0], it[1], other, it.images)]
+        s = self.score_batch(flat) if flat else []
+        return [(s[2 * i], s[2 * i + 1]) for i in range(len(pairs))]
+
+    def submit(self, items: Sequence[tuple]) -> Done:
+        return Done(self.score_batch(items))
+
+
+class Done:
+    """A finished ``submit``: ``result()`` returns the scores; no failures are counted here."""
+
+    def __init__(self, scores: list[float]):
+        self.scores, self.failures = list(scores), Counter()
+
+    def result(self) -> list[float]:
+        return self.scores
 
 
 def _tokens(text: str) -> list[str]:
@@ -37,7 +91,7 @@ class OverlapJudge(Judge):
     """Offline default: token F1 between answer and reference, times a negation agreement term.
 
     Cheap and deterministic; "no abnormality" vs "abnormality detected" share words but
-    disagree on negation, which the agreement factor catches.
+    disagree on negation, which the agreement factor catches. It reads no image.
     """
 
     name = "overlap"
@@ -47,7 +101,8 @@ class OverlapJudge(Judge):
 
     def score_batch(self, items):
         out = []
-        for _q, ref, ans in items:
+        for item in items:
+            _q, ref, ans = tuple(item)[:3]
             r, a = _tokens(ref), _tokens(ans)
             if not r or not a:
                 out.append(0.0)
@@ -64,18 +119,65 @@ class OverlapJudge(Judge):
         return out
 
 
-# kind -> "module:Class"; a new judge is one module plus one entry here.
-JUDGES = {
-    "overlap": "unveil.judges.base:OverlapJudge",
-    "hf": "unveil.judges.hf:HFJudge",
-    "openai": "unveil.judges.openai_compat:OpenAIJudge",
+DEFAULT = {"_target_": "unveil.judges.base.OverlapJudge"}
+# what `kind:` used to name: only for the error that tells a user what to write instead
+_RENAMED = {
+    "overlap": "unveil.judges.base.OverlapJudge",
+    "hf": "unveil.judges.hf.HFJudge",
+    "openai": "unveil.judges.openai_compat.OpenAIJudge",
 }
 
 
-def build_judge(cfg) -> Judge:
-    cfg = dict(cfg or {"kind": "overlap"})
-    kind = cfg.pop("kind", "overlap")
-    if kind not in JUDGES:
-        raise ValueError(f"unknown judge kind {kind!r}; known: {sorted(JUDGES)}")
-    mod, cls = JUDGES[kind].split(":")
-    return getattr(importlib.import_module(mod), cls)(**cfg)
+def _target(path: str):
+    mod, _, cls = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"judge _target_={path!r}: cannot import it ({type(e).__name__}: {e})") from None
+
+
+def check_keys(cls, cfg: dict, where: str = "judge") -> None:
+    """A ValueError naming each key ``cls`` does not take (with the closest known key)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    bad = [k for k in cfg if not k.startswith("_") and k not in known]
+    if bad:
+        hints = [
+            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+            for k in bad
+        ]
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)} for {cls.__name__}; it takes {known}")
+
+
+def build_judge(cfg=None, where: str = "judge") -> Judge:
+    """A judge from ``{_target_: <class path>, <its options>}`` (Hydra's plug-in mechanism, as
+    rewards, builders and callbacks use), or a ready object with ``score_batch`` (Hydra
+    instantiates a nested ``_target_`` before a head or builder sees it). ``None``: the offline
+    overlap judge. A key the class does not take is an error naming it."""
+    if cfg is None:
+        cfg = DEFAULT
+    if hasattr(cfg, "score_batch"):
+        return cfg
+    if hasattr(cfg, "items") and not isinstance(cfg, dict):  # a DictConfig
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    if "kind" in cfg and "_target_" not in cfg:
+        kind = cfg["kind"]
+        hint = _RENAMED.get(kind, "<module.Class>")
+        raise ValueError(
+            f"{where}: `kind: {kind}` is no longer read; judges are plugged in with `_target_` "
+            f"(write `_target_: {hint}` instead of `kind: {kind}`)"
+        )
+    if "_target_" not in cfg:
+        raise ValueError(
+            f"{where}: a judge config needs `_target_` (e.g. {DEFAULT['_target_']}), got keys {list(cfg)}"
+        )
+    cls = _target(cfg["_target_"])
+    check_keys(cls, cfg, where)
+    import hydra.utils
+
+    return hydra.utils.instantiate(cfg, _convert_="all")

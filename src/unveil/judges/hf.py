@@ -1,4 +1,5 @@
-"""A local Hugging Face causal LM as judge (``judge: {kind: hf, name_or_path: ...}``).
+"""A local Hugging Face causal LM as judge (``judge: {_target_: unveil.judges.hf.HFJudge, name_or_path: ...}``);
+it reads no image (:mod:`unveil.judges.hf_vlm` is the judge that sees).
 
 Two ways to read a score, both in [0, 1]:
 
@@ -10,7 +11,8 @@ Two ways to read a score, both in [0, 1]:
   sampling; several spellings of Yes/No are pooled). Always defined.
 
 Pass ``name_or_path`` (hub id or local dir; loaded once, eval mode) or a ready ``model`` and
-``tokenizer``. ``score_batch`` never raises: a failing batch gives NaN for its items.
+``tokenizer``. The weights are loaded once per process (:func:`load_lm`, keyed by the settings),
+not once per head or call. ``score_batch`` never raises: a failing batch gives NaN for its items.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +41,24 @@ YES_NO_PROMPT = (
     "Does the assistant's answer agree with the reference? Answer Yes or No."
 )
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?!\d)")
+_DTYPES = {None: None, "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOADED: dict[tuple, tuple] = {}  # one copy per process, however many heads, builders or calls ask
+_LOAD_LOCK = threading.Lock()
+
+
+def load_lm(name_or_path: str, dtype=None, device=None, local_files_only=False, trust_remote_code=False):
+    """``(model, tokenizer)`` loaded once per process and per settings, eval mode."""
+    key = (str(name_or_path), str(dtype), str(device), bool(local_files_only), bool(trust_remote_code))
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            kw = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kw)
+            _LOADED[key] = (model.to(device) if device else model).eval(), tok
+            log.info("judge model %s loaded (once per process)", name_or_path)
+        return _LOADED[key]
 
 
 def parse_score(text: str, scale: float = 10.0) -> float:
@@ -77,20 +98,8 @@ class HFJudge(Judge):
         if model is None:
             if not name_or_path:
                 raise ValueError("HFJudge needs name_or_path or a model (and its tokenizer)")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            kw = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path, **kw)
-            torch_dtype = {
-                None: None,
-                "auto": "auto",
-                "float32": torch.float32,
-                "bfloat16": torch.bfloat16,
-                "float16": torch.float16,
-            }[dtype]
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
-            if device:
-                model = model.to(device)
+            model, loaded_tok = load_lm(name_or_path, dtype, device, local_files_only, trust_remote_code)
+            tokenizer = tokenizer or loaded_tok
         if tokenizer is None:
             raise ValueError("HFJudge: pass the tokenizer with the model")
         self.model = model.eval()

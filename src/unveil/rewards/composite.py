@@ -1,7 +1,7 @@
 """The composite reward: per-head group normalisation, weights, sum, and the logged stats.
 
 ``build_composite(cfg, backbone, vocab)`` takes the ``reward`` config group, a dict
-``name -> {_target_, weight, norm, <head options>}`` (see ``conf/reward/``), and returns a
+``name -> {_target_, weight, norm, missing, <head options>}`` (see ``conf/reward/``), and returns a
 :class:`CompositeReward`, a callable ``RolloutBatch -> RewardOutput``.
 
 Per head, on the raw scores ``s`` of the completions of one group (one prompt):
@@ -17,6 +17,17 @@ Per head, on the raw scores ``s`` of the completions of one group (one prompt):
 NaN (head does not apply) stays NaN through the normalisation, is left out of the group
 statistics (max, mean, std), and counts as 0 in ``total = sum_h weight_h * norm_h(s_h)``.
 Heads with weight 0 are not computed at all.
+
+``missing`` (per head) says what a NaN row of a group that has finite scores counts as:
+``zero`` (default, the rule above: right for a head whose NaN means "does not apply to this
+completion") or ``group_mean`` (the mean of the group's finite normalised scores: right for a
+NaN that means "could not be scored", e.g. a judge that timed out, so the row gets no advantage
+from that head, up or down, and the group's other rows keep theirs). A group with no finite
+score counts 0 either way.
+
+Before computing any head, the composite calls ``head.submit(batch)`` on heads that have it, so
+slow scorers (HTTP judges) work while the others run. A head's ``last_stats`` (a dict of floats
+set by its call) is logged as ``rewards/<head>/<key>``, e.g. ``rewards/relevance/judge_failures``.
 
 Stats (floats, named as TRL's ``GRPOTrainer`` logs them; the stages add ``train/`` or ``val/``;
 NaN when no completion of the batch has a score for that head):
@@ -43,6 +54,7 @@ from unveil.rewards.base import RewardHead, RewardOutput, RolloutBatch
 log = logging.getLogger(__name__)
 
 NORMS = ("none", "max", "zscore")
+MISSING = ("zero", "group_mean")
 _EPS = 1e-8
 
 
@@ -52,6 +64,7 @@ class HeadSpec:
     head: RewardHead
     weight: float
     norm: str
+    missing: str = "zero"
 
 
 def group_normalise(scores: torch.Tensor, group: torch.Tensor, norm: str) -> torch.Tensor:
@@ -78,6 +91,22 @@ def group_normalise(scores: torch.Tensor, group: torch.Tensor, norm: str) -> tor
             res = torch.where(std > _EPS, (v - mean) / std.clamp_min(_EPS), torch.zeros_like(v))
         out[idx] = torch.where(ok, res, torch.full_like(v, float("nan")))
     return out.float()
+
+
+def fill_missing(normed: torch.Tensor, group: torch.Tensor, missing: str) -> torch.Tensor:
+    """NaN -> 0 (``zero``), or NaN -> its group's mean of finite values (``group_mean``; 0 where
+    the group has none)."""
+    if missing not in MISSING:
+        raise ValueError(f"unknown reward missing rule {missing!r}; known: {MISSING}")
+    if missing == "group_mean":
+        _, inv = torch.unique(group, return_inverse=True)
+        ok = torch.isfinite(normed)
+        k = int(inv.max()) + 1 if inv.numel() else 0
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, inv, torch.where(ok, normed, 0).double())
+        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, inv, ok.double())
+        mean = (sums / counts.clamp_min(1)).float()[inv]
+        normed = torch.where(ok, normed, mean)
+    return torch.nan_to_num(normed, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def group_spread(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,6 +183,9 @@ class CompositeReward:
         total = torch.zeros(n, dtype=torch.float32)
         per_head: dict[str, torch.Tensor] = {}
         stats: dict[str, float] = {}
+        for spec in self.heads:  # slow scorers (HTTP judges) start now and work while the others run
+            if hasattr(spec.head, "submit"):
+                spec.head.submit(batch)
         for spec in self.heads:
             raw = spec.head(batch)
             raw = torch.as_tensor(raw, dtype=torch.float32).detach().reshape(-1).cpu()
@@ -165,7 +197,9 @@ class CompositeReward:
                 raw = raw.masked_fill(bad, float("nan"))
             per_head[spec.name] = raw
             normed = group_normalise(raw, group, spec.norm)
-            total += spec.weight * torch.nan_to_num(normed, nan=0.0, posinf=0.0, neginf=0.0)
+            total += spec.weight * fill_missing(normed, group, spec.missing)
+            for k, v in (getattr(spec.head, "last_stats", None) or {}).items():
+                stats[f"rewards/{spec.name}/{k}"] = float(v)
             mean, std = _mean_std(raw)
             stats[f"rewards/{spec.name}/mean"] = mean
             stats[f"rewards/{spec.name}/std"] = std
@@ -214,12 +248,15 @@ def build_composite(cfg, backbone=None, vocab=None) -> CompositeReward:
         norm = str(hcfg.pop("norm", "none"))
         if norm not in NORMS:
             raise ValueError(f"reward.{name}.norm={norm!r}; known: {NORMS}")
+        missing = str(hcfg.pop("missing", "zero"))
+        if missing not in MISSING:
+            raise ValueError(f"reward.{name}.missing={missing!r}; known: {MISSING}")
         if not math.isfinite(weight):
             raise ValueError(f"reward.{name}.weight must be finite, got {weight}")
         if weight == 0.0:
             log.info("reward head %s has weight 0: not computed", name)
             continue
-        heads.append(HeadSpec(name=name, head=build_head(hcfg, name), weight=weight, norm=norm))
+        heads.append(HeadSpec(name=name, head=build_head(hcfg, name), weight=weight, norm=norm, missing=missing))
     comp = CompositeReward(heads, backbone=backbone, vocab=vocab)
     log.info("rewards: %r", comp)
     return comp
