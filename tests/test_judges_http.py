@@ -200,9 +200,7 @@ def test_curate_with_the_http_judge_keeps_the_key_out_of_every_file(server, monk
         r["weight"] == pytest.approx(0.6) and r["weight_rounds"] == 2 for r in recs
     )  # one judge, agrees with itself
     # two rounds per pair, the second a cache hit (same judge, same content): one request per pair
-    assert len(server.requests) == 5 and all(
-        r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests
-    )
+    assert len(server.requests) == 5 and all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt"):
             assert KEY not in f.read_text(errors="ignore"), f

@@ -210,7 +210,9 @@ def curate(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.num_threads))
     out = Path(str(cfg.out_dir)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    builder = hydra.utils.instantiate(cfg.builder, _convert_="all")
+    from unveil.utils.plug import instantiate
+
+    builder = instantiate(cfg.builder, "builder", group="builder")  # a typo in a key (a judge's too): a clear error
     # a builder with its own inputs (builder=mau: segmentation sources) makes every split it returns
     own = hasattr(builder, "inputs")
     root, splits = builder.inputs(out, int(cfg.seed), bool(cfg.progress)) if own else load_inputs(cfg)

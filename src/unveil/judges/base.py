@@ -151,6 +151,45 @@ def check_keys(cls, cfg: dict, where: str = "judge") -> None:
         raise ValueError(f"{where}: unknown key(s) {', '.join(hints)} for {cls.__name__}; it takes {known}")
 
 
+def check_judge_config(cfg: dict, where: str = "judge") -> type:
+    """The judge class a config names; a ValueError naming ``where`` for ``kind:``, a missing or
+    unimportable ``_target_``, or a key the class does not take."""
+    if "kind" in cfg and "_target_" not in cfg:
+        kind = cfg["kind"]
+        hint = _RENAMED.get(kind, "<module.Class>")
+        raise ValueError(
+            f"{where}: `kind: {kind}` is no longer read; judges are plugged in with `_target_` "
+            f"(write `_target_: {hint}` instead of `kind: {kind}`)"
+        )
+    if "_target_" not in cfg:
+        raise ValueError(
+            f"{where}: a judge config needs `_target_` (e.g. {DEFAULT['_target_']}), got keys {list(cfg)}"
+        )
+    cls = _target(cfg["_target_"])
+    check_keys(cls, cfg, where)
+    return cls
+
+
+def check_judges(cfg, where: str) -> None:
+    """Check every judge config inside ``cfg`` (a plain dict/list tree: a reward head's or a
+    builder's config), found under a ``judge`` key or in a ``judges`` list, before Hydra
+    instantiates it: so a typo names the config path and the key, not a constructor's TypeError."""
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            w = f"{where}.{k}"
+            if k == "judge" and isinstance(v, dict):
+                check_judge_config(v, w)
+            elif k == "judges" and isinstance(v, list):
+                for i, j in enumerate(v):
+                    if isinstance(j, dict):
+                        check_judge_config(j, f"{w}[{i}]")
+            else:
+                check_judges(v, w)
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            check_judges(v, f"{where}[{i}]")
+
+
 def build_judge(cfg=None, where: str = "judge") -> Judge:
     """A judge from ``{_target_: <class path>, <its options>}`` (Hydra's plug-in mechanism, as
     rewards, builders and callbacks use), or a ready object with ``score_batch`` (Hydra
@@ -165,19 +204,13 @@ def build_judge(cfg=None, where: str = "judge") -> Judge:
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
-    if "kind" in cfg and "_target_" not in cfg:
-        kind = cfg["kind"]
-        hint = _RENAMED.get(kind, "<module.Class>")
-        raise ValueError(
-            f"{where}: `kind: {kind}` is no longer read; judges are plugged in with `_target_` "
-            f"(write `_target_: {hint}` instead of `kind: {kind}`)"
-        )
-    if "_target_" not in cfg:
-        raise ValueError(
-            f"{where}: a judge config needs `_target_` (e.g. {DEFAULT['_target_']}), got keys {list(cfg)}"
-        )
-    cls = _target(cfg["_target_"])
-    check_keys(cls, cfg, where)
+    check_judge_config(cfg, where)
     import hydra.utils
+    from hydra.errors import InstantiationException
 
-    return hydra.utils.instantiate(cfg, _convert_="all")
+    try:
+        return hydra.utils.instantiate(cfg, _convert_="all")
+    except InstantiationException as e:  # a bad value (rubric, api_key_env, ...): the judge's own message
+        if isinstance(e.__cause__, (ValueError, TypeError)):
+            raise ValueError(f"{where}: {e.__cause__}") from e.__cause__
+        raise

@@ -340,7 +340,7 @@ class OpenAIJudge(Judge):
                 futures[key] = self._pool.submit(self._run, data, key, pair, deadline)
             self.totals["cache_hits" if hit is not None else "rows_sent"] += 1
         self.totals["requests"] += len(futures)
-        return Pending(scores, keys, futures, deadline, failures)
+        return Pending(scores, keys, futures, deadline, failures, on_done=self._record)
 
     def submit(self, items: Sequence[tuple]) -> Pending:
         """Start the requests now (cache hits need none); ``.result()`` collects them by the deadline."""
@@ -357,20 +357,17 @@ class OpenAIJudge(Judge):
             flat += [(it, None), (JudgeItem(it[0], it[1], other, it.images), None)]
         return self._submit(flat, pair=False)
 
-    def _collect(self, pending: Pending) -> list:
-        out = pending.result()
-        self.totals.update(pending.failures)
-        if pending.failures:
-            log.warning(
-                "OpenAIJudge: %d row(s) scored NaN (%s)", sum(pending.failures.values()), dict(pending.failures)
-            )
-        return out
+    def _record(self, failures: Counter) -> None:
+        """Called once per batch when it is collected: failures counted over the process, and logged."""
+        self.totals.update(failures)
+        if failures:
+            log.warning("OpenAIJudge: %d row(s) scored NaN (%s)", sum(failures.values()), dict(failures))
 
     def score_batch(self, items: Sequence[tuple]) -> list[float]:
-        return [float(v) for v in self._collect(self.submit(items))]
+        return [float(v) for v in self.submit(items).result()]
 
     def score_pairs(self, pairs: Sequence[tuple[JudgeItem, str]]) -> list[tuple[float, float]]:
-        out = self._collect(self.submit_pairs(pairs))
+        out = self.submit_pairs(pairs).result()
         if self.rubric.mode == "pair":
             return [tuple(map(float, v)) for v in out]
         return [(out[2 * i], out[2 * i + 1]) for i in range(len(pairs))]

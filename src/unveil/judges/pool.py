@@ -17,8 +17,8 @@ NAN = float("nan")
 
 
 class Pending:
-    def __init__(self, scores: list, keys: list, futures: dict, deadline: float, failures: Counter | None = None):
-        self._scores, self._keys, self._futures = list(scores), list(keys), dict(futures)
+    def __init__(self, scores: list, keys: list, futures: dict, deadline: float, failures=None, on_done=None):
+        self._scores, self._keys, self._futures, self._on_done = list(scores), list(keys), dict(futures), on_done
         self.deadline = float(deadline)
         self.failures: Counter = Counter(failures or {})
         self._done = False
@@ -46,4 +46,6 @@ class Pending:
                 if reason:
                     self.failures[reason] += 1
         self._done = True
+        if self._on_done is not None:
+            self._on_done(self.failures)
         return self._scores
