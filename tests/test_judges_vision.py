@@ -336,10 +336,11 @@ def test_a_typo_in_a_judge_key_fails_naming_it():
 def test_a_typo_in_the_composed_config_fails_before_training(make_cfg):
     from unveil.rewards.composite import build_composite
 
-    cfg = make_cfg("reward=relevance_only", "+reward.relevance.judge.negation_penalt=0.3")
+    overlap = "{_target_:unveil.judges.base.OverlapJudge,negation_penalt:0.3}"
+    cfg = make_cfg("reward=relevance_only", f"reward.relevance.judge={overlap}")
     with pytest.raises(ValueError, match=r"reward.relevance.judge: unknown key\(s\) 'negation_penalt'"):
         build_composite(cfg.reward)
-    cfg = make_cfg("reward=relevance_only", "+reward.relevance.judge.negation_penalty=0.3")
+    cfg = make_cfg("reward=relevance_only", f"reward.relevance.judge={overlap.replace('penalt:', 'penalty:')}")
     assert build_composite(cfg.reward).heads[0].head.judge.negation_penalty == 0.3
 
 
@@ -403,3 +404,45 @@ def test_the_tiny_vlm_judge_scores_and_is_loaded_once(tmp_path, monkeypatch):
     picture(other, 28, 28, seed=5)
     moved = yes_no.score_batch([JudgeItem(*items[0], [other])])[0]
     assert moved != pytest.approx(s[0], abs=1e-7)
+
+
+# --- a real training run with a judge that never answers in time -----------------------------------
+def test_grpo_with_a_judge_that_sleeps_trains_on_with_nan_counted(endpoint, tmp_path):
+    """debug=fast GRPO with relevance from an endpoint that takes 10 s per request: every step
+    waits at most its 0.5 s deadline, the relevance head logs NaN and its failure count, and the
+    run finishes its steps."""
+    import csv
+
+    from test_rl_stages import compose
+
+    from unveil.train import train
+
+    endpoint.delay = 10.0
+    judge_cfg = (
+        f"{{_target_:{OPENAI},model:m,base_url:'{endpoint.url}',api_key_env:UNVEIL_NO_SUCH_KEY,"
+        "timeout_s:2,deadline_s:0.5,retries:0}"
+    )
+    overrides = [
+        "debug=fast",
+        "stage=grpo",
+        "reward=relevance_only",
+        f"reward.relevance.judge={judge_cfg}",
+        "stage.num_generations=2",
+        "stage.max_new_tokens=8",
+        "data.batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1000",
+        "eval.enabled=false",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    t0 = time.perf_counter()
+    metrics = train(compose(overrides))
+    took = time.perf_counter() - t0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    steps = [r for r in rows if r.get("train/rewards/relevance/judge_failures")]
+    assert len(steps) == 2, "both steps ran and logged the judge's failures"
+    assert all(float(r["train/rewards/relevance/judge_failures"]) == 4.0 for r in steps)  # 2 prompts x 2 samples
+    assert all(r.get("train/rewards/relevance/mean", "") in ("", "nan") for r in steps)  # NaN (not logged), not 0
+    assert (tmp_path / "run" / "backbone").exists() and math.isfinite(metrics.get("train/loss", 0.0))
+    assert took < 60, f"2 steps took {took:.0f}s: the 10 s endpoint stalled the run"
