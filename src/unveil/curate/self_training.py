@@ -5,10 +5,12 @@ For every distinct image (labels, if any, are ignored):
 2. it asks itself ``num_questions`` questions: the dialogue so far plus ``question_prompt``,
    sampled ``num_questions`` times (duplicates and empty questions dropped);
 3. it answers each question twice (sampled, prompt ``<image>\\n<question>``);
-4. a judge scores both answers; the better one becomes chosen. The judge sees the question,
-   a reference (``reference=description``: the model's own description, which is all there
-   is on unlabeled data; ``none``: empty, for LLM judges that grade without one) and the
-   answer. Pairs whose scores differ by no more than ``min_margin`` (ties), identical or empty
+4. a judge scores both answers (``score_pairs``: one request with both answers and the image
+   for a pairwise rubric such as ``stllava_preference``, the paper's GPT-4o expert; each answer
+   on its own otherwise); the better one becomes chosen. The judge sees the question, the
+   images, a reference (``reference=description``: the model's own description, which is all
+   there is on unlabeled data; ``none``: empty, for judges that grade without one) and the
+   answers. Pairs whose scores differ by no more than ``min_margin`` (ties), identical or empty
    answers, and pairs the judge cannot score (NaN) are skipped and counted. A negative
    ``min_margin`` keeps ties (the first sample is then chosen), for plumbing checks.
 
