@@ -36,7 +36,7 @@ def check_config(cfg: DictConfig) -> None:
     if getattr(stage, "needs_rewards", False):
         for name, head in as_dict(cfg.get("reward")).items():
             if isinstance(head, dict) and "_target_" in head:
-                check(head, f"reward.{name}", group="reward", given=("weight", "norm"))
+                check(head, f"reward.{name}", group="reward", given=("weight", "norm", "missing"))
 
 
 def build_stage(cfg: DictConfig, backbone, records):

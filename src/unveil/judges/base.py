@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import math
 import re
 from collections import Counter
@@ -128,29 +125,6 @@ _RENAMED = {
 }
 
 
-def _target(path: str):
-    mod, _, cls = str(path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(mod), cls)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"judge _target_={path!r}: cannot import it ({type(e).__name__}: {e})") from None
-
-
-def check_keys(cls, cfg: dict, where: str = "judge") -> None:
-    """A ValueError naming each key ``cls`` does not take (with the closest known key)."""
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    known = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    bad = [k for k in cfg if not k.startswith("_") and k not in known]
-    if bad:
-        hints = [
-            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-            for k in bad
-        ]
-        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)} for {cls.__name__}; it takes {known}")
-
-
 def check_judge_config(cfg: dict, where: str = "judge") -> type:
     """The judge class a config names; a ValueError naming ``where`` for ``kind:``, a missing or
     unimportable ``_target_``, or a key the class does not take."""
@@ -165,7 +139,9 @@ def check_judge_config(cfg: dict, where: str = "judge") -> type:
         raise ValueError(
             f"{where}: a judge config needs `_target_` (e.g. {DEFAULT['_target_']}), got keys {list(cfg)}"
         )
-    cls = _target(cfg["_target_"])
+    from unveil.utils.plug import check_keys, locate
+
+    cls = locate(cfg["_target_"], where)
     check_keys(cls, cfg, where)
     return cls
 

@@ -1,10 +1,12 @@
 """A local vision-language model as judge: it sees the sample's images with the rubric's text.
 
-``judge: {_target_: unveil.judges.hf_vlm.HFVLMJudge, rubric: umed_relevance, model: {<a model config>}}``
-where ``model`` is what the ``model`` config group holds (``conf/model/*.yaml``): e.g.
-``{kind: hf, name_or_path: Qwen/Qwen2-VL-7B-Instruct, box_format: qwen2vl, dtype: bfloat16}``, or a
-tiny model built in code (tests). It is built by the same factory as the policy, so every backbone
-the project supports (LLaVA, Qwen2-VL, Idefics3, ...) can judge, with its own processor and chat
+``judge: {_target_: unveil.judges.hf_vlm.HFVLMJudge, _recursive_: false, rubric: umed_relevance,
+model: {<a model config>}}`` where ``model`` is what the ``model`` config group holds
+(``conf/model/*.yaml``), e.g. ``{_target_: unveil.models.factory.hf, name_or_path:
+Qwen/Qwen2-VL-7B-Instruct, box_format: qwen2vl, dtype: bfloat16}`` (``_recursive_: false``: Hydra
+passes the model config on as a config instead of calling its builder), or a tiny model built
+in code (tests). It is built by the same factory as the policy, so every backbone the project
+supports (LLaVA, Qwen2-VL, Idefics3, ...) can judge, with its own processor and chat
 template; images go through the same collator as in training.
 
 Loaded once per process: backbones are kept in a module-level cache keyed by the model config

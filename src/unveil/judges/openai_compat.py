@@ -169,6 +169,7 @@ class OpenAIJudge(Judge):
         if not model:
             raise ValueError("OpenAIJudge needs `model` (the endpoint's model name)")
         check_key_env(api_key_env, "OpenAIJudge")
+        self.rubric = load_rubric(rubric)
         self.model, self.base_url, self.api_key_env = str(model), str(base_url).rstrip("/"), api_key_env
         self.images = self.rubric.images if images is None else bool(images)
         self.max_image_side = int(max_image_side)

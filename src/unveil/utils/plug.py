@@ -9,6 +9,7 @@ work with a message naming the config group, the bad target or key, and the vali
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import inspect
@@ -77,8 +78,11 @@ def check_keys(target: Any, cfg: dict, where: str, extra: tuple[str, ...] = ()) 
     known = set(params) | set(extra)
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
     if unknown:
-        valid = ", ".join(sorted(k for k in known if k != "self"))
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {_name(fn)}; valid keys: {valid}")
+        valid = sorted(k for k in known if k != "self")
+        hints = "".join(
+            f" ({k!r}: did you mean {m[0]!r}?)" for k in unknown if (m := difflib.get_close_matches(k, valid, 1))
+        )
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {_name(fn)}{hints}; valid keys: {', '.join(valid)}")
 
 
 def _name(fn) -> str:
@@ -94,11 +98,24 @@ def as_dict(cfg) -> dict:
 
 
 def check(d: dict, where: str, group: str | None = None, given: tuple[str, ...] = ()) -> None:
-    """Check ``d``'s target and keys, and those of every ``_target_`` nested in it, without building."""
-    check_keys(locate(d.get("_target_"), where, group), d, where, extra=given)
+    """Check ``d``'s target and keys, and those of every ``_target_`` nested in it, without building.
+
+    A model config (``_target_`` a builder in ``unveil.models.factory``) is a spec that
+    ``build_backbone`` reads, not a call Hydra can make: nested in another component (a VLM judge),
+    that component must say ``_recursive_: false`` so that it receives the spec as it is."""
+    target = locate(d.get("_target_"), where, group)
+    check_keys(target, d, where, extra=given)
+    if d.get("_recursive_") is False:
+        return
     for k, v in d.items():
-        if isinstance(v, dict) and "_target_" in v:
-            check(v, f"{where}.{k}")
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(item, dict) and "_target_" in item:
+                path = f"{where}.{k}" + (f"[{i}]" if isinstance(v, list) else "")
+                if str(item["_target_"]).startswith("unveil.models.factory."):
+                    raise ValueError(
+                        f"{path} is a model config: {where} needs `_recursive_: false` to receive it as a config"
+                    )
+                check(item, path)
 
 
 def instantiate(cfg, where: str, group: str | None = None, **kwargs) -> Any:
