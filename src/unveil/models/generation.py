@@ -14,7 +14,15 @@ median (the mean falls between modes when the distribution has two).
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from unveil.models.inputs import PER_TOKEN, model_inputs
 from unveil.models.policy import position_ids_from_mask, unwrap
@@ -134,6 +142,57 @@ def prefill_once(model, inputs: dict, g: int, max_new_tokens: int) -> dict:
     }
 
 
+def sampling_processors(suppress, temperature: float, top_k: int, top_p: float, device) -> LogitsProcessorList:
+    """generate()'s processors for sampling, in its order: suppressed tokens, then temperature,
+    top-k and top-p (each only where it changes something, as generate() adds them)."""
+    procs = LogitsProcessorList()
+    if suppress:
+        procs.append(SuppressTokensLogitsProcessor(list(suppress), device=device))
+    if temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p=top_p))
+    return procs
+
+
+@torch.no_grad()
+def sample_loop(model, inputs: dict, max_new_tokens: int, processors, eos_id: int, pad_id: int) -> torch.Tensor:
+    """generate()'s sampling loop (``_sample``) over a prefilled cache (:func:`prefill_once`), without
+    its per-step machinery: positions come from the model's own rule once (M-RoPE included) and then
+    advance by one, the 2D mask grows by one column, the cache is written in place. Sampled tokens
+    equal generate()'s under the same seed (tests/test_policy.py); returns prompt + completion ids.
+
+    Why: on a small model generate()'s per-step Python (input preparation, a 4D mask built per step
+    for the static cache, stopping criteria) costs about as much as the forward itself."""
+    ids, am, cache = inputs["input_ids"], inputs["attention_mask"], inputs["past_key_values"]
+    hf = unwrap(model)
+    pos = hf._prepare_position_ids_for_generation(
+        ids, {"input_ids": ids, "attention_mask": am, "past_key_values": cache}
+    )
+    pos = pos[..., -1:]
+    step_ids, done = ids[:, -1:], torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    seq, out = ids, []
+    for _ in range(max_new_tokens):
+        logits = (
+            model(input_ids=step_ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+            .logits[:, -1]
+            .to(torch.float32)
+        )
+        scores = processors(seq, logits)
+        nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        step_ids, pos = nxt[:, None], pos + 1
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+    return seq
+
+
 @torch.no_grad()
 def generate(
     backbone,
@@ -183,7 +242,11 @@ def generate(
     if num_return_sequences > 1 and share_prompt:
         inputs = prefill_once(model, inputs, num_return_sequences, max_new_tokens)
         kw["num_return_sequences"] = 1  # the rows are already repeated (greedy decoding may take G > 1 too)
-    out = model.generate(**inputs, **kw)
+    if do_sample and "past_key_values" in inputs:  # RL rollouts: the lean loop over the shared prompt's cache
+        warp = sampling_processors(bad, temperature, top_k, top_p, inputs["input_ids"].device)
+        out = sample_loop(model, inputs, max_new_tokens, warp, tok.eos_token_id, tok.pad_token_id)
+    else:
+        out = model.generate(**inputs, **kw)
     if was_training:
         model.train()
     plen = inputs["input_ids"].shape[1]
