@@ -17,8 +17,10 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(TSTAMP): requirements-test.txt $(STAMP)
+# the test extras and the cluster plugins (tests/test_launchers.py runs the launcher and sweeper presets)
+$(TSTAMP): requirements-test.txt pyproject.toml $(STAMP)
 	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/pip install -q -e '.[cluster]'
 	touch $@
 
 install: $(STAMP)

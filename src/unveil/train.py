@@ -77,6 +77,7 @@ def resolve_ckpt_path(value, output_dir: Path) -> str | None:
 
 def _build_trainer(cfg: DictConfig, module, resuming: bool):
     """(trainer, loggers, CSV history) for ``module``; the loggers have logged the resolved config."""
+    from unveil.utils.cluster import trainer_plugins
     from unveil.utils.csv_history import CSVHistory
     from unveil.utils.secrets import scrub
     from unveil.utils.wandb_run import resume_kwargs
@@ -88,6 +89,8 @@ def _build_trainer(cfg: DictConfig, module, resuming: bool):
     # Stages that step their own optimiser (RL: several updates per rollout) clip gradients
     # themselves; Lightning refuses gradient_clip_val under manual optimisation.
     manual = {} if module.automatic_optimization else {"gradient_clip_val": None}
+    # a SLURM job of hydra/launcher=slurm: Lightning's SLURM environment, submitit requeues (utils/cluster.py)
+    manual.update(trainer_plugins(cfg.trainer, cfg.get("ckpt_path")))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
     hparams = scrub(OmegaConf.to_container(cfg, resolve=True))
     for lg in loggers:
@@ -136,9 +139,11 @@ def train(cfg: DictConfig) -> dict:
     from unveil.data.records import load_records
     from unveil.models.factory import build_backbone
     from unveil.stages.guard import assert_finite_weights
+    from unveil.utils.cluster import apply_num_threads
     from unveil.utils.io import write_metrics
 
     check_config(cfg)
+    apply_num_threads(cfg.get("num_threads"))  # a job's share of the cores when jobs run side by side
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
