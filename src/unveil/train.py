@@ -138,9 +138,9 @@ def train(cfg: DictConfig) -> dict:
     from unveil.data.datamodule import UnveilDataModule
     from unveil.data.records import load_records
     from unveil.models.factory import build_backbone
-    from unveil.stages.guard import assert_finite_weights
     from unveil.utils.cluster import apply_num_threads
     from unveil.utils.io import write_metrics
+    from unveil.utils.wandb_run import finish_runs
 
     check_config(cfg)
     apply_num_threads(cfg.get("num_threads"))  # a job's share of the cores when jobs run side by side
@@ -167,21 +167,35 @@ def train(cfg: DictConfig) -> dict:
     module = build_stage(cfg, backbone, records)
     dm = UnveilDataModule(records, collate_fn=module.collator)
     trainer, loggers, history = _build_trainer(cfg, module, resuming=bool(ckpt_path))
+    try:
+        metrics = _fit_and_evaluate(cfg, trainer, module, dm, backbone, loggers, history, ckpt_path)
+    except BaseException:
+        finish_runs(loggers, failed=True)  # marked failed now, and the next job of a multirun gets its own run
+        raise
+    finish_runs(loggers, failed=False)
+    if trainer.is_global_zero:
+        write_metrics(out / "metrics.json", metrics)
+    return metrics
 
+
+def _fit_and_evaluate(cfg: DictConfig, trainer, module, dm, backbone, loggers, history, ckpt_path):
+    """Fit, save ``backbone/`` and score the test split (rank 0); the run's metrics."""
+    from unveil.stages.guard import assert_finite_weights
+
+    out = Path(cfg.paths.output_dir)
     # our checkpoints hold plain tensors only (RNG states, held RL groups included), so resuming
     # never unpickles code
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     history.finish()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update({f"data/skipped_{k}": v for k, v in records.skipped.items()})
+    metrics.update({f"data/skipped_{k}": v for k, v in dm.records.skipped.items()})
     metrics.update(backbone.build_metrics)
     assert_finite_weights(backbone.model)
     if trainer.is_global_zero:
         backbone.save(out / "backbone")
         if cfg.eval.enabled:
-            _final_eval(cfg, backbone, records, out, metrics, loggers, trainer.global_step)
-        write_metrics(out / "metrics.json", metrics)
+            _final_eval(cfg, backbone, dm.records, out, metrics, loggers, trainer.global_step)
     return metrics
 
 

@@ -36,12 +36,14 @@ def register() -> None:
         OmegaConf.register_new_resolver("unveil.required", required)
     if not OmegaConf.has_resolver("unveil.wandb_offline"):
         OmegaConf.register_new_resolver("unveil.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
-    from unveil.utils import cluster
+    from unveil.utils import cluster, wandb_run
 
     for name, fn in {
         "unveil.devices_per_node": cluster.devices_per_node,
         "unveil.study_storage": cluster.study_storage,
         "unveil.study_seed": cluster.study_seed,
+        "unveil.wandb_group": wandb_run.sweep_group,
+        "unveil.wandb_name": wandb_run.job_name,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
