@@ -32,18 +32,28 @@ import argparse
 import json
 import math
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
+from unveil.report import (
+    Group,
+    ReportRun,
+    build_report,
+    existing_reading,
+    find_runs,
+    fmt,
+    group_runs,
+    md_table,
+    read_run,
+    write_csv,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
 from ablation_cli import add_common_args, add_tail_args, setup  # noqa: E402
-from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 
 # preference set -> (curate overrides, description)
 PREF_SETS = {
@@ -182,45 +192,31 @@ def commands(a, out: Path) -> dict:
     return {"sft": sft, "sft_eval": sft_eval, "curate": curate, "dpo": dpo}
 
 
-# --- collection -----------------------------------------------------------------------------------
-def load_runs(dpo_dir: Path) -> list[dict]:
-    """Every finished DPO run under ``<out>/dpo/<variant>/<subdir>/metrics.json``."""
-    runs = []
-    for m in sorted(Path(dpo_dir).glob("*/*/metrics.json")):
-        variant = m.parent.parent.name
-        cfg_file = m.parent / ".hydra" / "config.yaml"
-        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-        seed = cfg.get("seed")
-        if seed is None and m.parent.name.startswith("seed"):
-            seed = int(m.parent.name[4:])
-        runs.append(
-            {
-                "variant": variant,
-                "seed": seed,
-                "metrics": json.loads(m.read_text()),
-                "dir": str(m.parent),
-                "weight_norm": (cfg.get("stage") or {}).get("weight_norm"),
-                "data_root": (cfg.get("data") or {}).get("root"),
-            }
-        )
-    return runs
+# --- collection (through unveil.report: runs grouped by their overrides, seeds folded) -------------
+def variant_of(g: Group) -> str:
+    """The table row of a group of DPO runs: the VARIANTS entry with its preference set (the folder
+    name of ``data.root``) and ``stage.weight_norm``, read from the resolved config; else its label."""
+    cfg = g.runs[0].run.config or {}
+    key = (Path(str((cfg.get("data") or {}).get("root", ""))).name, (cfg.get("stage") or {}).get("weight_norm"))
+    return next((v for v, (_, pref, norm) in VARIANTS.items() if (pref, norm) == key), g.label)
 
 
-def metric(metrics: dict, name: str) -> float:
-    v = metrics.get(f"test/{name}")
-    return float(v) if v is not None else math.nan
+def dpo_groups(dpo_dir: Path) -> dict[str, Group]:
+    """Every finished DPO run under ``dpo_dir``, by variant (VARIANTS order, then any others)."""
+    if not Path(dpo_dir).exists() or not list(Path(dpo_dir).rglob("metrics.json")):
+        raise SystemExit(f"no finished DPO runs under {dpo_dir}")
+    groups = {}
+    for g in group_runs(find_runs([dpo_dir])):
+        v = variant_of(g)
+        if v in groups:
+            raise SystemExit(f"DPO runs of variant {v} differ in other overrides ({groups[v].label} / {g.label})")
+        groups[v] = g
+    return {v: groups[v] for v in [*VARIANTS, *groups] if v in groups}
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
-
-
-def table_rows(sft_metrics: dict | None, runs: list[dict]) -> list[dict]:
+def table_rows(sft: ReportRun | None, groups: dict[str, Group]) -> list[dict]:
     rows = []
-    if sft_metrics is not None:
+    if sft is not None:
         row = {
             "variant": "sft",
             "label": "SFT (start of every DPO run)",
@@ -230,34 +226,32 @@ def table_rows(sft_metrics: dict | None, runs: list[dict]) -> list[dict]:
             "seeds": "",
         }
         for k in METRICS:
-            row[f"{k}/mean"], row[f"{k}/std"] = metric(sft_metrics, k), math.nan
+            row[f"{k}/mean"], row[f"{k}/std"] = sft.value(f"test/{k}"), math.nan
         rows.append(row)
-    known = list(VARIANTS) + sorted({r["variant"] for r in runs} - set(VARIANTS))
-    for v in known:
-        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: (r["seed"] is None, r["seed"]))
-        if not rs:
-            continue
-        label, pref, norm = VARIANTS.get(v, (v, "", rs[0].get("weight_norm") or ""))
+    for v, g in groups.items():
+        runs = sorted(g.runs, key=lambda r: (r.seed is None, r.seed))
+        label, pref, norm = VARIANTS.get(
+            v, (v, "", (runs[0].run.config or {}).get("stage", {}).get("weight_norm", ""))
+        )
         row = {
             "variant": v,
             "label": label,
             "pref": pref,
             "weight_norm": norm,
-            "n_seeds": len(rs),
-            "seeds": " ".join(str(r["seed"]) for r in rs),
+            "n_seeds": len(runs),
+            "seeds": " ".join(str(r.seed) for r in runs),
         }
         for k in METRICS:
-            vals = [metric(r["metrics"], k) for r in rs]
-            row[f"{k}/mean"], row[f"{k}/std"] = mean_std(vals)
-            for r, x in zip(rs, vals):
-                row[f"{k}/seed{r['seed']}"] = x
+            row[f"{k}/mean"], row[f"{k}/std"] = g.stat(f"test/{k}")
+            for r in runs:
+                row[f"{k}/seed{r.seed}"] = r.value(f"test/{k}")
         rows.append(row)
     return rows
 
 
 def pref_summaries(pref_dir: Path) -> list[str]:
     """One line per preference set from its curate summary.json (pairs written, mean raw weight, sources)."""
-    lines = []
+    rows = []
     for name, (_, desc) in PREF_SETS.items():
         f = Path(pref_dir) / name / "summary.json"
         if not f.exists():
@@ -270,16 +264,18 @@ def pref_summaries(pref_dir: Path) -> list[str]:
                 ("hallucination/source", "hallucination/rule/", "lesion_noise/", "hallucination/model_fallback")
             )
         )
-        lines.append(
-            f"| `{name}` | {desc} | {sp.get('read', 0)} | {sp.get('written', 0)} | "
-            f"{sp.get('weight_mean', float('nan')):.3f} | {src} |"
+        rows.append(
+            [
+                f"`{name}`",
+                desc,
+                sp.get("read", 0),
+                sp.get("written", 0),
+                f"{sp.get('weight_mean', float('nan')):.3f}",
+                src,
+            ]
         )
-    if lines:
-        lines = [
-            "| set | pairs | train records read | train pairs | mean raw weight | sources |",
-            "|---|---|---|---|---|---|",
-        ] + lines
-    return lines
+    header = ["set", "pairs", "train records read", "train pairs", "mean raw weight", "sources"]
+    return md_table(header, rows) if rows else []
 
 
 def write_tables(
@@ -296,33 +292,20 @@ def write_tables(
     lines += cmds + ["```", "", note, ""]
     if pref_lines:
         lines += ["## Preference data (train split, from `summary.json` of each curate run)", "", *pref_lines, ""]
-    lines += [
-        "## Test split, mean ± std over seeds (the SFT row is one run)",
-        "",
-        "| variant | seeds | " + " | ".join(METRICS.values()) + " |",
-        "|---|---|" + "---|" * len(METRICS),
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['n_seeds']} | "
-            + " | ".join(fmt(r[f"{k}/mean"], r[f"{k}/std"]) for k in METRICS)
-            + " |"
-        )
-    lines += [
-        "",
-        "## Per seed: invented-box rate / closed VQA acc / matched IoU",
-        "",
-        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-        "|---|" + "---|" * len(seeds),
-    ]
-    for r in rows:
-        if r["variant"] == "sft":
-            continue
-        cells = [
+    main = [[r["label"], r["n_seeds"]] + [fmt(r[f"{k}/mean"], r[f"{k}/std"]) for k in METRICS] for r in rows]
+    lines += ["## Test split, mean ± std over seeds (the SFT row is one run)", ""]
+    lines += md_table(["variant", "seeds", *METRICS.values()], main)
+    per_seed = [
+        [r["label"]]
+        + [
             " / ".join(fmt(r.get(f"{k}/seed{s}", math.nan)) for k in ("invented_box_rate", "closed_acc", "iou"))
             for s in seeds
         ]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        for r in rows
+        if r["variant"] != "sft"
+    ]
+    lines += ["", "## Per seed: invented-box rate / closed VQA acc / matched IoU", ""]
+    lines += md_table(["variant", *(f"seed {s}" for s in seeds)], per_seed)
     lines += ["", "## Reading", ""]
     if reading:
         lines += [reading, ""]
@@ -333,14 +316,17 @@ def write_tables(
 def collect(out: Path, sft_test: Path, cmds: list[str], md: Path, csv_path: Path, note: str) -> list[dict]:
     """Rows of the SFT evaluation (``sft_test/metrics.json``) and of every DPO run under ``<out>/dpo``.
 
-    Writes md + csv.
+    Writes md + csv, and ``<out>/report/``: every row against SFT with paired-bootstrap intervals
+    over test studies, and the figures (:mod:`unveil.report`).
     """
-    sft_metrics = json.loads((sft_test / "metrics.json").read_text()) if (sft_test / "metrics.json").exists() else None
-    runs = load_runs(out / "dpo")
-    if not runs:
-        raise SystemExit(f"no finished DPO runs under {out / 'dpo'}")
-    rows = table_rows(sft_metrics, runs)
+    sft = read_run(sft_test) if (sft_test / "metrics.json").exists() else None
+    groups = dpo_groups(out / "dpo")
+    rows = table_rows(sft, groups)
     write_tables(rows, cmds, md, csv_path, note, pref_summaries(out / "pref"))
+    runs = [r for g in groups.values() for r in g.runs]
+    report = build_report(([sft] if sft else []) + runs, baseline=0)
+    paths = write_report(report, out / "report", command=cmds[0] if cmds else None, title="MMedPO ablation")
+    print(f"wrote {paths['md']} (differences to SFT with 95% intervals, figures)")
     return rows
 
 

@@ -20,20 +20,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from unveil.report import (
+    Group,
+    ReportRun,
+    breakdown_values,
+    build_report,
+    column,
+    existing_reading,
+    find_runs,
+    fmt,
+    group_runs,
+    md_table,
+    per_value,
+    read_run,
+    write_csv,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers below, however this file is loaded
 from ablation_cli import add_common_args, add_tail_args, setup  # noqa: E402
-from ablation_tables import existing_reading, fmt, write_csv  # noqa: E402
 
 ALGOS = {"umed_ppo": "PPO", "umed_grpo": "GRPO"}
 REWARDS = {  # reward preset -> row label (paper Table 6 wording)
@@ -80,74 +92,45 @@ def commands(a, out: Path) -> tuple[list[str], list[list[str]]]:
     return sft, rls
 
 
-# --- collection -----------------------------------------------------------------------------------
-def load_runs(rl_dir: Path) -> list[dict]:
-    runs = []
-    for m in sorted(rl_dir.rglob("metrics.json")):
-        hyd = m.parent / ".hydra"
-        if not (hyd / "config.yaml").exists():
-            continue
-        cfg = yaml.safe_load((hyd / "config.yaml").read_text())
-        choices = yaml.safe_load((hyd / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
-        runs.append(
-            {
-                "experiment": choices.get("experiment"),
-                "reward": choices.get("reward"),
-                "seed": cfg.get("seed"),
-                "metrics": json.loads(m.read_text()),
-                "dir": str(m.parent),
-            }
-        )
-    return runs
-
-
-def modalities(runs: list[dict]) -> list[str]:
-    mods = set()
-    for r in runs:
-        for k in r["metrics"]:
-            p = k.split("/")
-            if len(p) == 4 and p[:2] == ["test", "modality"] and p[3] in METRICS:
-                mods.add(p[2])
-    return sorted(mods)
-
-
-def values(metrics: dict, metric: str, mods: list[str]) -> dict[str, float]:
-    """Per modality and the average over the modalities that have a value (NaN when none)."""
-    out = {}
-    for mod in mods:
-        v = metrics.get(f"test/modality/{mod}/{metric}")
-        out[mod] = float(v) if v is not None else math.nan
-    finite = [v for v in out.values() if math.isfinite(v)]
-    out["average"] = statistics.mean(finite) if finite else math.nan
+# --- collection (through unveil.report: runs grouped by their overrides, seeds folded) -------------
+def rl_groups(rl_dir: Path) -> dict[tuple[str, str], Group]:
+    """The finished RL runs under ``rl_dir`` by (experiment, reward preset)."""
+    out: dict[tuple[str, str], Group] = {}
+    for g in group_runs(find_runs([rl_dir])):
+        key = (g.runs[0].choice("experiment"), g.runs[0].choice("reward"))
+        if key in out:
+            raise SystemExit(
+                f"runs of experiment={key[0]} reward={key[1]} under {rl_dir} differ in other overrides "
+                f"({out[key].label} / {g.label}): collect them separately"
+            )
+        out[key] = g
     return out
 
 
-def mean_std(xs: list[float]) -> tuple[float, float, int]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan, 0
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+def modalities(runs: list[ReportRun]) -> list[str]:
+    return sorted({v for r in runs for m in METRICS for v in breakdown_values(r, "modality", m)})
 
 
-def table_rows(sft_metrics: dict | None, runs: list[dict], mods: list[str]) -> list[dict]:
+def table_rows(sft: ReportRun | None, groups: dict[tuple[str, str], Group], mods: list[str]) -> list[dict]:
+    """SFT, then PPO and GRPO with each reward preset: per modality and their average (per run, then
+    mean ± std over the row's runs)."""
     cols = mods + ["average"]
     rows = []
-    if sft_metrics is not None:
+    if sft is not None:
         row = {"algo": "SFT", "variant": "SFT (no RL)", "reward": "", "n_seeds": 1}
         for metric in METRICS:
-            for c, v in values(sft_metrics, metric, mods).items():
+            for c, v in per_value(sft, "modality", metric, mods).items():
                 row[f"{metric}/{c}/mean"], row[f"{metric}/{c}/std"] = v, math.nan
         rows.append(row)
     for exp, algo in ALGOS.items():
         for reward, label in REWARDS.items():
-            rs = [r for r in runs if r["experiment"] == exp and r["reward"] == reward]
-            if not rs:
+            g = groups.get((exp, reward))
+            if g is None:
                 continue
-            row = {"algo": algo, "variant": label, "reward": reward, "n_seeds": len({r["seed"] for r in rs})}
+            row = {"algo": algo, "variant": label, "reward": reward, "n_seeds": len(set(g.seeds))}
             for metric in METRICS:
-                per_seed = [values(r["metrics"], metric, mods) for r in rs]
                 for c in cols:
-                    row[f"{metric}/{c}/mean"], row[f"{metric}/{c}/std"], _ = mean_std([p[c] for p in per_seed])
+                    row[f"{metric}/{c}/mean"], row[f"{metric}/{c}/std"] = g.stat(column("modality", metric, mods, c))
             rows.append(row)
     return rows
 
@@ -173,16 +156,12 @@ def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, c
         "",
     ]
     for metric, title in METRICS.items():
-        lines += [
-            f"## {title} (`{metric}`)",
-            "",
-            "| algorithm | variant | seeds | " + " | ".join(cols) + " |",
-            "|---|---|---|" + "---|" * len(cols),
+        cells = [
+            [r["algo"], r["variant"], r["n_seeds"]]
+            + [fmt(r[f"{metric}/{c}/mean"], r[f"{metric}/{c}/std"]) for c in cols]
+            for r in rows
         ]
-        for r in rows:
-            cells = [fmt(r[f"{metric}/{c}/mean"], r[f"{metric}/{c}/std"]) for c in cols]
-            lines.append(f"| {r['algo']} | {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## {title} (`{metric}`)", ""] + md_table(["algorithm", "variant", "seeds", *cols], cells) + [""]
     lines += ["## Reading", ""]
     if reading:
         lines += [reading, ""]
@@ -228,12 +207,13 @@ def main() -> None:
             run(cmd, env)
 
     sft_dir = a.sft_dir or out / "sft"
-    sft_metrics = json.loads((sft_dir / "metrics.json").read_text()) if (sft_dir / "metrics.json").exists() else None
-    runs = load_runs(out / "rl")
-    if not runs:
+    sft = read_run(sft_dir) if (sft_dir / "metrics.json").exists() else None
+    if not (out / "rl").exists() or not list((out / "rl").rglob("metrics.json")):
         raise SystemExit(f"no finished RL runs under {out / 'rl'}")
-    mods = modalities(runs + ([{"metrics": sft_metrics}] if sft_metrics else []))
-    rows = table_rows(sft_metrics, runs, mods)
+    groups = rl_groups(out / "rl")
+    runs = [r for g in groups.values() for r in g.runs]
+    mods = modalities(runs + ([sft] if sft else []))
+    rows = table_rows(sft, groups, mods)
     name = "umed_ablation_quick" if a.quick else "umed_ablation"
     note = (
         "Smoke-test size (`--quick`: debug-size data, one seed, a few steps): the numbers only show that the "
@@ -242,6 +222,10 @@ def main() -> None:
         else f"{len(runs)} RL runs, seeds {a.seeds}."
     )
     write_tables(rows, mods, shown, a.results / f"{name}.md", a.results / f"{name}.csv", note)
+    # every row against SFT with paired-bootstrap intervals over test studies, and the figures
+    report = build_report(([sft] if sft else []) + runs, baseline=0)
+    paths = write_report(report, out / "report", command=shown[0], title="UMed-LVLM reward ablation")
+    print(f"wrote {paths['md']} (differences to SFT with 95% intervals, figures)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_experiment
+from conftest import ROOT, load_experiment
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,15 @@ def abl():
     return load_experiment("mmedpo_ablation")
 
 
-def _run(dir_: Path, seed: int, norm: str, metrics: dict) -> None:
+def _run(dir_: Path, seed: int, norm: str, metrics: dict, pref: str = "mmedpo") -> None:
+    """A DPO run dir as the script's sweeps leave it: the resolved config, the overrides, the metrics."""
     (dir_ / ".hydra").mkdir(parents=True)
-    (dir_ / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nstage:\n  weight_norm: {norm}\ndata:\n  root: /x\n")
+    root = f"/x/pref/{pref}"
+    (dir_ / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\nstage:\n  weight_norm: {norm}\ndata:\n  root: {root}\n"
+    )
+    overrides = ["experiment=mmedpo_dpo", f"data.root={root}", f"stage.weight_norm={norm}", f"seed={seed}"]
+    (dir_ / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (dir_ / "metrics.json").write_text(json.dumps({f"test/{k}": v for k, v in metrics.items()}))
 
 
@@ -125,3 +131,35 @@ def test_commands_cover_every_variant_with_one_sweep_each(abl, tmp_path):
     assert "builder.visual=null" in cmds["curate"]["text"] and "builder.text=null" in cmds["curate"]["visual"]
     assert "builder.visual.mode=global" in cmds["curate"]["global"]
     assert all(f"model.init_from={tmp_path / 'sft'}" in c for c in cmds["curate"].values())
+
+
+def _sections(text: str) -> dict[str, str]:
+    return {s.split("\n", 1)[0]: s for s in text.split("\n## ")[1:]}
+
+
+def test_committed_tables_come_back_from_their_per_seed_values(abl, tmp_path):
+    """experiments/results/mmedpo_ablation.csv keeps every run's test metrics: run dirs rebuilt from
+    them and collected through unveil.report give the committed CSV byte for byte and the committed
+    Markdown tables digit for digit (the runs themselves are not in the repository)."""
+    committed_csv = ROOT / "experiments" / "results" / "mmedpo_ablation.csv"
+    out = tmp_path / "abl"
+    for r in csv.DictReader(open(committed_csv, encoding="utf-8")):
+        if r["variant"] == "sft":
+            (out / "sft_test").mkdir(parents=True)
+            metrics = {f"test/{k}": float(r[f"{k}/mean"]) for k in abl.METRICS}
+            (out / "sft_test" / "metrics.json").write_text(json.dumps(metrics))
+            continue
+        for seed in r["seeds"].split():
+            metrics = {k: float(r[f"{k}/seed{seed}"]) if r[f"{k}/seed{seed}"] else None for k in abl.METRICS}
+            _run(out / "dpo" / r["variant"] / f"seed{seed}", int(seed), r["weight_norm"], metrics, pref=r["pref"])
+    md, csv_path = tmp_path / "r.md", tmp_path / "r.csv"
+    abl.collect(out, out / "sft_test", ["python experiments/mmedpo_ablation.py"], md, csv_path, "a note")
+
+    assert csv_path.read_text() == committed_csv.read_text()
+    new, old = _sections(md.read_text()), _sections(committed_csv.with_suffix(".md").read_text())
+    for title in (
+        "Test split, mean ± std over seeds (the SFT row is one run)",
+        "Per seed: invented-box rate / closed VQA acc / matched IoU",
+    ):
+        assert new[title].strip() == old[title].strip(), title
+    assert (out / "report" / "report.md").exists()  # the generic report beside the tables

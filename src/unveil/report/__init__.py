@@ -21,10 +21,11 @@ from unveil.report.collect import (
     group_runs,
     mean_std,
     parse_overrides,
+    read_run,
     select_group,
     shared_overrides,
 )
-from unveil.report.stats import Delta, paired_bootstrap, per_value, record_terms
+from unveil.report.stats import Delta, breakdown_values, column, paired_bootstrap, per_value, record_terms
 from unveil.report.tables import existing_reading, fmt, fmt_delta, md_table, write_csv
 from unveil.report.write import Report, build_report, common_root, write_report
 
@@ -33,7 +34,9 @@ __all__ = [
     "Group",
     "Report",
     "ReportRun",
+    "breakdown_values",
     "build_report",
+    "column",
     "common_root",
     "existing_reading",
     "find_runs",
@@ -45,6 +48,7 @@ __all__ = [
     "paired_bootstrap",
     "parse_overrides",
     "per_value",
+    "read_run",
     "record_terms",
     "select_group",
     "shared_overrides",

@@ -50,10 +50,13 @@ class ReportRun:
         return self.run.path
 
     @property
-    def seed(self):
-        if "seed" in self.overrides:
-            return self.overrides["seed"]
-        return (self.run.config or {}).get("seed")
+    def seed(self) -> int | str | None:
+        """The run's seed: its override, else its config's (an int where it reads as one)."""
+        seed = self.overrides.get("seed", (self.run.config or {}).get("seed"))
+        try:
+            return int(seed)
+        except (TypeError, ValueError):
+            return seed
 
     def choice(self, name: str) -> str | None:
         """A config-group choice (``experiment``, ``reward``): the override, else what Hydra recorded."""
