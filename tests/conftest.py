@@ -76,3 +76,36 @@ def load_experiment(name: str):
     sys.modules[name] = mod  # as importlib's recipe: dataclasses resolve their string annotations through it
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def debug_sweep(tmp_path_factory) -> Path:
+    """A small ablation as the CLI makes it (``.hydra/overrides.yaml`` in every run dir): an SFT run
+    (``sft/``), then a GRPO multirun with LoRA from it over two seeds (``grpo/0``, ``grpo/1``), all
+    ``debug=fast``. Shared by the report, notebook and export tests; about 20 s on two cores."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("sweep_root")
+    (root / "conf").symlink_to(CONF)  # UNVEIL_ROOT moves data/logs/cache out of the checkout
+    env = {**os.environ, "UNVEIL_ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sweep = root / "sweep"
+    py = [sys.executable, "-m", "unveil.train"]
+    cmds = [
+        py + ["debug=fast", f"hydra.run.dir={sweep / 'sft'}"],
+        py
+        + [
+            "-m",
+            "debug=fast",
+            "stage=grpo",
+            "peft=lora",
+            f"model.init_from={sweep / 'sft'}",
+            "reward=umed",
+            "seed=0,1",
+            "stage.log_completions_every=1",
+            f"hydra.sweep.dir={sweep / 'grpo'}",
+        ],
+    ]
+    for cmd in cmds:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return sweep

@@ -37,7 +37,7 @@ class Report:
     def breakdown(self, kind: str) -> tuple[str, list[str]]:
         """(metric, values) of a breakdown: the primary metric where the runs report it per value,
         else the first table metric they do (``mcq_acc`` per ability)."""
-        for m in [self.primary, *self.metrics]:
+        for m in dict.fromkeys([self.primary, *self.metrics, *TABLE_METRICS]):
             values = sorted({v for r in self.runs for v in breakdown_values(r, kind, m, self.prefix)})
             if values:
                 return m, values
