@@ -81,7 +81,7 @@ def load_experiment(name: str):
 @pytest.fixture(scope="session")
 def debug_sweep(tmp_path_factory) -> Path:
     """A small ablation as the CLI makes it (``.hydra/overrides.yaml`` in every run dir): an SFT run
-    (``sft/``), then a GRPO multirun with LoRA from it over two seeds (``grpo/0``, ``grpo/1``), all
+    (``sft/``), then a GRPO multirun with LoRA from it over two seeds (``rl/0``, ``rl/1``), all
     ``debug=fast``. Shared by the report, notebook and export tests; about 20 s on two cores."""
     import subprocess
 
@@ -102,10 +102,40 @@ def debug_sweep(tmp_path_factory) -> Path:
             "reward=umed",
             "seed=0,1",
             "stage.log_completions_every=1",
-            f"hydra.sweep.dir={sweep / 'grpo'}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            f"hydra.sweep.dir={sweep / 'rl'}",
         ],
     ]
     for cmd in cmds:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     return sweep
+
+
+def execute_notebook(path: Path, env: dict[str, str], extra: str | None = None, timeout: int = 300):
+    """Run a notebook top to bottom in a real Jupyter kernel (nbclient + ipykernel, this interpreter),
+    in the repository root with ``env`` added to the environment; ``extra`` is a code cell appended
+    (e.g. printing what a test checks). Returns the executed notebook; a failing cell raises
+    ``nbclient.exceptions.CellExecutionError`` with its traceback."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    if extra:
+        nb.cells.append(nbformat.v4.new_code_cell(extra))
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(ROOT)}})
+    client.execute(env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline", **env})
+    return nb
+
+
+def notebook_outputs(nb) -> tuple[str, int]:
+    """(the text every cell printed or displayed, the number of images displayed)."""
+    text, images = [], 0
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            text.append(o.get("text", "") if o.get("output_type") == "stream" else "")
+            data = o.get("data", {})
+            text.append(data.get("text/plain", ""))
+            images += "image/png" in data
+    return "\n".join(text), images

@@ -50,7 +50,7 @@ def test_lora_run_merged_and_adapter_only(debug_sweep, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    run, base_dir = debug_sweep / "grpo" / "0", debug_sweep / "sft" / "backbone"
+    run, base_dir = debug_sweep / "rl" / "0", debug_sweep / "sft" / "backbone"
     merged = export_run(run, tmp_path / "merged")
     m = _load(merged)[0].state_dict()
     assert _same(m, _load(run / "backbone")[0].state_dict())  # LoRA merged, as the run saved it
@@ -75,7 +75,7 @@ def test_adapter_only_refused_without_lora_or_on_another_base(debug_sweep, tmp_p
         main([str(debug_sweep / "sft"), str(tmp_path / "a"), "--adapter-only"])
     # the LoRA run copied, its config pointing at a base whose weights moved: the checkpoint's
     # fingerprint of its base catches it
-    run = shutil.copytree(debug_sweep / "grpo" / "0", tmp_path / "run", ignore=shutil.ignore_patterns("backbone"))
+    run = shutil.copytree(debug_sweep / "rl" / "0", tmp_path / "run", ignore=shutil.ignore_patterns("backbone"))
     base = shutil.copytree(debug_sweep / "sft" / "backbone", tmp_path / "other_base")
     model = _load(base)[0]
     with torch.no_grad():

@@ -223,14 +223,14 @@ def test_report_on_a_debug_sweep_equals_the_runs_metrics(debug_sweep, tmp_path):
     from unveil.report.__main__ import main
 
     out = tmp_path / "rep"
-    paths = main([str(debug_sweep / "sft"), str(debug_sweep / "grpo"), "--out", str(out), "--bootstrap", "200"])
+    paths = main([str(debug_sweep / "sft"), str(debug_sweep / "rl"), "--out", str(out), "--bootstrap", "200"])
     assert {"md", "csv", "bars", "delta", "modality", "curves"} <= set(paths)
     for k in ("bars", "delta", "modality", "curves"):
         assert paths[k].read_bytes()[:8] == PNG and paths[k].stat().st_size > 5000, k
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert [r["n_runs"] for r in rows] == ["1", "2"] and rows[1]["seeds"] == "0 1" and rows[0]["baseline"] == "1"
     assert "stage=sft" in rows[0]["label"] and "stage=grpo" in rows[1]["label"] and "peft=lora" in rows[1]["label"]
-    run_dirs = [[debug_sweep / "sft"], [debug_sweep / "grpo" / "0", debug_sweep / "grpo" / "1"]]
+    run_dirs = [[debug_sweep / "sft"], [debug_sweep / "rl" / "0", debug_sweep / "rl" / "1"]]
     for row, dirs in zip(rows, run_dirs):
         ms = [json.loads((d / "metrics.json").read_text()) for d in dirs]
         keys = ["test/iou", "test/presence_acc", "test/n_studies", "train/loss", "val/loss"]
@@ -244,4 +244,4 @@ def test_report_on_a_debug_sweep_equals_the_runs_metrics(debug_sweep, tmp_path):
     assert float(rows[1]["iou/delta"]) == pytest.approx(statistics.mean(ious[1]) - ious[0][0])
     text = (out / "report.md").read_text()
     assert fmt(float(rows[1]["train/reward/mean"]), float(rows[1]["train/reward/std"])) in text
-    assert "![curves](curves.png)" in text and "grpo/1` | 1 | 1 |" in text
+    assert "![curves](curves.png)" in text and "rl/1` | 1 | 1 |" in text

@@ -1,4 +1,4 @@
-"""Reading finished runs back (unveil.eval.runs) and the notebook built on it."""
+"""Reading finished runs back (unveil.eval.runs); tests/test_notebooks.py runs the notebook built on it."""
 
 import json
 from pathlib import Path
@@ -156,19 +156,3 @@ def test_old_metric_names_read_under_trl_names(tmp_path):
     )
     # where a run has both, the current name's value wins
     assert current_names({"reward/total/mean": 1.0, "train/reward": 2.0}) == {"train/reward": 2.0}
-
-
-def test_inspect_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
-    """Every code cell of notebooks/inspect_run.ipynb, in order, on a fake run and the committed results."""
-    nb = json.loads((ROOT / "notebooks" / "inspect_run.ipynb").read_text())
-    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert cells, "the notebook has no code"
-    d = _fake_run(tmp_path / "run")
-    monkeypatch.setenv("UNVEIL_RUN", str(d))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.chdir(ROOT)
-    ns: dict = {"display": lambda *a, **k: None}  # Jupyter's display(); a no-op here
-    for i, src in enumerate(cells):
-        exec(compile(src, f"inspect_run.ipynb cell {i}", "exec"), ns)
-    assert ns["run"].path == d and ns["breakdown"] and ns["ablation"]
-    assert ns["training"]["train/reward"] == 1.5  # an old run's metrics, under the current names
