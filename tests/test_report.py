@@ -67,6 +67,7 @@ def test_groups_fold_seeds_and_are_named_by_what_differs(tmp_path):
     assert mean == 0.5 and math.isnan(std)  # one run: no spread to show
     assert shared_overrides(runs) == {"data.n": "8"}
     assert select_group(groups, "experiment=umed_sft") == 0 and select_group(groups, "reward=umed") == 2
+    assert select_group(groups, "reward=none") == 0  # the option Hydra chose, not overridden
     assert select_group(groups, "-1") == 2 and select_group(groups, groups[1].label) == 1
     with pytest.raises(ValueError, match="fits 2 rows; name one of: 0: experiment=umed_sft"):
         select_group(groups, "experiment=umed_ppo")

@@ -36,9 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    report = build_report(
-        a.paths, baseline=a.baseline, metrics=a.metrics, primary=a.metric, n_boot=a.bootstrap, seed=a.seed, fold=a.fold
-    )
+    try:
+        report = build_report(
+            a.paths,
+            baseline=a.baseline,
+            metrics=a.metrics,
+            primary=a.metric,
+            n_boot=a.bootstrap,
+            seed=a.seed,
+            fold=a.fold,
+        )
+    except (FileNotFoundError, ValueError) as e:  # no runs there, an unknown baseline: the message says which
+        raise SystemExit(f"unveil.report: {e}") from e
     out = a.out or ((a.paths[0] if len(a.paths) == 1 else common_root(report.runs)) / "report")
     command = shlex.join(["python", "-m", "unveil.report", *(sys.argv[1:] if argv is None else argv)])
     paths = write_report(report, out, command=command, title=a.title, figures_on=not a.no_figures)

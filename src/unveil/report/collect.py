@@ -187,8 +187,9 @@ def group_runs(runs: list[ReportRun], fold: Iterable[str] = FOLD) -> list[Group]
 
 
 def select_group(groups: list[Group], spec: str | int | None) -> int:
-    """The index of the group ``spec`` names: an index, a label, or ``key=value`` overrides it has
-    (``experiment=umed_sft``); None: the first group. An error lists the labels when none or several fit."""
+    """The index of the group ``spec`` names: an index, a label, or ``key=value`` overrides (or config-group
+    choices) it has (``experiment=umed_sft``, ``stage=sft``); None: the first group. An error lists the
+    labels when none or several fit."""
     if spec is None:
         return 0
     if isinstance(spec, int) or str(spec).lstrip("-").isdigit():
@@ -200,7 +201,8 @@ def select_group(groups: list[Group], spec: str | int | None) -> int:
     if spec in labels:
         return labels.index(spec)
     want = parse_overrides(str(spec).split())
-    hits = [i for i, g in enumerate(groups) if all(g.runs[0].overrides.get(k) == v for k, v in want.items())]
+    # an override, or the option Hydra chose for a config group the run did not override (stage=sft)
+    hits = [i for i, g in enumerate(groups) if all(g.runs[0].choice(k) == v for k, v in want.items())]
     if len(hits) != 1:
         raise ValueError(
             f"baseline {spec!r} fits {len(hits)} rows; name one of: "
