@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from unveil.report.collect import ReportRun
 from unveil.report.tables import fmt, md_table
+from unveil.report.write import TRAINING
 
 MARK = "Exported by `python -m unveil.export`"  # how a later --force knows this folder is an export
-TRAINING = ("train/loss", "val/loss", "train/reward", "val/reward", "train/kl", "train/rewards/margins")
 
 
 def _select(cfg, key: str):
