@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from unveil.export.weights import is_lora
 from unveil.report.collect import ReportRun
 from unveil.report.tables import fmt, md_table
 from unveil.report.write import TRAINING
@@ -45,13 +46,13 @@ def _training(run: ReportRun, cfg, base: str | None, adapter_only: bool) -> list
         ["stage", f"`{_select(cfg, 'stage._target_')}`"],
         [
             "model",
-            f"`model.kind={model.get('kind')}`"
+            f"`model._target_={model.get('_target_')}`"
             + (f", `{model['name_or_path']}`" if model.get("name_or_path") else ""),
         ],
-        ["started from", f"`{base}`" if base else "a model built in code (`model.kind`, `model.spec`)"],
+        ["started from", f"`{base}`" if base else "a model built in code (`model._target_`, `model.spec`)"],
         [
             "LoRA",
-            f"r {peft.get('r')}, alpha {peft.get('alpha')}" if peft.get("kind") == "lora" else "no (full fine-tuning)",
+            f"r {peft.get('r')}, alpha {peft.get('lora_alpha')}" if is_lora(peft) else "no (full fine-tuning)",
         ],
         ["steps", str(_select(cfg, "trainer.max_steps"))],
         ["seed", str(run.seed)],
@@ -59,7 +60,7 @@ def _training(run: ReportRun, cfg, base: str | None, adapter_only: bool) -> list
     weights = (
         "the LoRA adapter only (PEFT format), to load onto the base it started from (below)"
         if adapter_only
-        else "the trained model" + (", LoRA merged into the weights" if peft.get("kind") == "lora" else "")
+        else "the trained model" + (", LoRA merged into the weights" if is_lora(peft) else "")
     )
     return [
         "## Training",
@@ -129,7 +130,9 @@ def _config(run: ReportRun):
     not to those the run used (``data.root`` reads ``${paths.data_dir}/synthetic/n24-s0-px128``)."""
     raw = dict(run.run.config or {})
     raw["paths"] = {k: "\\${paths." + k + "}" for k in raw.get("paths") or {}}
-    return OmegaConf.create(raw)
+    from unveil.eval.old_configs import upgrade
+
+    return upgrade(OmegaConf.create(raw))  # a run of the registry era reads as a current one
 
 
 def model_card(run: ReportRun, out: Path, base: str | None, adapter_only: bool) -> str:

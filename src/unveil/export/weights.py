@@ -25,7 +25,7 @@ def copy_merged(run: ReportRun, out: Path) -> str | None:
 
 def base_of(model_cfg: dict, strict: bool = True) -> str | None:
     """Where the run's base model loads from: the saved model ``model.init_from`` names (a run's
-    ``backbone/`` or a model dir), or ``model.name_or_path`` (``model.kind=hf``). A model built in
+    ``backbone/`` or a model dir), or ``model.name_or_path`` (``model=hf``). A model built in
     code has none: an error when ``strict``, else None."""
     from unveil.models.factory import _saved_dir
 
@@ -35,16 +35,21 @@ def base_of(model_cfg: dict, strict: bool = True) -> str | None:
         if saved is not None:
             return str(saved.resolve())
         why = f"model.init_from={init_from} is not a saved model dir here (a .ckpt holds no loadable base)"
-    elif model_cfg.get("kind") == "hf" and model_cfg.get("name_or_path"):
+    elif str(model_cfg.get("_target_", "")).endswith(".factory.hf") and model_cfg.get("name_or_path"):
         return str(model_cfg["name_or_path"])
     else:
-        why = f"model.kind={model_cfg.get('kind')} builds the base in code (no directory to load it from)"
+        why = f"model._target_={model_cfg.get('_target_')} builds the base in code (no directory to load it from)"
     if strict:
         raise ValueError(
             f"an adapter needs a base to load onto, and this run has none: {why}. Export it merged (without "
             "--adapter-only), or train LoRA from model.init_from=<run dir> or model=hf"
         )
     return None
+
+
+def is_lora(peft_cfg) -> bool:
+    """Whether a run's ``peft`` config is LoRA (``peft=lora``: PEFT's LoraConfig)."""
+    return str((peft_cfg or {}).get("_target_", "")).endswith("LoraConfig")
 
 
 def _check_base(model: torch.nn.Module, saved: dict | None) -> None:
@@ -70,11 +75,12 @@ def write_adapter(run: ReportRun, out: Path) -> str:
     (:func:`unveil.models.factory.build_backbone` with the run's ``model`` and ``peft``), saved with
     PEFT's ``save_pretrained`` (its ``base_model_name_or_path``: the base), with the processor."""
     import unveil.utils.resolvers  # noqa: F401  (the ${unveil.*} resolvers the model config may use)
+    from unveil.eval.old_configs import upgrade
     from unveil.models.factory import build_backbone
 
-    cfg = OmegaConf.create(run.run.config or {})
-    if (cfg.get("peft") or {}).get("kind", "none") != "lora":
-        raise ValueError(f"{run.path}: trained without LoRA (peft.kind is not lora): no adapter; export it merged")
+    cfg = upgrade(OmegaConf.create(run.run.config or {}))  # runs of the registry era read the same way
+    if not is_lora(cfg.get("peft")):
+        raise ValueError(f"{run.path}: trained without LoRA (peft=none): no adapter; export it merged")
     base = base_of(OmegaConf.to_container(cfg.model, resolve=False))
     ckpt = run.path / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
