@@ -14,6 +14,9 @@ import torch
 from unveil.data.boxes import IntGridFormat
 from unveil.data.images import load_image
 from unveil.data.schema import Sample
+from unveil.data.virtual_user import convert
+from unveil.models import chat
+from unveil.models.chat_templates import CHAT_TEMPLATES
 
 IGNORE = -100
 PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # cut by max_length
@@ -68,7 +71,10 @@ class SFTCollator:
     """Cross-entropy batches: labels on assistant tokens only (and virtual-user questions).
 
     ``train_on_virtual_user``: STLLaVA-Med's stage 1 also trains on the question tokens of
-    turns marked ``virtual_user``, so the model learns to ask about an image.
+    turns marked ``virtual_user`` (after the virtual user's role tag, through its end-of-turn
+    token), so the model learns to ask about an image. ``sq_r``: first turn each later human turn
+    of a record with an image into a virtual-user turn with that probability, drawn per record and
+    epoch (:mod:`unveil.data.virtual_user`), as the official stage 1 does with ``sq_r`` 0.5.
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class SFTCollator:
         train_on_virtual_user: bool = False,
         max_length: int | None = None,
         image_cache: ImageCache | None = None,
+        sq_r: float = 0.0,
+        seed: int = 0,
     ):
         """``max_length``: tokens per row, the start kept (see :meth:`_truncate`); the datamodule
         sets ``data.max_tokens`` here when the stage leaves it None."""
@@ -84,6 +92,26 @@ class SFTCollator:
         self.train_on_virtual_user = train_on_virtual_user
         self.max_length = max_length
         self.images = image_cache or ImageCache()
+        self.sq_r, self.seed = float(sq_r), int(seed)
+        if not 0.0 <= self.sq_r <= 1.0:
+            raise ValueError(f"stage.sq_r must be a probability in [0, 1], got {sq_r}")
+        if self.sq_r > 0 and not train_on_virtual_user:
+            raise ValueError(
+                "stage.sq_r > 0 makes virtual-user turns to train on: set stage.train_on_virtual_user=true"
+            )
+        if train_on_virtual_user and not chat.supports_virtual_user(backbone):
+            raise ValueError(
+                f"stage.train_on_virtual_user: the chat template of {backbone.name} has no virtual-user role, so "
+                "its questions would be trained behind a plain user tag; set model.chat_template to one of "
+                f"{sorted(CHAT_TEMPLATES)} (unveil.models.chat_templates)"
+            )
+        # the epoch the sq_r draws belong to; in shared memory, so loader workers see what the stage sets
+        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def messages(self, s: Sample) -> list[dict]:
+        """The sample's messages as trained: answer boxes in the backbone's format, and this epoch's
+        virtual-user turns when ``sq_r`` > 0."""
+        return convert(s, backbone_messages(self.bb, s), self.sq_r, self.seed, int(self.epoch))
 
     def _encode(self, texts: list[str], images: list[list[Any]], padding_side: str = "right"):
         flat = [im for ims in images for im in ims]
@@ -127,7 +155,7 @@ class SFTCollator:
         return batch, labels
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        msgs = [backbone_messages(self.bb, s) for s in samples]
+        msgs = [self.messages(s) for s in samples]
         images = [[self.images(p) for p in s.images] for s in samples]
         full = [self.bb.render(m) for m in msgs]
         batch = self._encode(full, images)
@@ -140,8 +168,12 @@ class SFTCollator:
             if not rows:
                 continue
             gen = [msgs[i][j]["role"] == "assistant" for i in rows]
+            # the prefix ends with the turn's role tag: ASSISTANT: (generation prompt) or VUSER:
             pre = self._lengths(
-                [self.bb.render(msgs[i][:j], add_generation_prompt=g) for i, g in zip(rows, gen)],
+                [
+                    self.bb.render(msgs[i][:j], add_generation_prompt=g, add_virtual_user_prompt=not g)
+                    for i, g in zip(rows, gen)
+                ],
                 [images[i] for i in rows],
             )
             upto = (

@@ -5,6 +5,14 @@ Used by the tiny models built in code (:mod:`unveil.models.tiny_hf`) and, throug
 training (llava-hf's LLaVA-1.5 template has no ``</s>`` after answers) or is missing
 (LLaVA-Med and Mantis conversions). Every template accepts content as a string or as an HF
 content list (``{"type": "image"}`` / ``{"type": "text", "text": ...}``).
+
+Every template also renders STLLaVA-Med's **virtual user** (role ``virtual_user``) with role
+tokens of its own, and takes ``add_virtual_user_prompt`` (the virtual user's role tag, as
+``add_generation_prompt`` is the assistant's): the loss mask then trains the question and the
+end-of-turn token after that tag, as the official ``preprocess_v1_sq2`` does ("VUSER: Q</s>",
+"VUSER:" masked). The role tag follows each family's style: ``VUSER:`` in the Vicuna-style and
+Mistral templates (the official name, conv ``v1_sq``), ``<|im_start|>vuser`` in ChatML,
+``Vuser:`` in Idefics3's. docs/methods.md#stllava-med.
 """
 
 from __future__ import annotations
@@ -26,26 +34,40 @@ LLAVA_SYSTEM = (
 
 # LLaVA-1.5 as trained (conv_llava_v1 / vicuna_v1): "SYS USER: <image>\nQ ASSISTANT: A</s>USER: ...".
 # (llava-hf's own template drops the </s> after answers, so a model tuned with it never learns
-# to stop; conf/model/llava15.yaml installs this one instead.)
+# to stop; conf/model/llava15.yaml installs this one instead.) A virtual-user turn as STLLaVA-Med's
+# conv v1_sq renders it: "...A</s>VUSER: Q</s> ASSISTANT: A2</s>" (the space is the turn separator).
 LLAVA15_TEMPLATE = _CONTENT + (
+    "{%- set ns = namespace(vu=false) -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}{{ content(messages[0]['content'], '') ~ ' ' }}"
     "{%- else -%}{{ '" + LLAVA_SYSTEM.replace("'", "\\'") + " ' }}{%- endif -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
+    "{%- if ns.vu and m['role'] != 'virtual_user' -%}{{ ' ' }}{%- endif -%}"
+    "{%- set ns.vu = m['role'] == 'virtual_user' -%}"
     "{%- if m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' ~ content(m['content'], '') ~ '</s>' }}"
+    "{%- elif m['role'] == 'virtual_user' -%}{{ 'VUSER: ' ~ content(m['content'], '<image>\\n') ~ '</s>' }}"
     "{%- else -%}{{ 'USER: ' ~ content(m['content'], '<image>\\n') ~ ' ' }}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ (' ' if ns.vu else '') ~ 'ASSISTANT:' }}"
+    "{%- elif add_virtual_user_prompt -%}{{ (' ' if ns.vu else '') ~ 'VUSER:' }}{%- endif -%}"
 )
 
 # LLaVA-Med v1.5 (Mistral; conv_mode mistral_instruct): "[INST] <image>\nQ [/INST] A </s>[INST] ...".
+# A virtual-user turn (no official Mistral form; STLLaVA-Med trained Vicuna): "[INST] VUSER: Q </s>",
+# its [/INST] put before the answer that follows.
 LLAVA_MED_TEMPLATE = _CONTENT + (
-    "{%- set ns = namespace(sys='') -%}"
+    "{%- set ns = namespace(sys='', vu=false) -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'system' -%}{%- set ns.sys = content(m['content'], '') ~ ' ' -%}"
-    "{%- elif m['role'] == 'assistant' -%}{{ ' ' ~ content(m['content'], '') ~ ' </s>' }}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{ (' [/INST]' if ns.vu else '') ~ ' ' ~ content(m['content'], '') ~ ' </s>' }}"
+    "{%- elif m['role'] == 'virtual_user' -%}"
+    "{{ '[INST] VUSER: ' ~ ns.sys ~ content(m['content'], '<image>\\n') ~ ' </s>' }}{%- set ns.sys = '' -%}"
     "{%- else -%}{{ '[INST] ' ~ ns.sys ~ content(m['content'], '<image>\\n') ~ ' [/INST]' }}{%- set ns.sys = '' -%}"
     "{%- endif -%}"
+    "{%- if m['role'] != 'system' -%}{%- set ns.vu = m['role'] == 'virtual_user' -%}{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if add_generation_prompt and ns.vu -%}{{ ' [/INST]' }}"
+    "{%- elif add_virtual_user_prompt -%}{{ '[INST] VUSER:' }}{%- endif -%}"
 )
 
 # Mantis-LLaVA (conv_mllava_v1, SINGLE style with sep </s>): "SYS</s>USER: Q</s>ASSISTANT: A</s>".
@@ -54,9 +76,11 @@ MANTIS_LLAVA_TEMPLATE = _CONTENT + (
     "{%- else -%}{{ '" + LLAVA_SYSTEM.replace("'", "\\'") + "</s>' }}{%- endif -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
     "{%- if m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' ~ content(m['content'], '') ~ '</s>' }}"
+    "{%- elif m['role'] == 'virtual_user' -%}{{ 'VUSER: ' ~ content(m['content'], '<image>') ~ '</s>' }}"
     "{%- else -%}{{ 'USER: ' ~ content(m['content'], '<image>') ~ '</s>' }}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}"
+    "{%- elif add_virtual_user_prompt -%}{{ 'VUSER:' }}{%- endif -%}"
 )
 
 # Qwen2-VL and Qwen2.5-VL (identical up to the default system prompt).
@@ -65,7 +89,7 @@ _QWEN_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\n__SYSTEM__<|im_end|>\\n' }}{%- endif -%}"
-    "{{ '<|im_start|>' ~ message['role'] ~ '\\n' }}"
+    "{{ '<|im_start|>' ~ ('vuser' if message['role'] == 'virtual_user' else message['role']) ~ '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for c in message['content'] -%}"
     "{%- if c['type'] == 'image' or 'image' in c or 'image_url' in c -%}"
@@ -76,7 +100,8 @@ _QWEN_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}"
     "{{ '<|im_end|>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- elif add_virtual_user_prompt -%}{{ '<|im_start|>vuser\\n' }}{%- endif -%}"
 )
 QWEN2_VL_TEMPLATE = _QWEN_TEMPLATE.replace("__SYSTEM__", "You are a helpful assistant.")
 QWEN25_VL_TEMPLATE = QWEN2_VL_TEMPLATE
@@ -84,7 +109,7 @@ QWEN25_VL_TEMPLATE = QWEN2_VL_TEMPLATE
 # Idefics3 (Llama-3 text) and SmolVLM: "User:<image>Q<end_of_utterance>\nAssistant: A<end_of_utterance>\n".
 _IDEFICS_TEMPLATE = (
     "{{ '__BOS__' }}{%- for message in messages -%}"
-    "{{ message['role'] | capitalize }}"
+    "{{ 'Vuser' if message['role'] == 'virtual_user' else message['role'] | capitalize }}"
     "{%- if message['content'] is not string and message['content'][0]['type'] == 'image' -%}{{ ':' }}"
     "{%- else -%}{{ ': ' }}{%- endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
@@ -94,7 +119,8 @@ _IDEFICS_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}"
     "{{ '<end_of_utterance>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}"
+    "{%- elif add_virtual_user_prompt -%}{{ 'Vuser:' }}{%- endif -%}"
 )
 IDEFICS3_TEMPLATE = _IDEFICS_TEMPLATE.replace("__BOS__", "<|begin_of_text|>")
 SMOLVLM_TEMPLATE = _IDEFICS_TEMPLATE.replace("__BOS__", "<|im_start|>")

@@ -71,8 +71,8 @@ class Backbone:
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def render(self, messages, add_generation_prompt: bool = False) -> str:
-        return chat.render(self, messages, add_generation_prompt)
+    def render(self, messages, add_generation_prompt: bool = False, add_virtual_user_prompt: bool = False) -> str:
+        return chat.render(self, messages, add_generation_prompt, add_virtual_user_prompt)
 
     def save(self, path: str | Path) -> None:
         """save_pretrained model (LoRA merged) + processor: loadable as ``model=hf`` later."""

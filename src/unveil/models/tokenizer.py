@@ -23,15 +23,16 @@ IMAGE_TOKEN = "<image>"
 # Whole-number tokens of the 0-100 box grid (matched longest-first: "100" beats "10" + "0").
 NUMBER_TOKENS = [str(i) for i in range(101)]
 
-# Plain-text chat template of the tiny model; assistant turns end with </s>.
+# Plain-text chat template of the tiny model; assistant turns end with </s>. STLLaVA-Med's virtual
+# user has its own role tag, "VUSER:" (add_virtual_user_prompt), and its questions end with </s>.
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
     "{% elif m['role'] == 'user' %}USER: {{ m['content'] }}\n"
-    "{% elif m['role'] == 'virtual_user' %}USER: {{ m['content'] }}</s>\n"
+    "{% elif m['role'] == 'virtual_user' %}VUSER: {{ m['content'] }}</s>\n"
     "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}</s>\n"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% elif add_virtual_user_prompt %}VUSER:{% endif %}"
 )
 
 
@@ -46,7 +47,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):  # parallel multirun jobs share the cache
             if (path / "tokenizer.json").exists():
-                return PreTrainedTokenizerFast.from_pretrained(str(path))
+                tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+                tok.chat_template = TINY_CHAT_TEMPLATE  # the template of this code, not the one cached with it
+                return tok
             tok = _build(texts, vocab_size)
             tok.save_pretrained(str(path))
             log.info("trained tokenizer (%d tokens) cached at %s", len(tok), path)

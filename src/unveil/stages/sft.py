@@ -6,7 +6,8 @@
 
 Also UMed-LVLM's abnormal-aware instruction tuning (same loss, MAU-style data) and
 STLLaVA-Med's stage 1 (``train_on_virtual_user``: question tokens of virtual-user turns
-are trained on too).
+are trained on too; ``sq_r``: later human turns become virtual-user turns with that probability,
+drawn afresh each epoch from ``sq_seed``, :mod:`unveil.data.virtual_user`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,20 @@ from unveil.stages.base import StageModule
 
 
 class SFTModule(StageModule):
-    def __init__(self, backbone, optim: dict | None = None, train_on_virtual_user: bool = False):
+    def __init__(
+        self,
+        backbone,
+        optim: dict | None = None,
+        train_on_virtual_user: bool = False,
+        sq_r: float = 0.0,
+        sq_seed: int = 0,
+    ):
         super().__init__(backbone, optim)
-        self.collator = SFTCollator(backbone, train_on_virtual_user=train_on_virtual_user)
+        self.collator = SFTCollator(backbone, train_on_virtual_user=train_on_virtual_user, sq_r=sq_r, seed=sq_seed)
+
+    def on_train_epoch_start(self):
+        # before the epoch's loader iterator starts its workers: they read the epoch from shared memory
+        self.collator.epoch.fill_(self.current_epoch)
 
     def forward(self, batch):
         """The mean negative log-likelihood of the batch's labelled tokens."""
