@@ -131,6 +131,17 @@ def _final_eval(cfg: DictConfig, backbone, records, out: Path, metrics: dict, lo
     print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
 
 
+def _paper_fidelity(cfg: DictConfig, out: Path) -> None:
+    """The experiment's paper preset on a real backbone (``paper.values``; the run dir's
+    ``.hydra/config.yaml`` is rewritten with it, so ``unveil.eval`` rebuilds what trained), then a
+    warning per deviation from the paper (``deviations``; docs/fidelity.md)."""
+    from unveil.utils.paper import apply_paper_preset, log_deviations
+
+    if apply_paper_preset(cfg) and (out / ".hydra" / "config.yaml").is_file():
+        OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    log_deviations(cfg)
+
+
 def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
@@ -142,11 +153,12 @@ def train(cfg: DictConfig) -> dict:
     from unveil.utils.io import write_metrics
     from unveil.utils.wandb_run import finish_runs
 
+    out = Path(cfg.paths.output_dir)
+    _paper_fidelity(cfg, out)
     check_config(cfg)
     apply_num_threads(cfg.get("num_threads"))  # a job's share of the cores when jobs run side by side
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
