@@ -47,6 +47,7 @@ from unveil.report import (
     group_runs,
     md_table,
     read_run,
+    reading_lines,
     write_csv,
     write_report,
 )
@@ -306,9 +307,7 @@ def write_tables(
     ]
     lines += ["", "## Per seed: invented-box rate / closed VQA acc / matched IoU", ""]
     lines += md_table(["variant", *(f"seed {s}" for s in seeds)], per_seed)
-    lines += ["", "## Reading", ""]
-    if reading:
-        lines += [reading, ""]
+    lines += [""] + reading_lines(reading, "\n".join(lines))
     md.write_text("\n".join(lines))
     print(f"wrote {md} and {csv_path}")
 

@@ -39,6 +39,7 @@ from unveil.report import (
     md_table,
     per_value,
     read_run,
+    reading_lines,
     write_csv,
     write_report,
 )
@@ -162,9 +163,7 @@ def write_tables(rows: list[dict], mods: list[str], cmds: list[str], md: Path, c
             for r in rows
         ]
         lines += [f"## {title} (`{metric}`)", ""] + md_table(["algorithm", "variant", "seeds", *cols], cells) + [""]
-    lines += ["## Reading", ""]
-    if reading:
-        lines += [reading, ""]
+    lines += reading_lines(reading, "\n".join(lines))
     md.write_text("\n".join(lines))
     print(f"wrote {md} and {csv_path}")
 

@@ -26,7 +26,7 @@ from unveil.report.collect import (
     shared_overrides,
 )
 from unveil.report.stats import Delta, breakdown_values, column, paired_bootstrap, per_value, record_terms
-from unveil.report.tables import existing_reading, fmt, fmt_delta, md_table, write_csv
+from unveil.report.tables import existing_reading, fmt, fmt_delta, md_table, reading_lines, write_csv
 from unveil.report.write import Report, build_report, common_root, write_report
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "column",
     "common_root",
     "existing_reading",
+    "reading_lines",
     "find_runs",
     "fmt",
     "fmt_delta",

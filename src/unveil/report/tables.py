@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
+
+# a decimal as the tables write them (0.714, -0.004); integers (steps, seeds, counts) are not checked
+NUMBER = re.compile(r"(?<![\w.])[-\u2212]?\d+\.\d+")
 
 
 def fmt(m: float, s: float = math.nan) -> str:
@@ -50,3 +54,29 @@ def write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
             w.writerow(
                 {k: ("" if isinstance(r.get(k), float) and not math.isfinite(r[k]) else r.get(k, "")) for k in fields}
             )
+
+
+def stale_numbers(reading: str, generated: str) -> list[str]:
+    """The decimals ``reading`` quotes that ``generated`` (the regenerated part of the file) does not
+    write: what a kept reading would carry over stale. A sign-less match counts (a reading may say
+    "falls by 0.004" of a table's -0.004)."""
+    have = {n.replace("\u2212", "-").lstrip("-") for n in NUMBER.findall(generated)}
+    return [n for n in NUMBER.findall(reading) if n.replace("\u2212", "-").lstrip("-") not in have]
+
+
+def reading_lines(reading: str, generated: str) -> list[str]:
+    """The ``## Reading`` section: the kept text, headed by a warning when it quotes numbers the new
+    tables no longer hold (so a regenerated table never carries stale prose silently)."""
+    lines = ["## Reading", ""]
+    if not reading:
+        return lines
+    stale = stale_numbers(reading, generated)
+    if stale:
+        print(f"warning: the kept reading quotes numbers the new tables do not hold: {sorted(set(stale))}")
+        lines += [
+            "> **Stale:** this reading was written for other tables: it quotes "
+            + ", ".join(sorted(set(stale)))
+            + ", which the tables above do not hold. Rewrite it against them.",
+            "",
+        ]
+    return lines + [reading, ""]
