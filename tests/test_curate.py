@@ -184,6 +184,15 @@ def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
     assert Path(s1[0].rejected.images[0]).read_bytes() != Path(local[0].rejected.images[0]).read_bytes()
 
 
+def _agreed(scores: list[float], tolerance: float = 0.1) -> float:
+    """MMedPO's rule, recomputed: the mean of the first two consecutive scores within ``tolerance``,
+    else the mean of all."""
+    for a, b in zip(scores, scores[1:]):
+        if abs(a - b) <= tolerance:
+            return (a + b) / 2
+    return float(np.mean(scores))
+
+
 def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     run_curate(
         synthetic_dir, tmp_path / "hal", "builder=hallucination", "builder.sampler=rules", "build_splits=[train]"
@@ -195,6 +204,8 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
     assert len(got) == s["splits"]["train"]["written"] > 0
     assert all(2 <= x.meta["weight_rounds"] <= 5 for x in got)
     assert len({round(x.weight, 3) for x in got}) > 3  # weights tell pairs apart
+    for x in got:  # each weight is what the agreement rule gives for the judges' recorded scores
+        assert x.weight == pytest.approx(_agreed(x.meta["weight_scores"]), abs=1e-3), x.meta
     # a "yes" vs "no" swap shares no words with the reference: the overlap judges agree on 0
     yn = [x for x in got if x.target in ("yes", "no")]
     assert yn and all(x.weight == 0.0 for x in yn)
@@ -219,6 +230,7 @@ def test_relevance_weights_chain_and_mmedpo(synthetic_dir, tmp_path, cache_dir):
         p.rejected.images and p.rejected.images != p.images for p in vis
     )
     assert np.mean([p.weight for p in vis]) > 0.3  # most lesion evidence is gone at k=500
+    assert all(p.weight == pytest.approx(p.meta["weight_visual"]) for p in vis)  # the visual score is the weight
     assert json.loads((tmp_path / "mm" / "summary.json").read_text())["splits"]["train"]["mode"] == "built"
 
 

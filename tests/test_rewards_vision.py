@@ -373,7 +373,12 @@ def test_any_text_vision(bb, image, texts):
     s = _sample(image)
     b = make_batch(bb, [s, s], texts, with_ids=False)
     r = VisionRelevanceReward()(b)
-    assert r.shape == (2,) and torch.isfinite(r).all()  # (the head clamps to [0, 1]: no bound to test here)
+    assert r.shape == (2,) and torch.isfinite(r).all()
+    # a text that names no finding has no query tokens: exactly 0; one that names one puts some softmax
+    # mass on the box keys (the mass is a probability: > 0 whenever a finding token was found)
+    names = finding_pattern(VOCAB + list(s.findings))
+    for i, t in enumerate(texts):
+        assert (float(r[i]) > 0) == bool(names.search(t)), (t, float(r[i]))
     assert FORWARD_KEY in b.cache
     c = VisionCounterfactualReward()(b)
     assert c.shape == (2,) and torch.isfinite(c).all()
