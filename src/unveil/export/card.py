@@ -78,7 +78,8 @@ def _training(run: ReportRun, cfg, base: str | None, adapter_only: bool) -> list
 
 def _data(run: ReportRun, cfg) -> list[str]:
     data = _select(cfg, "data") or {}
-    rows = [["format", f"`{data.get('format')}`"], ["root", f"`{data.get('root')}`"]]
+    adapter = str((data.get("adapter") or {}).get("_target_", "?")).removeprefix("unveil.data.adapters.")
+    rows = [["format", f"`{adapter.removesuffix('.read')}`"], ["root", f"`{data.get('root')}`"]]
     syn = data.get("synthetic")
     if syn:
         keys = ("n_patients", "seed", "image_size", "modalities", "findings", "p_normal")
