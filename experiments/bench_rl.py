@@ -78,7 +78,7 @@ class TokenReward:
         hit = torch.isin(ids, self.ids).float() * mask
         return hit.sum(1) / mask.sum(1).clamp(min=1)
 
-    def __call__(self, batch):  # unveil: RolloutBatch -> RewardOutput
+    def __call__(self, batch):  # unveil: Rollout -> RewardOutput
         from unveil.rewards.base import RewardOutput
 
         r = self.score(batch.completion_ids, batch.completion_mask.float()).cpu()

@@ -22,7 +22,7 @@ from PIL import Image
 from unveil.data.schema import Sample
 from unveil.judges import JudgeItem, build_judge, load_rubric
 from unveil.judges.rubrics import parse_pair, parse_score
-from unveil.rewards.base import RolloutBatch
+from unveil.rewards.base import Rollout
 
 OPENAI = "unveil.judges.openai_compat.OpenAIJudge"
 
@@ -206,7 +206,7 @@ def test_a_cache_hit_sends_no_second_request(endpoint, tmp_path):
 
 
 # --- off the critical path ---------------------------------------------------------------------
-def relevance_batch(tmp_path, n_groups: int = 2, g: int = 3) -> RolloutBatch:
+def relevance_batch(tmp_path, n_groups: int = 2, g: int = 3) -> Rollout:
     img = tmp_path / "study.png"
     if not img.exists():
         picture(img, 24, 24)
@@ -223,9 +223,9 @@ def relevance_batch(tmp_path, n_groups: int = 2, g: int = 3) -> RolloutBatch:
         for k in range(n_groups)
     ]
     rows = [s for s in samples for _ in range(g)]
-    return RolloutBatch(
+    return Rollout(
         samples=rows,
-        completions=[f"answer {i}" for i in range(len(rows))],
+        texts=[f"answer {i}" for i in range(len(rows))],
         group=torch.arange(n_groups).repeat_interleave(g),
     )
 
@@ -284,7 +284,7 @@ def test_a_failed_row_moves_no_advantage_and_leaves_its_group_alone():
             return self.v
 
     nan = float("nan")
-    batch = RolloutBatch(samples=[None] * 4, completions=["a"] * 4, group=torch.tensor([0, 0, 0, 0]))
+    batch = Rollout(samples=[None] * 4, texts=["a"] * 4, group=torch.tensor([0, 0, 0, 0]))
     with_nan = CompositeReward([HeadSpec("judge", Fixed([nan, 0.2, 0.6, 1.0]), 1.0, "none", "group_mean")])(batch)
     adv = group_advantages(with_nan.total, batch.group, "group")
     assert float(adv[0]) == pytest.approx(0.0, abs=1e-6)

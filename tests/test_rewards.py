@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from unveil.data.boxes import get_box_format
 from unveil.data.schema import Sample
 from unveil.rewards.answer import AnswerReward, option_letters
-from unveil.rewards.base import RewardHead, RewardOutput, RolloutBatch
+from unveil.rewards.base import RewardHead, RewardOutput, Rollout
 from unveil.rewards.composite import CompositeReward, HeadSpec, build_composite, group_normalise, zero_spread_fraction
 from unveil.rewards.format import FormatReward
 from unveil.rewards.localization import LocalizationReward
@@ -64,14 +64,13 @@ def closed_sample(answer, task="vqa_closed", question="Is there an abnormality? 
     )
 
 
-def batch_of(samples, completions, group=None, fmt="int100"):
+def batch_of(samples, completions, group=None):
+    """A text-only rollout; heads are bound to ``_BB(fmt)`` and VOCAB where they are made."""
     n = len(completions)
     if len(samples) == 1:
         samples = samples * n
     g = torch.as_tensor(group if group is not None else [0] * n)
-    return RolloutBatch(
-        samples=list(samples), completions=list(completions), group=g, backbone=_BB(fmt), vocab=list(VOCAB)
-    )
+    return Rollout(texts=list(completions), samples=list(samples), group=g)
 
 
 def close(a, b, tol=1e-5):
@@ -99,7 +98,7 @@ GT1 = [[0.1, 0.1, 0.3, 0.3]]
     ],
 )
 def test_localization_single_gt(text, expected):
-    r = LocalizationReward()(batch_of([loc_sample(GT1, ["nodule"])], [text]))
+    r = LocalizationReward().bind(_BB(), VOCAB)(batch_of([loc_sample(GT1, ["nodule"])], [text]))
     assert r.shape == (1,) and close(float(r[0]), expected)
 
 
@@ -111,7 +110,7 @@ def test_localization_multi_gt_hungarian():
         "Region [60, 60, 80, 80]: mass. Region [10, 10, 20, 20]: nodule.",  # (1 + 0.25) / 2
         "Region [0, 0, 100, 100]: mass.",  # whole image: IoU 0.04 with each box, one match
     ]
-    r = LocalizationReward()(batch_of([s], texts))
+    r = LocalizationReward().bind(_BB(), VOCAB)(batch_of([s], texts))
     for got, want in zip(r.tolist(), [1.0, 0.5, 0.625, 0.04 / 2]):
         assert close(got, want)
 
@@ -139,8 +138,17 @@ def test_localization_normal_study_and_other_tasks():
         "The image.",
         "No lesion is seen.",
     ]
-    assert LocalizationReward()(batch_of([normal], texts)).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert LocalizationReward(normal_credit=0.5)(batch_of([normal], [NORMAL_TEXT])).tolist() == [0.5]
+    assert LocalizationReward().bind(_BB(), VOCAB)(batch_of([normal], texts)).tolist() == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+    ]
+    assert LocalizationReward(normal_credit=0.5).bind(_BB(), VOCAB)(batch_of([normal], [NORMAL_TEXT])).tolist() == [
+        0.5
+    ]
     r = LocalizationReward()(
         batch_of([closed_sample("yes"), loc_sample(GT1, ["nodule"])], ["yes", "[10, 10, 30, 30]"])
     )
@@ -149,11 +157,10 @@ def test_localization_normal_study_and_other_tasks():
 
 def test_localization_uses_the_backbone_box_format():
     s = loc_sample(GT1, ["nodule"])
-    r = LocalizationReward()(
+    r = LocalizationReward().bind(_BB("qwen2vl"), VOCAB)(
         batch_of(
             [s],
             ["Region <|box_start|>(100,100),(300,300)<|box_end|>: nodule.", "Region [10, 10, 30, 30]: nodule."],
-            fmt="qwen2vl",
         )
     )
     assert r.tolist() == [1.0, 0.0]
@@ -179,7 +186,7 @@ def test_localization_uses_the_backbone_box_format():
     ],
 )
 def test_answer_closed(ref, text, expected):
-    assert AnswerReward()(batch_of([closed_sample(ref)], [text])).tolist() == [expected]
+    assert AnswerReward().bind(_BB(), VOCAB)(batch_of([closed_sample(ref)], [text])).tolist() == [expected]
 
 
 @pytest.mark.parametrize(
@@ -204,7 +211,7 @@ def test_answer_closed(ref, text, expected):
 )
 def test_answer_mcq(text, expected):
     s = closed_sample("B", task="mcq", question="Which image? A: first B: second")
-    assert AnswerReward()(batch_of([s], [text])).tolist() == [expected]
+    assert AnswerReward().bind(_BB(), VOCAB)(batch_of([s], [text])).tolist() == [expected]
 
 
 def test_answer_not_applicable_and_reference_forms():
@@ -234,17 +241,17 @@ def test_answer_not_applicable_and_reference_forms():
     ],
 )
 def test_format_graded(text, expected):
-    r = FormatReward()(batch_of([loc_sample(GT1, ["nodule"])], [text]))
+    r = FormatReward().bind(_BB(), VOCAB)(batch_of([loc_sample(GT1, ["nodule"])], [text]))
     assert close(float(r[0]), expected)
 
 
 def test_format_other_tasks_nan_and_custom_regex():
-    assert math.isnan(FormatReward()(batch_of([closed_sample("yes")], ["yes"]))[0])
+    assert math.isnan(FormatReward().bind(_BB(), VOCAB)(batch_of([closed_sample("yes")], ["yes"]))[0])
     f = FormatReward(
         templates=[r"Found: <finding> at <box>"],
         clause_regex=r"<finding> at <box>",
         opening_regex=r"^(?P<abnormal>Found:)|^(?P<normal>Nothing\.)",
-    )
+    ).bind(_BB(), VOCAB)
     assert f(batch_of([loc_sample(GT1, ["nodule"])], ["Found: nodule at [10, 10, 30, 30]"])).tolist() == [1.0]
 
 
@@ -263,7 +270,9 @@ class _ConstJudge:
 
 def test_relevance_overlap_and_bounds():
     s = loc_sample(GT1, ["nodule"])
-    r = RelevanceReward()(batch_of([s], [s.target, "Region [1, 2, 3, 4]: something else entirely", ""]))
+    r = RelevanceReward().bind(_BB(), VOCAB)(
+        batch_of([s], [s.target, "Region [1, 2, 3, 4]: something else entirely", ""])
+    )
     assert close(float(r[0]), 1.0) and 0.0 <= float(r[1]) < 0.5 and r[2] == 0.0
     # a judge's NaN stays NaN, out-of-range values are clipped, a raising judge gives NaN
     from unveil.judges.base import Judge
@@ -276,11 +285,11 @@ def test_relevance_overlap_and_bounds():
         def score_batch(self, items):
             raise ConnectionError("endpoint down")
 
-    r = RelevanceReward(judge=Weird())(batch_of([s], ["a", "b", "c"]))
+    r = RelevanceReward(judge=Weird()).bind(_BB(), VOCAB)(batch_of([s], ["a", "b", "c"]))
     assert math.isnan(r[0]) and r[1:].tolist() == [1.0, 0.0]
-    assert torch.isnan(RelevanceReward(judge=Broken())(batch_of([s], ["a", "b"]))).all()
+    assert torch.isnan(RelevanceReward(judge=Broken()).bind(_BB(), VOCAB)(batch_of([s], ["a", "b"]))).all()
     nores = Sample("x", messages=[{"role": "user", "content": "q"}], task="vqa_open")
-    assert math.isnan(RelevanceReward()(batch_of([nores], ["anything"]))[0])
+    assert math.isnan(RelevanceReward().bind(_BB(), VOCAB)(batch_of([nores], ["anything"]))[0])
 
 
 def test_relevance_judge_sees_question_reference_answer():
@@ -298,7 +307,7 @@ def test_relevance_judge_sees_question_reference_answer():
         messages=[{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A nodule."}],
         task="vqa_open",
     )
-    assert RelevanceReward(judge=Spy())(batch_of([s], ["mass"])).tolist() == [0.5]
+    assert RelevanceReward(judge=Spy()).bind(_BB(), VOCAB)(batch_of([s], ["mass"])).tolist() == [0.5]
     assert seen == [("What is it?", "A nodule.", "mass")]
 
 
@@ -378,9 +387,9 @@ def _contract(head, sample) -> tuple[bool, float, float]:
     fmt=st.sampled_from(["int100", "int1000", "qwen2vl"]),
 )
 def test_heads_survive_any_text(texts, fmt):
-    b = batch_of(SAMPLES, texts, group=list(range(len(SAMPLES))), fmt=fmt)
+    b = batch_of(SAMPLES, texts, group=list(range(len(SAMPLES))))
     for head in HEADS:
-        r = head(b)
+        r = head.bind(_BB(fmt), VOCAB)(b)
         assert r.shape == (len(SAMPLES),) and r.dtype == torch.float32
         for s, v in zip(SAMPLES, r.tolist()):
             nan_ok, lo, hi = _contract(head, s)
@@ -395,7 +404,7 @@ def test_heads_survive_any_text(texts, fmt):
 def test_heads_survive_non_strings(texts):
     b = batch_of([loc_sample(GT1, ["nodule"]), closed_sample("yes")], texts)
     for head in HEADS:
-        assert head(b).shape == (2,)
+        assert head.bind(_BB(), VOCAB)(b).shape == (2,)
 
 
 # --- composite: group normalisation and stats ----------------------------------------------------------
@@ -440,7 +449,7 @@ def test_composite_total_and_stats_by_hand():
     a = _Fixed([1.0, 3.0, 2.0, 2.0])
     b = _Fixed([NAN, 4.0, NAN, NAN])
     comp = CompositeReward([HeadSpec("a", a, 0.5, "max"), HeadSpec("b", b, 2.0, "none")])
-    out = comp(RolloutBatch(samples=[loc_sample()] * 4, completions=["x"] * 4, group=g))
+    out = comp(Rollout(samples=[loc_sample()] * 4, texts=["x"] * 4, group=g))
     assert isinstance(out, RewardOutput)
     # a, max-normalised: [1/3, 1, 1, 1] * 0.5; b: NaN counts 0, 4 * 2
     assert torch.allclose(out.total, torch.tensor([1 / 6, 0.5 + 8.0, 0.5, 0.5]))
@@ -469,12 +478,12 @@ def test_composite_all_nan_head_and_inf_and_shape():
     comp = CompositeReward(
         [HeadSpec("n", _Fixed([NAN, NAN]), 1.0, "zscore"), HeadSpec("i", _Fixed([math.inf, 1.0]), 1.0, "none")]
     )
-    out = comp(RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g))
+    out = comp(Rollout(samples=[loc_sample()] * 2, texts=["x", "y"], group=g))
     assert out.total.tolist() == [0.0, 1.0] and torch.isfinite(out.total).all()
     assert math.isnan(out.stats["rewards/n/mean"]) and math.isnan(out.stats["rewards/n/frac_zero_std"])
     with pytest.raises(ValueError):
         CompositeReward([HeadSpec("w", _Fixed([1.0, 2.0, 3.0]), 1.0, "none")])(
-            RolloutBatch(samples=[loc_sample()] * 2, completions=["x", "y"], group=g)
+            Rollout(samples=[loc_sample()] * 2, texts=["x", "y"], group=g)
         )
 
 
@@ -487,7 +496,7 @@ def test_composite_properties(data, norm):
     g = torch.tensor([d[0] for d in data])
     v = torch.tensor([d[1] for d in data], dtype=torch.float32)
     out = CompositeReward([HeadSpec("h", _Fixed(v.tolist()), 1.5, norm)])(
-        RolloutBatch(samples=[loc_sample()] * len(data), completions=[""] * len(data), group=g)
+        Rollout(samples=[loc_sample()] * len(data), texts=[""] * len(data), group=g)
     )
     assert out.total.shape == (len(data),) and torch.isfinite(out.total).all()
     assert torch.equal(torch.isnan(out.per_head["h"]), torch.isnan(v))
@@ -566,11 +575,11 @@ def test_weight_zero_head_is_not_computed():
             return torch.zeros(len(batch))
 
     comp = CompositeReward([HeadSpec("c", Counting(), 1.0, "none")])
-    comp(RolloutBatch(samples=[loc_sample()], completions=["x"], group=torch.tensor([0])))
+    comp(Rollout(samples=[loc_sample()], texts=["x"], group=torch.tensor([0])))
     assert calls == [1]
     comp = build_composite({"loc": {"_target_": "unveil.rewards.localization.LocalizationReward", "weight": 0.0}})
     assert len(comp) == 0
-    out = comp(RolloutBatch(samples=[loc_sample()], completions=["x"], group=torch.tensor([0])))
+    out = comp(Rollout(samples=[loc_sample()], texts=["x"], group=torch.tensor([0])))
     assert out.total.tolist() == [0.0] and out.per_head == {} and set(out.stats) == {"reward", "reward_std"}
 
 
@@ -592,7 +601,7 @@ def test_composite_end_to_end_text_heads():
         "Abnormality detected. Region [10, 10, 20, 20]: nodule.",
         "Abnormality detected. Region [10, 10, 30, 30]: nodule.",
     ]
-    out = comp(RolloutBatch(samples=[s, s], completions=texts, group=torch.tensor([0, 0])))
+    out = comp(Rollout(samples=[s, s], texts=texts, group=torch.tensor([0, 0])))
     # localization 0.25, 1.0 -> max-normalised 0.25, 1.0; format 1.0 each * 0.5
     assert torch.allclose(out.total, torch.tensor([0.75, 1.5]))
 

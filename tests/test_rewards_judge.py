@@ -15,7 +15,7 @@ import torch
 from unveil.data.schema import Sample
 from unveil.judges import build_judge
 from unveil.judges.hf import HFJudge, parse_score
-from unveil.rewards.base import RolloutBatch
+from unveil.rewards.base import Rollout
 from unveil.rewards.relevance import RelevanceReward
 
 ITEMS = [
@@ -149,7 +149,7 @@ def test_build_judge_and_relevance_head(tiny_lm):
         messages=[{"role": "user", "content": "Is there a nodule?"}, {"role": "assistant", "content": ITEMS[0][1]}],
         task="vqa_open",
     )
-    r = RelevanceReward(judge=j)(RolloutBatch(samples=[s, s], completions=["nodule", ""], group=torch.tensor([0, 0])))
+    r = RelevanceReward(judge=j)(Rollout(samples=[s, s], texts=["nodule", ""], group=torch.tensor([0, 0])))
     assert r.shape == (2,) and torch.isfinite(r).all() and ((r >= 0) & (r <= 1)).all()
     with pytest.raises(ValueError):
         HFJudge()

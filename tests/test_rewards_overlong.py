@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unveil.data.schema import Sample
-from unveil.rewards.base import RolloutBatch
+from unveil.rewards.base import Rollout
 from unveil.rewards.composite import build_composite
 from unveil.rewards.overlong import OverlongReward
 
@@ -28,19 +28,18 @@ class _BB:
         self.tokenizer = tokenizer
 
 
-def _batch(completions, mask_lengths=None, tasks=None, tokenizer=None):
+def _batch(completions, mask_lengths=None, tasks=None):
     n = len(completions)
     samples = [Sample(f"s{i}", messages=[], task=(tasks or ["localize"] * n)[i]) for i in range(n)]
     mask = None
     if mask_lengths is not None:
         width = max(mask_lengths + [1])
         mask = torch.tensor([[1] * k + [0] * (width - k) for k in mask_lengths])
-    return RolloutBatch(
+    return Rollout(
         samples=samples,
-        completions=list(completions),
+        texts=list(completions),
         group=torch.zeros(n, dtype=torch.long),
         completion_mask=mask,
-        backbone=_BB(tokenizer),
     )
 
 
@@ -56,8 +55,9 @@ def test_lengths_come_from_the_completion_mask_and_tasks_filter():
 
 
 def test_text_only_batches_count_with_the_tokenizer_and_never_raise_without_one():
-    head = OverlongReward(max_len=10, cache=4)
-    assert head(_batch(["one two three", " ".join(["w"] * 9)], tokenizer=_WordTokenizer())).tolist() == [0.0, -0.75]
+    head = OverlongReward(max_len=10, cache=4).bind(_BB(_WordTokenizer()))
+    assert head(_batch(["one two three", " ".join(["w"] * 9)])).tolist() == [0.0, -0.75]
+    head.bind(_BB(None))
     assert torch.isnan(head(_batch(["one two"]))).all()  # nothing to count with: NaN, not an exception
 
 
@@ -69,7 +69,7 @@ def test_text_only_batches_count_with_the_tokenizer_and_never_raise_without_one(
 )
 def test_any_text_scores_in_minus_one_to_zero(texts, max_len, data):
     cache = data.draw(st.integers(1, max_len))
-    r = OverlongReward(max_len=max_len, cache=cache)(_batch(texts, tokenizer=_WordTokenizer()))
+    r = OverlongReward(max_len=max_len, cache=cache).bind(_BB(_WordTokenizer()))(_batch(texts))
     assert r.shape == (len(texts),) and torch.isfinite(r).all() and ((r >= -1) & (r <= 0)).all()
 
 

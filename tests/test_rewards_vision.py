@@ -22,7 +22,7 @@ from unveil.data.collate import PromptCollator
 from unveil.data.schema import Sample
 from unveil.models.factory import Backbone
 from unveil.models.tiny_llava import TinyLlavaSpec, build_model, build_processor
-from unveil.rewards.base import RolloutBatch
+from unveil.rewards.base import Rollout
 from unveil.rewards.composite import build_composite
 from unveil.rewards.vision_relevance import (
     FORWARD_KEY,
@@ -123,15 +123,13 @@ def make_batch(bb, samples, completions, with_ids=True):
         mask = torch.zeros((len(enc), t), dtype=torch.long)
         for i, e in enumerate(enc):
             ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-    return RolloutBatch(
+    return Rollout(
         samples=list(samples),
-        completions=list(completions),
+        texts=list(completions),
         group=torch.arange(len(samples)) // 2,
         completion_ids=ids,
         completion_mask=mask,
-        prompt_inputs=pi,
-        backbone=bb,
-        vocab=list(VOCAB),
+        inputs=pi,
     )
 
 
@@ -140,7 +138,7 @@ def test_layout_and_patches(bb, image):
     assert patch_mask([[0.0, 0.0, 0.1, 0.1]], 4, 4).nonzero().flatten().tolist() == [0]  # smaller than a patch
     assert patch_mask([[0.0, 0.0, 1.0, 1.0]], 4, 4).all()
     b = make_batch(bb, [_sample(image)], [GOOD])
-    ids = b.prompt_inputs["input_ids"]
+    ids = b.inputs["input_ids"]
     ((pos, gh, gw),) = image_grids(bb, ids, b.samples)[0]
     assert (gh, gw) == (4, 4) and pos.numel() == 16 and (ids[0, pos] == bb.model.config.image_token_index).all()
     assert (pos.diff() == 1).all()  # one contiguous run
@@ -177,7 +175,7 @@ def test_shape_nan_zero_and_restore(bb, image):
     texts = [GOOD, "Abnormality detected. Region [50, 50, 100, 100].", GOOD, GOOD, GOOD, ""]
     b = make_batch(bb, [s, s, normal, closed, s, s], texts)
     before = (bb.model.config._attn_implementation, bb.model.config.text_config._attn_implementation)
-    r = VisionRelevanceReward()(b)
+    r = VisionRelevanceReward().bind(bb, VOCAB)(b)
     assert (
         (bb.model.config._attn_implementation, bb.model.config.text_config._attn_implementation)
         == before
@@ -187,7 +185,7 @@ def test_shape_nan_zero_and_restore(bb, image):
     assert 0.0 < r[0] < 1.0 and r[1] == 0.0 and math.isnan(r[2]) and math.isnan(r[3]) and r[5] == 0.0
     assert r[4] == r[0]  # same prompt, same completion
     bb.model.train()
-    VisionRelevanceReward()(make_batch(bb, [s], [GOOD]))
+    VisionRelevanceReward().bind(bb, VOCAB)(make_batch(bb, [s], [GOOD]))
     assert bb.model.training
     bb.model.eval()
 
@@ -197,7 +195,7 @@ def _manual(bb, b, i, layers=None, heads=None, query="token"):
     m = bb.model
     m.set_attn_implementation("eager")
     try:
-        pi = b.prompt_inputs
+        pi = b.inputs
         ids = torch.cat([pi["input_ids"][i : i + 1], b.completion_ids[i : i + 1]], 1)
         am = torch.cat([pi["attention_mask"][i : i + 1], b.completion_mask[i : i + 1]], 1)
         with torch.no_grad():
@@ -234,7 +232,7 @@ def _manual(bb, b, i, layers=None, heads=None, query="token"):
 @pytest.mark.parametrize("opts", [{}, {"layers": [-1]}, {"layers": [0], "heads": [1]}, {"query": "predict"}])
 def test_matches_independent_recomputation(bb, image, opts):
     b = make_batch(bb, [_sample(image), _sample(image)], [GOOD, "Region [50, 50, 100, 100]: a nodule, maybe."])
-    r = VisionRelevanceReward(**opts)(b)
+    r = VisionRelevanceReward(**opts).bind(bb, VOCAB)(b)
     for i in range(2):
         assert abs(float(r[i]) - _manual(bb, b, i, **opts)) < 1e-5
 
@@ -265,17 +263,17 @@ def test_handmade_attentions_give_known_mass(bb, image, monkeypatch):
         return mass, torch.zeros(n, t)
 
     monkeypatch.setattr(vr, "key_mass", fake_key_mass)
-    r = VisionRelevanceReward()(b)
+    r = VisionRelevanceReward().bind(bb, VOCAB)(b)
     want = np.mean([f * 0.75 for f in per_layer])  # heads average (1 + 1/2) / 2 = 0.75
     assert torch.allclose(r, torch.tensor([want, want], dtype=torch.float32), atol=1e-6)
-    img = (b.prompt_inputs["input_ids"][0] == bb.model.config.image_token_index).nonzero().flatten()
+    img = (b.inputs["input_ids"][0] == bb.model.config.image_token_index).nonzero().flatten()
     assert seen["weights"][0].nonzero().flatten().tolist() == img[BOX_PATCHES].tolist()  # the box's patches
     b.cache.clear()
-    r = VisionRelevanceReward(layers=[1], heads=[0])(b)
+    r = VisionRelevanceReward(layers=[1], heads=[0]).bind(bb, VOCAB)(b)
     assert torch.allclose(r, torch.tensor([0.6, 0.6]), atol=1e-6)
     b.cache.clear()
     # finding token rows hold the mass; the rows before them ("predict") hold 0.1 unless they are finding tokens too
-    assert VisionRelevanceReward(query="predict", layers=[0])(b)[1] < 0.2
+    assert VisionRelevanceReward(query="predict", layers=[0]).bind(bb, VOCAB)(b)[1] < 0.2
 
 
 def test_forward_shared_between_heads(bb, image):
@@ -320,10 +318,10 @@ def test_forward_shared_between_heads(bb, image):
 def test_counterfactual(bb, image):
     s, normal = _sample(image), _sample(image, boxes=(), findings=())
     b = make_batch(bb, [s, s, normal], [GOOD, "Region [50, 50, 100, 100]: nodule.", GOOD])
-    r = VisionCounterfactualReward()(b)
+    r = VisionCounterfactualReward().bind(bb, VOCAB)(b)
     assert r.shape == (3,) and torch.isfinite(r[:2]).all() and math.isnan(r[2])
     # independently: mean token log-prob with the real image minus with the box filled grey (0 after normalisation)
-    pv = b.prompt_inputs["pixel_values"]
+    pv = b.inputs["pixel_values"]
     masked = pv.clone()
     masked[:, :, 16:32, 16:32] = 0.0
     assert torch.equal(
@@ -332,7 +330,7 @@ def test_counterfactual(bb, image):
     )
 
     def mean_logp(pixels, i):
-        pi = b.prompt_inputs
+        pi = b.inputs
         ids = torch.cat([pi["input_ids"][i : i + 1], b.completion_ids[i : i + 1]], 1)
         am = torch.cat([pi["attention_mask"][i : i + 1], b.completion_mask[i : i + 1]], 1)
         with torch.no_grad():
@@ -351,13 +349,15 @@ def test_counterfactual(bb, image):
         assert abs(float(r[i]) - (mean_logp(pv, i) - mean_logp(masked, i))) < 1e-4
     # a model that ignores the image gives exactly no gap
     b2 = make_batch(bb, [s], [GOOD])
-    b2.prompt_inputs["pixel_values"] = torch.zeros_like(b2.prompt_inputs["pixel_values"])  # already grey everywhere
-    assert abs(float(VisionCounterfactualReward()(b2)[0])) < 1e-6
+    b2.inputs["pixel_values"] = torch.zeros_like(b2.inputs["pixel_values"])  # already grey everywhere
+    assert abs(float(VisionCounterfactualReward().bind(bb, VOCAB)(b2)[0])) < 1e-6
 
 
 def test_no_model_inputs_gives_nan(bb, image):
-    b = RolloutBatch(samples=[_sample(image)], completions=[GOOD], group=torch.tensor([0]), backbone=bb, vocab=VOCAB)
-    assert math.isnan(VisionRelevanceReward()(b)[0]) and math.isnan(VisionCounterfactualReward()(b)[0])
+    b = Rollout(samples=[_sample(image)], texts=[GOOD], group=torch.tensor([0]))
+    assert math.isnan(VisionRelevanceReward().bind(bb, VOCAB)(b)[0]) and math.isnan(
+        VisionCounterfactualReward().bind(bb, VOCAB)(b)[0]
+    )
 
 
 @settings(max_examples=8, deadline=None)
@@ -372,7 +372,7 @@ def test_any_text_vision(bb, image, texts):
     """Texts re-tokenised by the head (no generated ids on the batch): finite in range, never raises."""
     s = _sample(image)
     b = make_batch(bb, [s, s], texts, with_ids=False)
-    r = VisionRelevanceReward()(b)
+    r = VisionRelevanceReward().bind(bb, VOCAB)(b)
     assert r.shape == (2,) and torch.isfinite(r).all()
     # a text that names no finding has no query tokens: exactly 0; one that names one puts some softmax
     # mass on the box keys (the mass is a probability: > 0 whenever a finding token was found)
@@ -380,7 +380,7 @@ def test_any_text_vision(bb, image, texts):
     for i, t in enumerate(texts):
         assert (float(r[i]) > 0) == bool(names.search(t)), (t, float(r[i]))
     assert FORWARD_KEY in b.cache
-    c = VisionCounterfactualReward()(b)
+    c = VisionCounterfactualReward().bind(bb, VOCAB)(b)
     assert c.shape == (2,) and torch.isfinite(c).all()
 
 
@@ -391,11 +391,11 @@ def test_an_image_placeholder_in_a_completion_is_nan_for_that_row_only(bb, image
     s = _sample(image)
     texts = [GOOD, "Region [50, 50, 100, 100]: nodule <image> here.", "Region [50, 50, 100, 100]: nodule."]
     b = make_batch(bb, [s, s, s], texts, with_ids=with_ids)
-    r, c = VisionRelevanceReward()(b), VisionCounterfactualReward()(b)
+    r, c = VisionRelevanceReward().bind(bb, VOCAB)(b), VisionCounterfactualReward().bind(bb, VOCAB)(b)
     for scores in (r, c):
         assert math.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all(), scores
     alone = make_batch(bb, [s, s], [texts[0], texts[2]], with_ids=with_ids)  # the other rows as if alone
-    torch.testing.assert_close(VisionRelevanceReward()(alone), r[[0, 2]])
+    torch.testing.assert_close(VisionRelevanceReward().bind(bb, VOCAB)(alone), r[[0, 2]])
 
 
 def test_two_images_box_in_the_second(bb, image):
@@ -415,14 +415,14 @@ def test_two_images_box_in_the_second(bb, image):
         task="localize",
     )
     b = make_batch(bb, [s, s], [GOOD, "mass"])
-    ids = b.prompt_inputs["input_ids"]
+    ids = b.inputs["input_ids"]
     img = (ids[0] == bb.model.config.image_token_index).nonzero().flatten()
     assert img.numel() == 32
     w, ok = box_key_weights(bb, b)
     assert ok == [True, True] and w[0].nonzero().flatten().tolist() == img[16:][BOX_PATCHES].tolist()
-    pv = b.prompt_inputs["pixel_values"]
+    pv = b.inputs["pixel_values"]
     masked = mask_pixel_values(pv, b.samples, torch.zeros(3))
     assert torch.equal(masked[[0, 2]], pv[[0, 2]]) and (masked[1, :, 16:, 16:] == 0).all()
-    r = VisionRelevanceReward(chunk_size=1)(b)  # not chunkable: two images per row -> one pass
+    r = VisionRelevanceReward(chunk_size=1).bind(bb, VOCAB)(b)  # not chunkable: two images per row -> one pass
     assert torch.isfinite(r).all() and r[0] > 0 and r[1] > 0
-    assert torch.isfinite(VisionCounterfactualReward()(b)).all()
+    assert torch.isfinite(VisionCounterfactualReward().bind(bb, VOCAB)(b)).all()

@@ -664,7 +664,7 @@ def test_rl_raises_toy_reward(tiny, tmp_path, algo):
 
     def mean_reward() -> float:
         torch.manual_seed(123)
-        return float(reward(sample_rollouts(bb, prompts, 8, 16).reward_batch()).total.mean())
+        return float(reward(sample_rollouts(bb, prompts, 8, 16)).total.mean())
 
     before = mean_reward()
     batch_size, dm.batch_size = dm.batch_size, 4

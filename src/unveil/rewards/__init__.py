@@ -1,8 +1,8 @@
 """Reward heads, one file each, and the composite that weights and normalises them."""
 
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
-__all__ = ["RewardHead", "RolloutBatch", "build_rewards"]
+__all__ = ["RewardHead", "Rollout", "build_rewards"]
 
 
 def build_rewards(cfg, backbone=None, vocab=None):

@@ -23,7 +23,7 @@ import torch
 
 from unveil.eval.parse import normalise_short
 from unveil.rewards._common import per_sample, task_set
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 # No two whitespace runs touch without a literal between them: adjacent "\s*\s*" made matching
 # quadratic in a whitespace run ("answer" + 16,000 spaces took 10 s in a reward call).
@@ -100,11 +100,11 @@ class AnswerReward(RewardHead):
                 return float(single_letter(text) == ref)
         return float(closed_match(text, reference))
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         def one(i: int) -> float:
             s = batch.samples[i]
             if self.tasks is not None and s.task not in self.tasks:
                 return float("nan")
-            return self.score(batch.completions[i], s.answer, s.task)
+            return self.score(batch.texts[i], s.answer, s.task)
 
         return per_sample(self.name, one, len(batch))

@@ -1,48 +1,40 @@
 """The reward-head contract (docs/architecture.md#reward-heads). Shared by the RL stages and every head.
 
-A head is a small object with a ``name``, the set of things it ``needs`` and a call that takes a
-:class:`RolloutBatch` and returns one finite float per completion, or NaN where the head does
-not apply (e.g. localisation on a closed question). A head never raises on model text.
+A head is a small object with a ``name``, the set of things it ``needs`` and a call that takes the
+one rollout type (:class:`unveil.models.rollout.Rollout`) and returns one finite float per
+completion, or NaN where the head does not apply (e.g. localisation on a closed question). A head
+never raises on model text. The backbone and the finding vocabulary are bound to every head once,
+when the composite is built (:meth:`RewardHead.bind`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from unveil.data.schema import Sample
+from unveil.models.rollout import Rollout
 
-# What a head may need; the stage provides it on the batch.
+__all__ = ["NEEDS", "RewardHead", "RewardOutput", "Rollout"]
+
+# What a head may need: the text, the model (bound backbone + the rollout's inputs), a judge.
 NEEDS = ("text", "model", "judge")
-
-
-@dataclass
-class RolloutBatch:
-    """N completions of P prompts (N = P * G). Everything is aligned per completion."""
-
-    samples: list[Sample]  # the prompt's Sample, repeated for each of its completions
-    completions: list[str]  # decoded completion texts
-    group: torch.Tensor  # [N] long: index of the prompt each completion answers
-    completion_ids: torch.Tensor | None = None  # [N, T] generated token ids (right-padded)
-    completion_mask: torch.Tensor | None = None  # [N, T] 1 on real completion tokens
-    prompt_inputs: dict[str, torch.Tensor] | None = None  # processor outputs per completion (left-padded)
-    backbone: Any = None  # unveil.models.Backbone, for heads that run the model
-    vocab: list[str] = field(default_factory=list)  # finding labels the parser looks for
-    # Shared lazily-computed model outputs (e.g. attentions of one forward pass), so two heads
-    # that need the same forward pass do not each run it. Keyed by the producer's name.
-    cache: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.completions)
 
 
 class RewardHead:
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset({"text"})
+    # bound once, when the composite is built (:meth:`bind`): the policy's backbone (its box format,
+    # tokenizer, model) and the data set's finding labels
+    backbone: Any = None
+    vocab: tuple[str, ...] = ()
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def bind(self, backbone: Any = None, vocab=None) -> RewardHead:
+        self.backbone, self.vocab = backbone, tuple(vocab or ())
+        return self
+
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         """[N] float32 scores: finite, or NaN where the head does not apply."""
         raise NotImplementedError
 

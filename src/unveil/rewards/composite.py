@@ -2,7 +2,7 @@
 
 ``build_composite(cfg, backbone, vocab)`` takes the ``reward`` config group, a dict
 ``name -> {_target_, weight, norm, missing, <head options>}`` (see ``conf/reward/``), and returns a
-:class:`CompositeReward`, a callable ``RolloutBatch -> RewardOutput``.
+:class:`CompositeReward`, a callable ``Rollout -> RewardOutput``.
 
 Per head, on the raw scores ``s`` of the completions of one group (one prompt):
 
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from unveil.rewards.base import RewardHead, RewardOutput, RolloutBatch
+from unveil.rewards.base import RewardHead, RewardOutput, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +143,22 @@ def _mean_std(v: torch.Tensor) -> tuple[float, float]:
 
 
 class CompositeReward:
-    """Callable ``RolloutBatch -> RewardOutput``; ``heads`` lists the computed heads in order."""
+    """Callable ``Rollout -> RewardOutput``; ``heads`` lists the computed heads in order."""
 
     def __init__(self, heads: list[HeadSpec], backbone: Any = None, vocab: list[str] | None = None):
         names = [h.name for h in heads]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate reward head names: {names}")
         self.heads = heads
-        self.backbone = backbone
-        self.vocab = list(vocab or [])
+        self.bind(backbone, vocab)
+
+    def bind(self, backbone: Any = None, vocab: list[str] | None = None) -> CompositeReward:
+        """Bind the policy's backbone and the finding vocabulary to every head (once, when built)."""
+        self.backbone, self.vocab = backbone, list(vocab or [])
+        for h in self.heads:
+            if hasattr(h.head, "bind"):
+                h.head.bind(backbone, self.vocab)
+        return self
 
     @property
     def names(self) -> list[str]:
@@ -171,15 +178,11 @@ class CompositeReward:
         inner = ", ".join(f"{h.name}(w={h.weight:g}, norm={h.norm})" for h in self.heads)
         return f"CompositeReward({inner})"
 
-    def __call__(self, batch: RolloutBatch) -> RewardOutput:
+    def __call__(self, batch: Rollout) -> RewardOutput:
         n = len(batch)
         group = torch.as_tensor(batch.group).reshape(-1).long().cpu()
         if group.numel() != n:
             raise ValueError(f"batch.group has {group.numel()} entries for {n} completions")
-        if batch.backbone is None:
-            batch.backbone = self.backbone
-        if not batch.vocab:
-            batch.vocab = list(self.vocab)
         total = torch.zeros(n, dtype=torch.float32)
         per_head: dict[str, torch.Tensor] = {}
         stats: dict[str, float] = {}

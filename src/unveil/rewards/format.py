@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from unveil.rewards._common import applies, box_format_of, image_size_for, per_sample, task_set
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 BOX = "<box>"
 FINDING = "<finding>"
@@ -97,14 +97,14 @@ class FormatReward(RewardHead):
         exact = any(p.fullmatch(t.strip()) for p in templates)
         return (float(opening) + float(consistent) + clauses + float(exact)) / 4.0
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
-        fmt = box_format_of(batch.backbone)
-        size = image_size_for(batch.backbone)
-        vocab = sorted(set(batch.vocab or []) | {f for s in batch.samples for f in s.findings})
+    def __call__(self, batch: Rollout) -> torch.Tensor:
+        fmt = box_format_of(self.backbone)
+        size = image_size_for(self.backbone)
+        vocab = sorted(set(self.vocab or []) | {f for s in batch.samples for f in s.findings})
 
         def one(i: int) -> float:
             if not applies(self.tasks, batch.samples[i].task):
                 return float("nan")
-            return self.score(batch.completions[i], fmt, vocab, size)
+            return self.score(batch.texts[i], fmt, vocab, size)
 
         return per_sample(self.name, one, len(batch))

@@ -28,7 +28,7 @@ import torch
 from unveil.data.boxes import match_boxes
 from unveil.eval.parse import parse_answer
 from unveil.rewards._common import applies, box_format_of, image_size_for, per_sample, task_set
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 DEFAULT_NORMAL_REGEX = (
     r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable"
@@ -84,15 +84,15 @@ class LocalizationReward(RewardHead):
         s = total / len(gt) - self.extra_box_penalty * n_extra
         return float(min(max(s, self.min_score), 1.0))
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
-        fmt = box_format_of(batch.backbone)
-        size = image_size_for(batch.backbone)
-        vocab = sorted(set(batch.vocab or []) | {f for s in batch.samples for f in s.findings})
+    def __call__(self, batch: Rollout) -> torch.Tensor:
+        fmt = box_format_of(self.backbone)
+        size = image_size_for(self.backbone)
+        vocab = sorted(set(self.vocab or []) | {f for s in batch.samples for f in s.findings})
 
         def one(i: int) -> float:
             s = batch.samples[i]
             if not applies(self.tasks, s.task):
                 return float("nan")
-            return self.score(batch.completions[i], s.boxes, s.findings, fmt, vocab, size)
+            return self.score(batch.texts[i], s.boxes, s.findings, fmt, vocab, size)
 
         return per_sample(self.name, one, len(batch))

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from unveil.rewards._common import applies, per_sample, task_set
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 
 class OverlongReward(RewardHead):
@@ -46,16 +46,16 @@ class OverlongReward(RewardHead):
             return -1.0
         return (free - n_tokens) / self.cache
 
-    def _length(self, batch: RolloutBatch, i: int) -> int:
+    def _length(self, batch: Rollout, i: int) -> int:
         if batch.completion_mask is not None:
             return int(batch.completion_mask[i].sum())
-        tok = getattr(batch.backbone, "tokenizer", None)
+        tok = getattr(self.backbone, "tokenizer", None)
         if tok is None:  # scored NaN by per_sample, with one warning
             raise ValueError("the batch has neither completion_mask nor a backbone tokenizer to count tokens with")
-        text = batch.completions[i]
+        text = batch.texts[i]
         return len(tok(text if isinstance(text, str) else "", add_special_tokens=False)["input_ids"])
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         def one(i: int) -> float:
             if not applies(self.tasks, batch.samples[i].task):
                 return float("nan")

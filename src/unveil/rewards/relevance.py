@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from unveil.rewards._common import applies, finite_or_nan, task_set, warn_once
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 log = logging.getLogger("unveil.rewards")
 
@@ -66,7 +66,7 @@ class RelevanceReward(RewardHead):
         ref = sample.target if self.reference == "target" else sample.answer
         return str(ref) if ref is not None else ""
 
-    def _items(self, batch: RolloutBatch):
+    def _items(self, batch: Rollout):
         from unveil.judges import JudgeItem
 
         idx, items = [], []
@@ -74,12 +74,12 @@ class RelevanceReward(RewardHead):
             ref = self._reference(s)
             if not applies(self.tasks, s.task) or not ref.strip():
                 continue
-            text = batch.completions[i]
+            text = batch.texts[i]
             idx.append(i)
             items.append(JudgeItem(question_of(s), ref, text if isinstance(text, str) else "", s.images or ()))
         return idx, items
 
-    def submit(self, batch: RolloutBatch) -> None:
+    def submit(self, batch: Rollout) -> None:
         """Start scoring ``batch`` now; ``__call__`` on the same batch collects it."""
         idx, items = self._items(batch)
         try:
@@ -89,13 +89,13 @@ class RelevanceReward(RewardHead):
             handle = None
         self._pending = {id(batch): (idx, handle)} if handle is not None else {}
 
-    def _scores(self, batch: RolloutBatch, idx: list, items: list) -> list | None:
+    def _scores(self, batch: Rollout, idx: list, items: list) -> list | None:
         pending = self._pending.pop(id(batch), None)
         if pending is not None and pending[0] == idx:
             return list(pending[1].result())
         return list(self.judge.score_batch(items))
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         n = len(batch)
         out = torch.full((n,), float("nan"), dtype=torch.float32)
         idx, items = self._items(batch)

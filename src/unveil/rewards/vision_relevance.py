@@ -55,7 +55,7 @@ import torch
 from unveil.models.inputs import model_inputs, select_inputs
 from unveil.models.policy import completion_logprobs, eval_mode, key_mass, row_chunks, unwrap
 from unveil.rewards._common import applies, task_set, warn_once
-from unveil.rewards.base import RewardHead, RolloutBatch
+from unveil.rewards.base import RewardHead, Rollout
 
 FORWARD_KEY = "policy_forward"  # batch.cache entry shared by the heads that run the policy
 _NAN = float("nan")
@@ -75,7 +75,8 @@ def _image_token_id(backbone) -> int | None:
 
 @torch.no_grad()
 def run_policy(
-    batch: RolloutBatch,
+    backbone,
+    batch: Rollout,
     key_weights: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     chunk_size: int = 8,
@@ -87,9 +88,9 @@ def run_policy(
     queries at positions ``P-1 .. P+T-1`` put on the weighted keys. ``pixel_values`` replaces the
     batch's (counterfactual images). ``chunk_size`` completions per pass (whole groups together).
     """
-    model = batch.backbone.model
+    model = backbone.model
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in model_inputs(dict(batch.prompt_inputs)).items()}
+    inputs = {k: v.to(device) for k, v in model_inputs(dict(batch.inputs)).items()}
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values.to(device)
     if inputs.get("pixel_values") is not None and inputs["pixel_values"].is_floating_point():
@@ -98,10 +99,10 @@ def run_policy(
     cmask = (batch.completion_mask if batch.completion_mask is not None else torch.ones_like(comp)).to(device)
     # an image placeholder inside a completion would ask the model for an image it does not have:
     # the pass sees padding there, and the heads score that row NaN (image_token_rows)
-    image_ids = torch.tensor(batch.backbone.image_token_ids or [-1], device=device)
+    image_ids = torch.tensor(backbone.image_token_ids or [-1], device=device)
     placeholder = torch.isin(comp, image_ids)
     bad_rows = (placeholder & cmask.bool()).any(1).cpu()
-    comp = comp.masked_fill(placeholder, batch.backbone.tokenizer.pad_token_id or 0)
+    comp = comp.masked_fill(placeholder, backbone.tokenizer.pad_token_id or 0)
     n_images = [len(getattr(s, "images", []) or []) for s in batch.samples]
     group = batch.group if batch.group is not None and len(batch.group) == len(comp) else None
     logps, masses = [], []
@@ -195,9 +196,9 @@ def image_grids(backbone, input_ids: torch.Tensor, samples, grid_thw: torch.Tens
     return out
 
 
-def box_key_weights(backbone, batch: RolloutBatch) -> tuple[torch.Tensor, list[bool]]:
+def box_key_weights(backbone, batch: Rollout) -> tuple[torch.Tensor, list[bool]]:
     """[N, P + T] float: 1 on the image tokens inside the GT boxes; and whether each row has a layout."""
-    inputs = batch.prompt_inputs
+    inputs = batch.inputs
     ids = inputs["input_ids"].cpu()
     n, p = ids.shape
     t = batch.completion_ids.shape[1]
@@ -261,15 +262,14 @@ def finding_token_mask(tokenizer, ids: list[int], pattern: re.Pattern | None) ->
     return [any(a < he and hs < b for hs, he in hits) and b > a for a, b in spans]
 
 
-def _ensure_ids(batch: RolloutBatch) -> bool:
+def _ensure_ids(bb, batch: Rollout) -> bool:
     """Tokenise the texts when the batch has no generated ids (heads called on plain texts)."""
     if batch.completion_ids is not None:
         return True
-    bb = batch.backbone
     if bb is None:
         return False
     tok = bb.tokenizer
-    enc = [tok(c if isinstance(c, str) else "", add_special_tokens=False)["input_ids"] for c in batch.completions]
+    enc = [tok(c if isinstance(c, str) else "", add_special_tokens=False)["input_ids"] for c in batch.texts]
     t = max(1, max((len(e) for e in enc), default=1))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(enc), t), pad, dtype=torch.long)
@@ -281,9 +281,9 @@ def _ensure_ids(batch: RolloutBatch) -> bool:
     return True
 
 
-def _has_model_inputs(batch: RolloutBatch) -> bool:
-    pi = batch.prompt_inputs
-    return batch.backbone is not None and pi is not None and "input_ids" in pi and "attention_mask" in pi
+def _has_model_inputs(backbone, batch: Rollout) -> bool:
+    pi = batch.inputs
+    return backbone is not None and pi is not None and "input_ids" in pi and "attention_mask" in pi
 
 
 class VisionRelevanceReward(RewardHead):
@@ -306,11 +306,11 @@ class VisionRelevanceReward(RewardHead):
         self.chunk_size = int(chunk_size)
         self.tasks = task_set(tasks)
 
-    def key_mass(self, batch: RolloutBatch) -> torch.Tensor | None:
+    def key_mass(self, batch: Rollout) -> torch.Tensor | None:
         """[layers, N, heads, T + 1] attention mass on the GT-box image tokens (cached per batch)."""
         cache = batch.cache.setdefault(FORWARD_KEY, {})
         if "key_mass" not in cache:
-            w, ok = box_key_weights(batch.backbone, batch)
+            w, ok = box_key_weights(self.backbone, batch)
             if not any(ok):
                 warn_once(
                     "vision_relevance:layout",
@@ -318,19 +318,19 @@ class VisionRelevanceReward(RewardHead):
                 )
                 cache["key_mass"], cache["key_ok"] = None, ok
                 return None
-            res = run_policy(batch, key_weights=w, chunk_size=self.chunk_size)
+            res = run_policy(self.backbone, batch, key_weights=w, chunk_size=self.chunk_size)
             cache.update(res)
             cache["key_ok"] = ok
         return cache["key_mass"]
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         n = len(batch)
         out = torch.full((n,), _NAN, dtype=torch.float32)
         rows = [i for i, s in enumerate(batch.samples) if applies(self.tasks, s.task) and s.boxes]
-        if not rows or not _has_model_inputs(batch):
+        if not rows or not _has_model_inputs(self.backbone, batch):
             return out
         try:
-            if not _ensure_ids(batch):
+            if not _ensure_ids(self.backbone, batch):
                 return out
             mass = self.key_mass(batch)
             if mass is None:
@@ -342,8 +342,8 @@ class VisionRelevanceReward(RewardHead):
             if self.heads is not None:
                 m = m[:, :, torch.tensor(self.heads) % mass.shape[2]]
             m = m.mean(dim=(0, 2))  # [N, T + 1]
-            tok = batch.backbone.tokenizer
-            vocab = set(batch.vocab or [])
+            tok = self.backbone.tokenizer
+            vocab = set(self.vocab)
             cmask = (
                 batch.completion_mask if batch.completion_mask is not None else torch.ones_like(batch.completion_ids)
             )
@@ -425,23 +425,23 @@ class VisionCounterfactualReward(RewardHead):
         self.chunk_size = int(chunk_size)
         self.tasks = task_set(tasks)
 
-    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+    def __call__(self, batch: Rollout) -> torch.Tensor:
         n = len(batch)
         out = torch.full((n,), _NAN, dtype=torch.float32)
         rows = [i for i, s in enumerate(batch.samples) if applies(self.tasks, s.task) and s.boxes]
-        if not rows or not _has_model_inputs(batch) or "pixel_values" not in batch.prompt_inputs:
+        if not rows or not _has_model_inputs(self.backbone, batch) or "pixel_values" not in batch.inputs:
             return out
         try:
-            if not _ensure_ids(batch):
+            if not _ensure_ids(self.backbone, batch):
                 return out
             cache = batch.cache.setdefault(FORWARD_KEY, {})
             if "token_logps" not in cache:
-                cache.update(run_policy(batch, chunk_size=self.chunk_size))
+                cache.update(run_policy(self.backbone, batch, chunk_size=self.chunk_size))
             real = cache["token_logps"]
             key = f"counterfactual_logps@{self.fill:g}"
             if key not in batch.cache:
-                pv = batch.prompt_inputs["pixel_values"]
-                masked = mask_pixel_values(pv, batch.samples, grey_value(batch.backbone.processor, fill=self.fill))
+                pv = batch.inputs["pixel_values"]
+                masked = mask_pixel_values(pv, batch.samples, grey_value(self.backbone.processor, fill=self.fill))
                 if masked is None:
                     warn_once(
                         "vision_counterfactual:layout",
@@ -450,9 +450,9 @@ class VisionCounterfactualReward(RewardHead):
                     )
                     batch.cache[key] = None
                 else:
-                    batch.cache[key] = run_policy(batch, pixel_values=masked, chunk_size=self.chunk_size)[
-                        "token_logps"
-                    ]
+                    batch.cache[key] = run_policy(
+                        self.backbone, batch, pixel_values=masked, chunk_size=self.chunk_size
+                    )["token_logps"]
             cf = batch.cache[key]
             if cf is None:
                 return out

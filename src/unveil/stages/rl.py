@@ -97,6 +97,8 @@ class RLStageModule(StageModule):
         self.log_completions_prompts = int(log_completions_prompts)
         self.val_num_generations = int(val_num_generations or num_generations)
         self.vocab = list(vocab or getattr(rewards, "vocab", None) or [])
+        if getattr(rewards, "bind", None) is not None and getattr(rewards, "backbone", None) is None:
+            rewards.bind(backbone, self.vocab)  # a composite built without them (tests, notebooks)
         if disable_dropout:
             _disable_dropout(self.model)
         self.collator = PromptCollator(backbone)
@@ -135,7 +137,7 @@ class RLStageModule(StageModule):
                 share_prompt=self.share_prompt,
             )
         t1 = time.perf_counter()
-        reward = self.rewards(ro.reward_batch(self.backbone, self.vocab))
+        reward = self.rewards(ro)
         ro.extra["reward"] = reward.total.to(self.device).float()
         self._times = {"start": t0, "generate": t1 - t0, "reward": time.perf_counter() - t1}
         return ro, reward
