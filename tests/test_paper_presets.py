@@ -69,7 +69,13 @@ def test_deviations_follow_their_conditions():
     assert not any("pad to square" in d for d in found)  # the tiny model: no llava-hf processor
     # not applied on the tiny model: the published values it does not use are named
     assert any("stage.score_baseline=group (paper: none)" in d for d in found)
-    plain = compose(["experiment=umed_ppo", "stage.score_baseline=none", "reward.relevance.judge={_target_: unveil.judges.base.OverlapJudge}"])
+    plain = compose(
+        [
+            "experiment=umed_ppo",
+            "stage.score_baseline=none",
+            "reward.relevance.judge={_target_: unveil.judges.base.OverlapJudge}",
+        ]
+    )
     found = deviations(plain)
     assert not any("PPO/RLOO hybrid" in d or "word-overlap judge" in d for d in found)
     real = compose(["experiment=mmedpo_dpo", "model=llava_med", *NEEDS["mmedpo_dpo"]])
