@@ -11,13 +11,11 @@ import base64
 import io
 import json
 import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from chat_server import ChatServer, chat, local_only
 from PIL import Image
 
 import unveil.utils.resolvers  # noqa: F401
@@ -274,37 +272,17 @@ class Canned:
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    local_only(monkeypatch)
     canned = Canned()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            canned.requests.append({"headers": dict(self.headers), "body": body})
-            status, text, delay = canned.policy(body)
-            time.sleep(delay)
-            reply = {"choices": [{"message": {"role": "assistant", "content": text}}]} if status == 200 else {}
-            data = json.dumps(reply).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:  # the client gave up (timeout test)
-                pass
+    def answer(body):
+        status, text, delay = canned.policy(body)
+        return status, chat(text) if status == 200 else {}, delay
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    canned.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    srv = ChatServer(answer)
+    canned.requests, canned.url = srv.requests, srv.url
     yield canned
-    httpd.shutdown()
-    httpd.server_close()
+    srv.close()
 
 
 def prompt_text(body: dict) -> str:

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from chat_server import ChatServer, chat, local_only
 
 from unveil.judges import build_judge
 from unveil.judges.openai_compat import OpenAIJudge, parse_score
@@ -32,41 +33,17 @@ class Canned:
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    local_only(monkeypatch)
     canned = Canned()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            canned.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-            status, reply = canned.replies.pop(0) if len(canned.replies) > 1 else canned.replies[0]
-            data = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(body):
+        status, reply = canned.replies.pop(0) if len(canned.replies) > 1 else canned.replies[0]
+        return status, reply, 0.0
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    canned.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    srv = ChatServer(answer)
+    canned.requests, canned.url = srv.requests, srv.url
     yield canned
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def chat(content: str) -> dict:
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
-    }
+    srv.close()
 
 
 def judge_for(server, **kw) -> OpenAIJudge:

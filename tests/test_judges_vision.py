@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
+from chat_server import ChatServer, chat, local_only
 from PIL import Image
 
 from unveil.data.schema import Sample
@@ -28,49 +26,31 @@ OPENAI = "unveil.judges.openai_compat.OpenAIJudge"
 
 
 class Endpoint:
-    """A chat-completions server: records each request; replies per ``reply`` (status, text),
+    """A chat-completions server: records each request body; replies per ``reply`` (status, text),
     after ``delay`` seconds."""
 
     def __init__(self):
-        self.requests: list[dict] = []
         self.reply: tuple[int, str] = (200, "Score: 7")
         self.delay = 0.0
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                outer.requests.append(body)
-                time.sleep(outer.delay)
-                status, text = outer.reply
-                msg = {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                data = json.dumps(msg if status == 200 else {"error": text}).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (deadline): nothing to answer
-                    pass
+        def answer(body):
+            status, text = self.reply
+            return status, chat(text) if status == 200 else {"error": text}, self.delay
 
-            def log_message(self, *args):
-                pass
+        self.server = ChatServer(answer)
+        self.url = self.server.url
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    @property
+    def requests(self) -> list[dict]:
+        return [r["body"] for r in self.server.requests]
 
 
 @pytest.fixture
 def endpoint(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    local_only(monkeypatch)
     ep = Endpoint()
     yield ep
-    ep.httpd.shutdown()
-    ep.httpd.server_close()
+    ep.server.close()
 
 
 def judge(ep: Endpoint, **kw):
