@@ -177,6 +177,46 @@ def test_mmedpo_visual_pairs_and_noised_flag():
     assert b.weight == 0.0 and b.id == "CXR2_IM-1" and b.target == "No acute cardiopulmonary process."
 
 
+def test_mmedpo_every_released_scaffold_shape_is_cleaned_and_yes_no_is_closed():
+    """One verbatim record of each scaffold shape in the released SLAKE / VQA-RAD files (a blank line
+    after the question, "- " bullets, no candidates, blank lines between candidates, whitespace runs)."""
+    slake = mmedpo.read(_shared("slake_dpo_weighted.scaffold.json"), check_images=False)
+    rad = mmedpo.read(_shared("vqa-rad_dpo_weighted.scaffold.json"), check_images=False)
+    got = {s.id: (s.target, s.task) for s in slake + rad}
+    assert got == {
+        "128": ("Yes", "vqa_closed"),
+        "298": ("Yes", "vqa_closed"),
+        "504": ("Pneumothorax", "vqa_open"),
+        "965": ("No", "vqa_closed"),
+        "835": ("Liver Cancer", "vqa_open"),
+        "1580": ("Abdomen", "vqa_open"),
+        "1283": ("Right Lung", "vqa_open"),
+        "2646": ("No", "vqa_closed"),
+        "2935": ("Control heartbeat and breathing", "vqa_open"),
+        "170": ("Yes", "vqa_closed"),
+        "424": ("No", "vqa_closed"),
+        "153": ("Yes", "vqa_closed"),
+        "696": ("cecum", "vqa_open"),
+        "2071": ("No", "vqa_closed"),
+    }
+    assert all(s.meta["scaffolding"] and s.meta["raw_chosen"].startswith("Question:") for s in slake + rad)
+    assert all(s.answer == s.target for s in slake + rad)
+    assert mmedpo.clean_answer("Question: Q?\n-Original Answer: Mass\n-Candidate Answer1: Cyst\n") == ("Mass", True)
+
+
+def test_mmedpo_identical_pairs_are_dropped_and_counted(caplog):
+    """SLAKE pairs 704 and 4204 (two of the five in the released file) have chosen == rejected."""
+    path = _shared("slake_dpo_weighted.scaffold.json")
+    with caplog.at_level("WARNING", logger="unveil.data.adapters.mmedpo"):
+        samples = mmedpo.read(path, check_images=False)
+    assert {"704", "4204"}.isdisjoint(s.id for s in samples) and len(samples) == 9
+    assert samples.dropped == {"identical_pair": 2} and samples.skipped == 0
+    assert "dropped 2 pair(s)" in caplog.text and "'704'" in caplog.text and "'4204'" in caplog.text
+    kept = mmedpo.read(path, check_images=False, drop_identical=False)
+    assert len(kept) == 11 and kept.dropped == {}
+    assert next(s for s in kept if s.id == "704").meta["identical_pair"] is True
+
+
 # ==========================================================================================
 # LLaVA / LLaVA-Med
 # ==========================================================================================

@@ -170,11 +170,13 @@ def _where(n) -> str:
 
 class Records(list):
     """The samples an adapter read from one file, with how many bad records it skipped
-    (``data/skipped_<split>`` in metrics.json)."""
+    (``data/skipped_<split>`` in metrics.json) and, by reason, how many good records it left out on
+    purpose (``dropped``, e.g. MMedPO's ``identical_pair``: ``data/dropped_<reason>_<split>``)."""
 
-    def __init__(self, samples=(), skipped: int = 0):
+    def __init__(self, samples=(), skipped: int = 0, dropped: dict[str, int] | None = None):
         super().__init__(samples)
         self.skipped = skipped
+        self.dropped = dict(dropped or {})
 
 
 def collect(

@@ -18,10 +18,25 @@ Mapping: the chosen conversation -> ``messages``; ``rejected_conversations`` ->
 the whole set).
 
 Quirks handled: answers start with a space or newline (stripped; the raw text is kept in
-``meta["raw_chosen"]`` / ``meta["raw_rejected"]``); some chosen answers contain leaked
-generation scaffolding (``"Question: ...\\n-Original Answer: X\\n-Candidate Answer1: ...\\n X"``):
-with ``clean_scaffolding`` (default) the answer becomes the text after the scaffold (else the
-``Original Answer``), flagged ``meta["scaffolding"] = True``; int or str ids; weight 0.
+``meta["raw_chosen"]`` / ``meta["raw_rejected"]``); 167 chosen answers of the released SLAKE and
+VQA-RAD files (144 + 23) carry leaked generation scaffolding in several shapes::
+
+    "Question: Does the picture contain heart?\\n Yes"                 (no candidates)
+    "Question: ...?\\n\\n Pneumothorax"   "Question: ...?\\n- No"   "Question: ...?\\n\\n- Liver Cancer"
+    "Question: ...\\n-Original Answer: X\\n-Candidate Answer1: ...\\n ... \\n\\n X"
+    "Question: ...    \\n\\n-Original Answer: X    \\n\\n-Candidate Answer1: ...\\n\\n X"  (blank lines between)
+
+With ``clean_scaffolding`` (default) the answer becomes what is left once the question line, the
+``Original Answer`` / ``Candidate Answer<k>`` lines, blank lines and a leading ``- `` bullet are
+removed (the ``Original Answer`` when nothing is left), flagged ``meta["scaffolding"] = True``.
+A rejected answer that talks about the scaffold (the generator's reasoning: "(Note: This answer
+is Candidate Answer 2 ...)", "... contradicts the 'Original Answer' ...": 35 in the four files) is
+kept as released (it is still a wrong answer) and flagged ``meta["rejected_mentions_scaffold"]``.
+Pairs whose chosen and rejected answers are the same text (5 in the SLAKE file) and the same
+image teach nothing and are dropped with ``drop_identical`` (default), each named in the log and
+counted (``Records.dropped`` of what ``read`` returns, ``data/dropped_identical_pair_<split>`` in
+``metrics.json``).
+Int or str ids; weight 0.
 
 Task: a yes/no chosen answer -> ``vqa_closed``; a report data set (IU-Xray/MIMIC, told by the
 file name) -> ``report``; otherwise ``vqa_open``. ``answer`` is the cleaned chosen answer for
@@ -30,6 +45,7 @@ the VQA tasks, None for reports. The human turns of both lists must be the same.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -46,11 +62,12 @@ from unveil.data.adapters.llava import (
 from unveil.data.errors import RecordError
 from unveil.data.schema import Rejected, Sample
 
-_SCAFFOLD = re.compile(
-    r"^\s*Question:[^\n]*\n-Original Answer:(?P<orig>[^\n]*)\n"
-    r"(?:-Candidate Answer\s*\d+:[^\n]*(?:\n|$))*(?P<rest>.*)$",
-    re.S,
-)
+log = logging.getLogger(__name__)
+
+_QUESTION = re.compile(r"^\s*Question:")
+_SCAFFOLD_LINE = re.compile(r"^\s*-?\s*(?P<kind>Original Answer|Candidate Answer\s*\d*)\s*:(?P<text>.*)$", re.I)
+_MENTIONS_SCAFFOLD = re.compile(r"\b(?:Original|Candidate) Answer\b", re.I)
+_BULLET = re.compile(r"^-\s+")
 _REPORT_SETS = ("iuxray", "iu_xray", "iu-xray", "mimic")
 _DATASETS = {
     "slake": "slake",
@@ -75,12 +92,20 @@ _KNOWN = {
 
 
 def clean_answer(raw: str, clean_scaffolding: bool = True) -> tuple[str, bool]:
-    """(training text, had scaffolding): strip outer whitespace; drop leaked generation scaffolding."""
-    if clean_scaffolding:
-        m = _SCAFFOLD.match(raw)
+    """(training text, had scaffolding): strip outer whitespace; drop leaked generation scaffolding
+    (the module docstring lists its shapes): the question line, the Original / Candidate Answer
+    lines, blank lines and a leading "- " bullet go; the Original Answer stands in when nothing is left."""
+    if not (clean_scaffolding and _QUESTION.match(raw)):
+        return raw.strip(), False
+    original, rest = "", []
+    for line in raw.strip().split("\n")[1:]:  # the first line is the question
+        m = _SCAFFOLD_LINE.match(line)
         if m:
-            return (m.group("rest").strip() or m.group("orig").strip()), True
-    return raw.strip(), False
+            if m.group("kind").lower().startswith("original"):
+                original = m.group("text").strip()
+        elif line.strip():
+            rest.append(line.strip())
+    return (_BULLET.sub("", "\n".join(rest)).strip() or original), True
 
 
 def dataset_name(path: Path) -> str:
@@ -103,9 +128,15 @@ def _clean_answers(chosen: list[dict], rejected: list[dict], meta: dict, clean_s
     rejected[ir]["content"], leak_r = clean_answer(rejected[ir]["content"], clean_scaffolding)
     if leak_c or leak_r:
         meta["scaffolding"] = True
+    if _MENTIONS_SCAFFOLD.search(rejected[ir]["content"]):
+        meta["rejected_mentions_scaffold"] = True
     if not chosen[ic]["content"]:
         raise RecordError(f, n, f"conversations[{ic}].value", "empty answer")
     return chosen[ic]["content"]
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def _rejected_images(
@@ -157,6 +188,8 @@ def convert(
         meta["orig_id"] = rid
     answer = _clean_answers(chosen, rejected, meta, clean_scaffolding, f, n)
     rj_images = _rejected_images(rec, n, path, root, len(images), meta, check_images, image_dir)
+    if rj_images is None and not meta.get("rejected_noised") and _same_text(answer, rejected[-1]["content"]):
+        meta["identical_pair"] = True  # nothing to prefer: ``read`` drops it (drop_identical)
     if task is None:
         task = (
             "vqa_closed"
@@ -184,20 +217,33 @@ def read(
     clean_scaffolding: bool = True,
     task: str | None = None,
     max_tokens: int | None = None,
+    drop_identical: bool = True,
 ) -> Records:
     """Read an MMedPO ``*_dpo_weighted.json`` file.
 
     ``clean_scaffolding=False`` keeps leaked scaffolding in the training text (as released);
-    ``task`` overrides the per-record task guess.
+    ``task`` overrides the per-record task guess; ``drop_identical=False`` keeps pairs whose
+    chosen and rejected sides are the same (as released). What was dropped, by reason, is in
+    the returned ``Records.dropped``.
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    return unique_ids(
-        collect(
-            path,
-            iter_json_records(path),
-            lambda r, n: convert(r, n, path, root, check_images, image_dir, clean_scaffolding, task),
-            on_bad_record,
-            max_tokens=max_tokens,
-        )
+    samples = collect(
+        path,
+        iter_json_records(path),
+        lambda r, n: convert(r, n, path, root, check_images, image_dir, clean_scaffolding, task),
+        on_bad_record,
+        max_tokens=max_tokens,
     )
+    same = [s for s in samples if s.meta.get("identical_pair")] if drop_identical else []
+    if same:
+        kept = [s for s in samples if not s.meta.get("identical_pair")]
+        samples = Records(kept, skipped=samples.skipped, dropped={"identical_pair": len(same)})
+        log.warning(
+            "%s: dropped %d pair(s) whose chosen and rejected answers are the same text (nothing to "
+            "prefer; drop_identical=false keeps them): ids %s",
+            path,
+            len(same),
+            [s.id for s in same],
+        )
+    return unique_ids(samples)
