@@ -106,3 +106,80 @@ def test_grouped_metrics_and_table():
     assert r["test/modality/ct/closed_acc"] == pytest.approx(0.5) and r["test/modality/xray/closed_acc"] == 1.0
     table = format_table(r)
     assert "modality/ct" in table and "closed_acc" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# open answers and reports (issue 16, item 5)
+# ---------------------------------------------------------------------------------------------
+def test_open_answer_exact_match_and_token_recall():
+    from unveil.eval.text_metrics import open_scores
+
+    assert open_scores("The left lung.", "left lung") == (True, 1.0)
+    assert open_scores("Left lung and heart", "left lung") == (False, 1.0)
+    assert open_scores("right kidney", "Left kidney") == (False, 0.5)
+    # a repeated word counts as often as the reference has it (LLaVA-Med's would give 1.0)
+    assert open_scores("left left", "left lung") == (False, 0.5)
+    assert open_scores("anything", "the") == (False, 0.0)  # a reference with no tokens
+
+
+def test_report_bleu_and_rouge_l_hand_computed():
+    from unveil.eval.text_metrics import ReportScores
+
+    r = ReportScores()
+    r.update("Heart size is normal.", "The heart is normal size")
+    got = r.compute()
+    # tokens [heart size is normal] vs [heart is normal size]: all unigrams match, 1 of 3 bigrams,
+    # no trigram (BLEU-3/4 are 0 without smoothing); equal lengths: no brevity penalty.
+    # ROUGE-L: LCS "heart is normal" = 3 of 4 tokens on both sides.
+    assert got["bleu1"] == pytest.approx(1.0) and got["bleu2"] == pytest.approx((1 / 3) ** 0.5, abs=1e-4)
+    assert got["bleu3"] == 0.0 and got["bleu4"] == 0.0 and got["rouge_l"] == pytest.approx(0.75)
+    same = ReportScores()
+    same.update("No acute cardiopulmonary process.", "no acute cardiopulmonary process")
+    assert same.compute() == pytest.approx({"bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0, "rouge_l": 1.0})
+    assert all(math.isnan(v) for v in ReportScores().compute().values())
+
+
+def test_evaluate_scores_open_answers_and_reports_per_modality_and_task(monkeypatch):
+    """Open answers are no longer exact-matched into closed_acc; reports get BLEU / ROUGE-L; every
+    score is reported overall, per modality and per task, and printed."""
+    import torch
+
+    from unveil.data.schema import Sample
+    from unveil.eval import evaluate as ev
+
+    def sample(i, task, answer, modality, target=None):
+        msgs = [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": target or answer}]
+        return Sample(
+            id=str(i), images=["x.png"], messages=msgs, task=task, answer=answer, meta={"modality": modality}
+        )
+
+    samples = [
+        sample(0, "vqa_closed", "yes", "ct"),
+        sample(1, "vqa_open", "left lung", "ct"),
+        sample(2, "vqa_open", "liver", "xray"),
+        sample(3, "vqa_open", None, "xray", target="The effusion has decreased."),  # Med-MIM conv: no short answer
+        sample(4, "report", None, "xray", target="Heart size is normal."),
+    ]
+    preds = {
+        "0": "Yes",
+        "1": "the left lung",
+        "2": "spleen",
+        "3": "The effusion is smaller.",
+        "4": "Heart size is normal.",
+    }
+
+    class Backbone:
+        model, box_format, extra = torch.nn.Linear(1, 1), F, {}
+
+    monkeypatch.setattr(ev, "PromptCollator", lambda bb: lambda chunk: {"samples": chunk})
+    monkeypatch.setattr(ev, "generate", lambda bb, batch, **kw: {"texts": [preds[s.id] for s in batch["samples"]]})
+    m = ev.evaluate(Backbone(), samples, out_dir=None, progress=False)
+    assert m["test/closed_acc"] == 1.0 and m["test/n_closed"] == 1  # before: the open answers were in it (1/4)
+    assert m["test/open_em"] == pytest.approx(1 / 3) and m["test/n_open"] == 3
+    assert m["test/open_recall"] == pytest.approx((1 + 0 + 1 / 3) / 3)  # [effusion has decreased]: 1 of 3
+    assert m["test/modality/ct/open_recall"] == 1.0 and m["test/modality/xray/open_recall"] == pytest.approx(1 / 6)
+    assert m["test/task/vqa_open/open_em"] == pytest.approx(1 / 3) and m["test/task/vqa_closed/closed_acc"] == 1.0
+    assert m["test/bleu4"] == 1.0 and m["test/rouge_l"] == 1.0 and m["test/task/report/bleu1"] == 1.0
+    assert math.isnan(m["test/modality/ct/bleu1"])
+    table = format_table(m)
+    assert all(c in table for c in ("open_em", "open_recall", "bleu1", "bleu4", "rouge_l", "task/report"))

@@ -30,6 +30,10 @@ def mcq_letter(text: str) -> str | None:
     return letters.pop() if len(letters) == 1 else None
 
 
+OPEN_TASKS = ("vqa_open",)
+REPORT_TASKS = ("report", "describe")
+
+
 def findings_vocab(samples: list[Sample]) -> list[str]:
     return sorted({f for s in samples for f in s.findings})
 
@@ -45,7 +49,7 @@ def _score(s: Sample, text: str, metrics: GroupedMetrics, group_by, backbone, vo
         "prediction": text,
         "reference": s.target,
     }
-    groups = [(g, str(s.meta[g])) for g in group_by if g in s.meta]
+    groups = [(g, str(s.task if g == "task" else s.meta[g])) for g in group_by if g == "task" or g in s.meta]
     targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
     if s.task == "localize":
         pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
@@ -63,7 +67,14 @@ def _score(s: Sample, text: str, metrics: GroupedMetrics, group_by, backbone, vo
         for m in targets:
             m.update_mcq(ok)
         rec["correct"] = ok
-    elif s.answer is not None:
+    elif s.task in OPEN_TASKS:  # free text: never exact-matched into closed_acc
+        ref = s.answer if s.answer is not None else s.target  # Med-MIM conv items: the assistant turn
+        for m in targets:
+            rec.update(m.update_open(text, ref))
+    elif s.task in REPORT_TASKS:
+        for m in targets:
+            m.update_report(text, s.target)
+    elif s.answer is not None:  # vqa_closed, and any other task with a short reference
         ok = closed_correct(text, s.answer)
         for m in targets:
             m.update_closed(ok)
@@ -79,7 +90,7 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 48,
     vocab: list[str] | None = None,
-    group_by: tuple[str, ...] = ("modality", "ability"),
+    group_by: tuple[str, ...] = ("modality", "ability", "task"),
     progress: bool = True,
     coord_decoding: str = "argmax",
 ) -> dict[str, float]:
@@ -112,7 +123,22 @@ def evaluate(
 
 def format_table(metrics: dict[str, float], prefix: str = "test") -> str:
     """A readable table: rows = overall and each group value, columns = metrics."""
-    cols = ["presence_acc", "iou", "acc50", "finding_acc", "fpr_normal", "closed_acc", "mcq_acc"]
+    cols = [
+        "presence_acc",
+        "iou",
+        "acc50",
+        "finding_acc",
+        "fpr_normal",
+        "closed_acc",
+        "mcq_acc",
+        "open_em",
+        "open_recall",
+        "bleu1",
+        "bleu2",
+        "bleu3",
+        "bleu4",
+        "rouge_l",
+    ]
     rows: dict[str, dict[str, float]] = {}
     for k, v in metrics.items():
         if not k.startswith(prefix + "/"):

@@ -12,7 +12,9 @@ Per study (a ``localize`` sample):
 - false-positive rate: normal studies predicted abnormal; invented-box rate: normal studies
   with at least one box.
 Closed questions (``vqa_closed``): normalised exact match. Multiple choice (``mcq``): option
-letter match, reported per ability.
+letter match, reported per ability. Open questions (``vqa_open``): ``open_em`` (exact match) and
+``open_recall`` (token recall); reports (``report``, ``describe``): ``bleu1`` .. ``bleu4`` and
+``rouge_l`` (:mod:`unveil.eval.text_metrics` has the definitions).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torchmetrics import Metric
 
 from unveil.data.boxes import match_boxes
+from unveil.eval.text_metrics import ReportScores, open_scores
 
 _STATES = [
     "iou_sum",
@@ -41,6 +44,9 @@ _STATES = [
     "n_closed",
     "mcq_ok",
     "n_mcq",
+    "open_ok",
+    "open_recall_sum",
+    "n_open",
 ]
 
 
@@ -53,6 +59,8 @@ class GroundingMetrics(Metric):
         for s in _STATES:
             self.add_state(s, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self._scores: dict = {}  # the last study's scores (update_study returns them)
+        # corpus BLEU / ROUGE keep their own states (one process scores the split: no sync)
+        self.reports = ReportScores(sync_on_compute=kw.get("sync_on_compute", True))
 
     # Every update goes through torchmetrics' wrapped ``update``, which counts updates and drops
     # the cached result of ``compute`` (called directly, a second compute returned the first one's
@@ -68,6 +76,14 @@ class GroundingMetrics(Metric):
     def update_mcq(self, correct: bool) -> None:
         self.update("mcq", correct)
 
+    def update_open(self, prediction: str, reference: str) -> dict:
+        """Add one open answer; returns its ``open_em`` and ``open_recall``."""
+        self.update("open", prediction, reference)
+        return self._scores
+
+    def update_report(self, prediction: str, reference: str) -> None:
+        self.update("report", prediction, reference)
+
     def update(self, kind: str, *args) -> None:
         if kind == "study":
             self._update_study(*args)
@@ -77,8 +93,18 @@ class GroundingMetrics(Metric):
         elif kind == "mcq":
             self.n_mcq += 1
             self.mcq_ok += float(args[0])
+        elif kind == "open":
+            exact, recall = open_scores(*args)
+            self.n_open += 1
+            self.open_ok += float(exact)
+            self.open_recall_sum += recall
+            self._scores = {"open_em": exact, "open_recall": recall}
+        elif kind == "report":
+            self.reports.update(*args)
         else:
-            raise ValueError(f"GroundingMetrics.update: kind must be 'study', 'closed' or 'mcq', not {kind!r}")
+            raise ValueError(
+                f"GroundingMetrics.update: kind must be 'study', 'closed', 'mcq', 'open' or 'report', not {kind!r}"
+            )
 
     def _update_study(self, pred, gt_boxes, gt_findings) -> None:
         abnormal = len(gt_boxes) > 0
@@ -126,7 +152,14 @@ class GroundingMetrics(Metric):
             "invented_box_rate": ratio(self.invented, self.n_normal),
             "closed_acc": ratio(self.closed_ok, self.n_closed),
             "mcq_acc": ratio(self.mcq_ok, self.n_mcq),
+            "open_em": ratio(self.open_ok, self.n_open),
+            "open_recall": ratio(self.open_recall_sum, self.n_open),
+            **self.reports.compute(),
             "n_studies": float(self.n_studies),
+            "n_closed": float(self.n_closed),
+            "n_mcq": float(self.n_mcq),
+            "n_open": float(self.n_open),
+            "n_report": float(self.reports.n),
         }
 
 

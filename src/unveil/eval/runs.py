@@ -34,6 +34,10 @@ TABLE_METRICS = (
     "invented_box_rate",
     "closed_acc",
     "mcq_acc",
+    "open_em",
+    "open_recall",
+    "bleu4",
+    "rouge_l",
 )
 
 
