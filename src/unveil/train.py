@@ -201,7 +201,7 @@ def _fit_and_evaluate(cfg: DictConfig, trainer, module, dm, backbone, loggers, h
     history.finish()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update({f"data/skipped_{k}": v for k, v in dm.records.skipped.items()})
+    metrics.update(dm.records.counts())
     metrics.update(backbone.build_metrics)
     assert_finite_weights(backbone.model)
     if trainer.is_global_zero:

@@ -79,8 +79,8 @@ class UnveilDataModule(pl.LightningDataModule):
         gen = torch.Generator().manual_seed(r.seed)
         trainer = getattr(self, "trainer", None)
         shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
-        if r.task_weights:
-            w = torch.tensor([float(r.task_weights.get(s.task, 1.0)) for s in ds.samples])
+        if r.sampling_weights:  # data.sampling_weights (data.task_weights is its field "task")
+            w = torch.tensor([r.weight(s) for s in ds.samples], dtype=torch.float64)
             sampler = ResumableWeightedSampler(
                 w, num_samples=len(ds), generator=torch.Generator().manual_seed(r.seed), **shard
             )

@@ -23,8 +23,13 @@ log = logging.getLogger(__name__)
 class RecordSet:
     """Splits of Samples read from ``root`` by ``adapter`` (``data.*`` keys, conf/data/<name>.yaml).
 
-    ``batch_size``, ``eval_batch_size``, ``num_workers``, ``task_weights`` and ``seed`` are how the
-    datamodule batches the records; they live here so that ``data.*`` stays one flat group.
+    A split is one file or a list of files read in order (a mixture, e.g. one file per Med-MIM
+    ability); ``split_options[split]`` are adapter options of one split over ``data.adapter``'s own
+    (VQA-RAD: the train and test rows of one file).
+
+    ``batch_size``, ``eval_batch_size``, ``num_workers``, ``sampling_weights`` (``task_weights``: its
+    field ``task``) and ``seed`` are how the datamodule batches the records; they live here so that
+    ``data.*`` stays one flat group.
     """
 
     def __init__(
@@ -45,6 +50,8 @@ class RecordSet:
         allow_split_overlap: bool = False,
         max_tokens: int | None = 4096,
         seed: int = 0,
+        split_options: dict | None = None,
+        sampling_weights: dict | None = None,
     ):
         if not callable(adapter):
             raise ValueError(f"data.adapter must be a `_target_` naming an adapter's read function, got {adapter!r}")
@@ -62,8 +69,19 @@ class RecordSet:
         # and the training collators cut rows to it (when the stage gives them no max_length of their own)
         self.max_tokens = max_tokens
         self.seed = seed
+        from unveil.utils.plug import check_keys
+
+        self.split_options = {k: dict(v or {}) for k, v in (split_options or {}).items()}
+        for split, options in self.split_options.items():  # a typo fails here, before any file is read
+            check_keys(adapter, options, f"data.split_options.{split}")
+        # {field: {value: weight}}: a training record is drawn in proportion to the product of its
+        # fields' weights (field "task" or a meta field, e.g. Med-MIM's "ability"; 1.0 when unlisted)
+        self.sampling_weights = {k: dict(v or {}) for k, v in (sampling_weights or {}).items()}
+        if self.task_weights:  # the older spelling of sampling_weights.task
+            self.sampling_weights.setdefault("task", {}).update(self.task_weights)
         self.data: dict[str, list[Sample]] = {}
         self.skipped: dict[str, int] = {}
+        self.dropped: dict[str, dict[str, int]] = {}  # split -> {reason: count}: left out on purpose by the adapter
 
     @property
     def format(self) -> str:
@@ -83,31 +101,81 @@ class RecordSet:
             from unveil.data import medical
 
             medical.configure(**self.medical)
-        for split, rel in self.splits.items():
-            if rel is not None:
-                self.data[split] = self._read(split, self.root / rel)
+        for split in self.splits:
+            if self._files(split):
+                self.data[split] = self._read(split, self._files(split))
         self._check_split_overlap()
         log.info("data: %s", {k: len(v) for k, v in self.data.items()})
+        if self.sampling_weights and "train" in self.data:
+            shares = {k: round(v, 3) for k, v in self.sampling_shares().items()}
+            log.info(
+                "data.sampling_weights %s: expected share of the training draws %s", self.sampling_weights, shares
+            )
         return self
 
-    def _read(self, split: str, path: Path) -> list[Sample]:
-        got = self.adapter(
-            path,
-            root=self.root,
-            on_bad_record=self.on_bad_record,
-            check_images=self.check_images,
-            max_tokens=self.max_tokens,
-        )
-        self.skipped[split] = got.skipped
-        samples = list(got)
+    def _files(self, split: str) -> list[Path]:
+        """The file(s) of a split (``data.splits.<split>``: a path, a list of paths, or null)."""
+        rel = self.splits.get(split)
+        return [self.root / r for r in ([] if rel is None else [rel] if isinstance(rel, (str, Path)) else rel)]
+
+    def _split_files(self, split: str) -> str:
+        return ", ".join(str(p) for p in self._files(split))
+
+    def _read(self, split: str, files: list[Path]) -> list[Sample]:
+        """The Samples of one split: its file(s) read in order, with ``split_options[split]`` over the
+        adapter's options; what each file skipped (bad records) and dropped (the adapter's own filters,
+        ``Records.dropped``) is summed into ``skipped`` / ``dropped``."""
+        options = self.split_options.get(split, {})
+        samples: list[Sample] = []
+        self.skipped[split], dropped = 0, self.dropped.setdefault(split, {})
+        for path in files:
+            got = self.adapter(
+                path,
+                root=self.root,
+                on_bad_record=self.on_bad_record,
+                check_images=self.check_images,
+                max_tokens=self.max_tokens,
+                **options,
+            )
+            samples += got
+            self.skipped[split] += got.skipped
+            for reason, k in got.dropped.items():
+                dropped[reason] = dropped.get(reason, 0) + k
         if split == "train" and self.train_tasks:
             samples = [s for s in samples if s.task in self.train_tasks]
         n = self.max_samples.get(split)
         if n:
             samples = samples[: int(n)]
         if not samples:
-            raise ValueError(f"{path}: no usable samples in split '{split}'")
+            raise ValueError(f"{self._split_files(split)}: no usable samples in split '{split}'")
         return samples
+
+    def counts(self) -> dict[str, float]:
+        """``data/skipped_<split>`` (bad records) and ``data/dropped_<reason>_<split>``, for metrics.json."""
+        out = {f"data/skipped_{k}": float(v) for k, v in self.skipped.items()}
+        for split, reasons in self.dropped.items():
+            out.update({f"data/dropped_{r}_{split}": float(k) for r, k in reasons.items()})
+        return out
+
+    def weight(self, s: Sample) -> float:
+        """A training record's sampling weight: the product of its fields' ``sampling_weights``."""
+        w = 1.0
+        for field, weights in self.sampling_weights.items():
+            w *= float(weights.get(str(s.task if field == "task" else s.meta.get(field)), 1.0))
+        return w
+
+    def sampling_shares(self) -> dict[str, float]:
+        """Expected share of each weighted field value in the training draws (logged at load):
+        value v of field f gets sum_i w_i [f_i = v] / sum_i w_i."""
+        samples = self.data.get("train", [])
+        weights = [self.weight(s) for s in samples]
+        total = sum(weights) or 1.0
+        out: dict[str, float] = {}
+        for field in self.sampling_weights:
+            for s, w in zip(samples, weights):
+                key = f"{field}/{s.task if field == 'task' else s.meta.get(field)}"
+                out[key] = out.get(key, 0.0) + w / total
+        return out
 
     def _check_split_overlap(self) -> None:
         """A record id of the training split that is also in another split is an error (unless
@@ -128,13 +196,13 @@ class RecordSet:
             common = sorted({s.id for s in samples if not s.meta.get("id_from_position")} & train_ids)
             if not common:
                 continue
-            where = f"{self.root / self.splits['train']} (train) and {self.root / self.splits[split]} ({split})"
+            where = f"{self._split_files('train')} (train) and {self._split_files(split)} ({split})"
             msg = f"{len(common)} record id(s) are in both {where}, e.g. {common[:5]}"
             if self.allow_split_overlap:
                 log.warning("%s (data.allow_split_overlap=true)", msg)
                 continue
             raise RecordError(
-                str(self.root / self.splits[split]),
+                self._split_files(split),
                 None,
                 "id",
                 f"{msg}: {split} records the model trains on inflate every metric. Fix the splits, or set "

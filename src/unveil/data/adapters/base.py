@@ -229,9 +229,9 @@ def collect(
             if on_bad_record == "raise":
                 raise
             skipped.append(str(e))
-    if skipped:
+    if skipped:  # each one named: a user can fix or report the released file
         log.warning(
-            "%s: skipped %d bad record(s) (data.on_bad_record=skip); first: %s", path, len(skipped), skipped[0]
+            "%s: skipped %d bad record(s) (data.on_bad_record=skip):\n  %s", path, len(skipped), "\n  ".join(skipped)
         )
     return Records(out, skipped=len(skipped))
 

@@ -25,6 +25,7 @@ Records are named by JSONL line, CSV line, or 0-based row index (JSON arrays, pa
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import io
 import logging
@@ -290,8 +291,24 @@ def convert(
     )
 
 
-def _rows_in(path: Path, table_format: str | None, lang: str | None, lang_key: str, dropped: list[int]) -> Iterator:
-    """The table's rows; with ``lang``, rows in other languages are left out and counted in ``dropped[0]``."""
+def _where_matches(rec: dict, where: dict) -> bool:
+    """Whether a row passes ``where``: {column: pattern or [patterns]}, shell-style (``test_*``); a
+    pattern starting with ``!`` excludes. A row passes when, for every column, its value matches a
+    plain pattern (if any is given) and no ``!`` pattern."""
+    for col, pats in where.items():
+        value = str(rec.get(col, "")).strip()
+        pats = [pats] if isinstance(pats, str) else list(pats)
+        keep = [p for p in pats if not p.startswith("!")]
+        if keep and not any(fnmatch.fnmatchcase(value, p) for p in keep):
+            return False
+        if any(fnmatch.fnmatchcase(value, p[1:]) for p in pats if p.startswith("!")):
+            return False
+    return True
+
+
+def _rows_in(path: Path, table_format: str | None, lang: str | None, lang_key: str, where: dict, dropped: dict):
+    """The table's rows; rows in another language than ``lang`` or outside ``where`` are left out and
+    counted in ``dropped`` (``other_language``, ``where``)."""
     for n, rec in iter_rows(path, table_format):
         if lang is not None and isinstance(rec, dict):
             if lang_key not in rec:
@@ -301,8 +318,11 @@ def _rows_in(path: Path, table_format: str | None, lang: str | None, lang_key: s
                 )
                 continue
             if str(rec[lang_key]).strip().lower() != str(lang).lower():
-                dropped[0] += 1
+                dropped["other_language"] = dropped.get("other_language", 0) + 1
                 continue
+        if where and isinstance(rec, dict) and not _where_matches(rec, where):
+            dropped["where"] = dropped.get("where", 0) + 1
+            continue
         yield n, rec
 
 
@@ -323,17 +343,22 @@ def read(
     image_cache: str | Path | None = None,
     table_format: str | None = None,
     max_tokens: int | None = None,
+    where: dict | None = None,
 ) -> Records:
     """Read a VQA table. ``lang`` keeps only rows whose ``lang_key`` equals it (SLAKE: "en").
 
     ``image_dir``: folder under ``root`` the image names are relative to (SLAKE ``imgs``,
-    VQA-RAD ``VQA_RAD Image Folder``); ``table_format`` overrides the file suffix.
+    VQA-RAD ``VQA_RAD Image Folder``); ``table_format`` overrides the file suffix; ``where``
+    keeps the rows whose columns match shell-style patterns, ``!`` excluding (VQA-RAD's one file:
+    ``{"phrase_type": "test_*"}`` is its test split, ``{"phrase_type": "!test_*"}`` the rest).
+    What was left out, by reason, is in the returned ``Records.dropped`` (``filtered``: the rows in
+    other languages).
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     cols = Columns(image=image_key, question=question_key, answer=answer_key, answer_type=answer_type_key, id=id_key)
     cache: Path | None = None
-    dropped = [0]
+    dropped: dict[str, int] = {}
 
     def conv(rec, n):
         nonlocal cache
@@ -346,11 +371,14 @@ def read(
             cache = _cache_dir(root, image_cache)
         return convert(rec, n, path, root, cache, check_images, cols, image_dir)
 
-    rows = _rows_in(path, table_format, lang, lang_key, dropped)
+    rows = _rows_in(path, table_format, lang, lang_key, dict(where or {}), dropped)
     out = collect(path, rows, conv, on_bad_record, max_tokens=max_tokens)
-    if dropped[0]:
+    if dropped.get("other_language"):
         log.info(
-            "%s: kept %d row(s) with %s=%r, left out %d in other languages", path, len(out), lang_key, lang, dropped[0]
+            "%s: kept rows with %s=%r, left out %d in other languages", path, lang_key, lang, dropped["other_language"]
         )
-    out.filtered = dropped[0]  # rows left out for their language (not bad records)
+    if dropped.get("where"):
+        log.info("%s: kept rows matching %s, left out %d others", path, where, dropped["where"])
+    out.filtered = dropped.get("other_language", 0)  # rows left out for their language (not bad records)
+    out.dropped = dropped  # by reason: data/dropped_<reason>_<split> in metrics.json
     return unique_ids(out)
