@@ -13,7 +13,8 @@ One ``<image>`` per image, all at the start of the user turn; a count mismatch i
 
 The ability comes from the FILE name: ``..._Held_in_{Temporal,Reasoning,Comparison,Coreference}.json``
 (benchmark) or ``Med_MIM_train_inherent_Comparison.json`` (instruction data) -> ``meta["ability"]`` =
-``temporal`` / ``reasoning`` / ``comparison`` / ``coreference``;
+``temporal`` / ``reasoning`` / ``comparison`` / ``coreference``; ``Med_MIM_train_Composed.json``
+(the PMC-15M composed set) -> ``composed``;
 the held-out files ``..._Held_out_{ODIR,RAD}.json`` -> ``held_out_odir`` / ``held_out_rad``
 (``meta["held_out"] = True``). Pass ``ability=`` for a renamed file; otherwise ``unknown``.
 
@@ -53,9 +54,9 @@ _KNOWN = {"id", "images", "conversation"}
 def ability_from_name(path: Path) -> tuple[str, bool] | None:
     """(ability, held_out) from a Med-MIM file name, or None when the name does not say."""
     m = _ABILITY.search(path.name)
-    if not m:  # training files: Med_MIM_train_inherent_Comparison.json
+    if not m:  # training files: Med_MIM_train_inherent_Comparison.json, Med_MIM_train_Composed.json
         low = path.name.lower()
-        return next(((a, False) for a in ABILITIES if a in low), None)
+        return next(((a, False) for a in (*ABILITIES, "composed") if a in low), None)
     held_out = m.group(1).lower() == "out"
     name = m.group(2).lower()
     if held_out:
