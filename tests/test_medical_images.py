@@ -174,16 +174,26 @@ def _canonical(path):
     return nib.as_closest_canonical(nib.load(path)).get_fdata()
 
 
+def _shown(ras_plane):
+    """A RAS+ plane as displayed: second axis up (rot90), then mirrored into the radiological
+    convention (the patient's left / anterior on the image's right / left)."""
+    return np.rot90(ras_plane)[:, ::-1]
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_nifti_middle_slice_in_ras_orientation(axis):
     path = nii("anatomical.nii")  # LAS on disk: the loader must flip x to reach RAS
     assert nib.aff2axcodes(nib.load(path).affine) == ("L", "A", "S")
     vol = _canonical(path)
     mid = vol.shape[axis] // 2
-    expected = np.rot90(np.take(vol, mid, axis=axis))
+    expected = _shown(np.take(vol, mid, axis=axis))
     np.testing.assert_array_equal(medical.nifti_slice(path, axis=axis), expected)
+    # neurological: the same slice unmirrored (the patient's left on the image's left)
+    np.testing.assert_array_equal(
+        medical.nifti_slice(path, axis=axis, orientation="neurological"), np.rot90(np.take(vol, mid, axis=axis))
+    )
     # a non-middle slice differs, and is the same as taking it by hand
-    np.testing.assert_array_equal(medical.nifti_slice(path, axis=axis, index=3), np.rot90(np.take(vol, 3, axis=axis)))
+    np.testing.assert_array_equal(medical.nifti_slice(path, axis=axis, index=3), _shown(np.take(vol, 3, axis=axis)))
     # array order instead of RAS: no flip
     raw = np.asanyarray(nib.load(path).dataobj, dtype=float)
     np.testing.assert_array_equal(
@@ -214,8 +224,8 @@ def test_nifti_gz_4d_volume_selection():
     v0 = medical.nifti_slice(path)
     v1 = medical.nifti_slice(path, volume=1)
     data = nib.as_closest_canonical(img).get_fdata()
-    np.testing.assert_array_equal(v0, np.rot90(data[:, :, 12, 0]))
-    np.testing.assert_array_equal(v1, np.rot90(data[:, :, 12, 1]))
+    np.testing.assert_array_equal(v0, _shown(data[:, :, 12, 0]))
+    np.testing.assert_array_equal(v1, _shown(data[:, :, 12, 1]))
     assert not np.array_equal(v0, v1)
     assert load_image(path).size == (128, 96)
     with pytest.raises(OSError, match="volume 2 out of range"):
@@ -227,7 +237,7 @@ def test_nifti_gz_4d_volume_selection():
 def test_nifti2_and_scaled_data():
     path = nii("example_nifti2.nii.gz")
     data = nib.as_closest_canonical(nib.load(path)).get_fdata()
-    np.testing.assert_array_equal(medical.nifti_slice(path, axis=1), np.rot90(data[:, data.shape[1] // 2, :, 0]))
+    np.testing.assert_array_equal(medical.nifti_slice(path, axis=1), _shown(data[:, data.shape[1] // 2, :, 0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,3 +318,102 @@ def test_12_bit_jpeg_extended_decodes_or_says_what_decodes_it():
         assert "JPGExtended.dcm" in str(e) and "pylibjpeg-libjpeg" in str(e)
     else:  # with it installed
         assert np.asarray(im).std() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# one display orientation for DICOM and NIfTI (radiological), per-record slices, malformed headers
+# ---------------------------------------------------------------------------------------------
+def _ct_with_orientation(tmp_path, iop) -> tuple[Path, Path, np.ndarray]:
+    """pydicom's CT_small with its ImageOrientationPatient set to ``iop`` (pixels as they are), and
+    the same slice written as NIfTI with the affine that orientation gives (LPS -> RAS)."""
+    ds = pydicom.dcmread(dcm("CT_small.dcm"))
+    ds.ImageOrientationPatient = [float(v) for v in iop]
+    d = tmp_path / f"ct_{'_'.join(str(int(v)) for v in iop)}.dcm"
+    ds.save_as(d)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = r * dc, c * dr, np.cross(r, c) * float(ds.SliceThickness or 1)
+    lps[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    n = tmp_path / d.name.replace(".dcm", ".nii.gz")
+    # NIfTI voxel (i, j, k) = (column, row, slice)
+    nib.save(nib.Nifti1Image(hu.T[:, :, None].astype(np.float32), np.diag([-1, -1, 1, 1]) @ lps), n)
+    return d, n, hu
+
+
+@pytest.mark.parametrize(
+    "iop",
+    [
+        (1, 0, 0, 0, 1, 0),  # axial as usually stored
+        (-1, 0, 0, 0, 1, 0),  # axial, stored mirrored
+        (0, 1, 0, 1, 0, 0),  # axial, stored transposed
+        (1, 0, 0, 0, 0, -1),  # coronal
+        (0, 1, 0, 0, 0, -1),  # sagittal
+    ],
+)
+def test_dicom_and_nifti_show_the_same_slice_the_same_way(tmp_path, iop):
+    """Before, NIfTI slices put the patient's left on the image's left while DICOM frames were shown
+    as stored (left on the right for the usual axial frame): the two formats mirrored each other."""
+    d, n, _ = _ct_with_orientation(tmp_path, iop)
+    axis = int(np.argmax(np.abs(np.cross(iop[:3], iop[3:]))))
+    from_dicom = _gray(medical.load_dicom(d, window=(40, 400)))
+    from_nifti = _gray(medical.load_nifti(n, axis=axis, window=(40, 400)))
+    np.testing.assert_array_equal(from_dicom, from_nifti)
+
+
+def test_the_display_is_radiological(tmp_path):
+    """The usual axial frame (rows toward the patient's left, columns posterior) is shown as stored;
+    a mirrored one is flipped back; orientation="stored" keeps the stored pixels."""
+    d, _, hu = _ct_with_orientation(tmp_path, (1, 0, 0, 0, 1, 0))
+    np.testing.assert_array_equal(_gray(medical.load_dicom(d, window=(40, 400))), _window(hu, 40, 400))
+    m, _, _ = _ct_with_orientation(tmp_path, (-1, 0, 0, 0, 1, 0))
+    np.testing.assert_array_equal(_gray(medical.load_dicom(m, window=(40, 400))), _window(hu, 40, 400)[:, ::-1])
+    stored = medical.load_dicom(m, window=(40, 400), orientation="stored")
+    np.testing.assert_array_equal(_gray(stored), _window(hu, 40, 400))
+    with pytest.raises(ValueError, match="orientation"):
+        medical.load_dicom(d, orientation="left")
+
+
+def test_bad_vr_dicom_error_names_the_file(tmp_path):
+    """pydicom's badVR.dcm (an IS value '1A') raised a bare ValueError without the path."""
+    path = dcm("badVR.dcm")
+    with pytest.raises(OSError, match=r"badVR\.dcm: malformed DICOM \(ValueError"):
+        load_image(path)
+    shutil.copy(path, tmp_path / "bad.dcm")
+    with pytest.raises(RecordError, match="bad.dcm") as e:
+        image_size(tmp_path / "bad.dcm", "records.json", 2, "image")
+    assert (e.value.record, e.value.field) == (2, "image")
+
+
+def test_a_record_chooses_its_nifti_slice(tmp_path):
+    """`"image": "vol.nii.gz#z=3"` (any adapter) and `"slice": 5` (MAU JSONL) pick one slice per record;
+    before, one module-wide index served every record."""
+    from unveil.data.adapters import mau_jsonl
+
+    shutil.copy(nii("example4d.nii.gz"), tmp_path / "vol.nii.gz")
+    vol = tmp_path / "vol.nii.gz"
+    np.testing.assert_array_equal(_gray(load_image(f"{vol}#z=3")), _gray(medical.load_nifti(vol, axis=2, index=3)))
+    np.testing.assert_array_equal(
+        _gray(load_image(f"{vol}#x=7,t=1")), _gray(medical.load_nifti(vol, axis=0, index=7, volume=1))
+    )
+    assert not np.array_equal(_gray(load_image(f"{vol}#z=3")), _gray(load_image(f"{vol}#z=20")))
+    rec = {"id": "a", "query": "Q?", "answer": "A.", "boxes": [], "findings": []}
+    rows = [
+        {**rec, "id": "z3", "image": "vol.nii.gz#z=3"},
+        {**rec, "id": "s5", "image": "vol.nii.gz", "slice": 5},
+        {**rec, "id": "mid", "image": "vol.nii.gz"},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = mau_jsonl.read(tmp_path / "train.jsonl", root=tmp_path)
+    assert [s.images[0] for s in samples] == [f"{vol}#z=3", f"{vol}#slice=5", str(vol)]
+    np.testing.assert_array_equal(_gray(load_image(samples[1].images[0])), _gray(medical.load_nifti(vol, index=5)))
+    for bad, field, msg in (
+        ({**rec, "image": "vol.nii.gz#q=3"}, "image", r"unknown path option\(s\) \['q'\]"),
+        ({**rec, "image": "vol.nii.gz#z=99"}, "image", "slice 99 out of range"),
+        ({**rec, "image": "vol.nii.gz", "slice": "5"}, "slice", "expected an integer"),
+    ):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(RecordError, match=msg) as e:
+            mau_jsonl.read(tmp_path / "bad.jsonl", root=tmp_path)
+        assert e.value.field == field

@@ -15,9 +15,21 @@ converted to 8-bit RGB without windowing.
 NIfTI (3D or 4D): one 2D slice along ``axis`` (0 sagittal, 1 coronal, 2 axial in RAS+ terms
 when ``canonical``; the data array's own axes otherwise); ``index`` None = the middle slice;
 ``volume`` picks the time point of a 4D file; windowed by ``window`` if set, else by the
-``percentile`` range of the slice. Only the slice is read from disk (array proxy), and it is
-shown with the second in-plane axis pointing up (anterior / superior at the top, patient left
-on image left).
+``percentile`` range of the slice. Only the slice is read from disk (array proxy). A record can
+name its own slice: ``"ct.nii.gz#z=42"`` (x / y / z: the RAS axis and the index along it,
+``slice=42``: the index along ``axis``, ``t=1``: the 4D volume; ``"cine.dcm#frame=3"`` for a DICOM
+frame; :func:`unveil.data.images.split_fragment`).
+
+Display orientation, the same for both formats: the **radiological convention**, as a reading
+workstation shows a study and as axial CT / MR frames are stored: the viewer faces the patient,
+so the patient's left is on the image's right; axial slices have anterior at the top, coronal
+and sagittal slices superior at the top, sagittal slices anterior on the left. DICOM frames are
+flipped / transposed into it from ``ImageOrientationPatient`` (the usual axial
+``[1, 0, 0, 0, 1, 0]`` is already in it: such frames are shown as stored); NIfTI slices are taken
+in RAS+ order and mirrored into it. ``orientation="stored"`` (DICOM) shows frames as stored;
+``orientation="neurological"`` (NIfTI) the patient's left on the image's left (the default
+before); ``canonical=False`` (NIfTI) the array as stored. Files without orientation (secondary
+captures, photographs) and 2D NIfTI images are shown as stored.
 
 Defaults are module-wide and set with :func:`configure` (e.g. from ``data.medical`` in the
 config); :func:`load_dicom` / :func:`load_nifti` take per-call overrides.
@@ -42,6 +54,7 @@ class DicomOptions:
     window_index: int = 0  # which window when the file lists several
     frame: int | str = "middle"  # multi-frame: an index (negative allowed), "first" or "middle"
     percentile: tuple[float, float] = (0.5, 99.5)  # fallback window from the frame's values
+    orientation: str = "radiological"  # or "stored": the frame as its pixel data lie
 
 
 @dataclass
@@ -52,6 +65,7 @@ class NiftiOptions:
     window: tuple[float, float] | None = None  # (centre, width) in stored (scaled) units
     percentile: tuple[float, float] = (0.5, 99.5)
     canonical: bool = True  # slice in RAS+ orientation rather than array order
+    orientation: str = "radiological"  # or "neurological" (patient left on image left); canonical slices only
 
 
 DICOM = DicomOptions()
@@ -151,8 +165,46 @@ _DECODER_HINTS = {
 _DICOM_NOT_IMAGES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5"}
 
 
+# Radiological display of each plane (the axis of LPS patient coordinates its normal is closest
+# to): the LPS directions the image's columns (left -> right) and rows (top -> bottom) run along.
+_DISPLAY = {
+    2: ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),  # axial: patient left on the right, posterior at the bottom
+    1: ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),  # coronal: patient left on the right, superior at the top
+    0: ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),  # sagittal: posterior on the right, superior at the top
+}
+
+
+def _orientation(ds, frame: int) -> np.ndarray | None:
+    """ImageOrientationPatient (6 direction cosines) of the file or the frame, or None."""
+    v = ds.get("ImageOrientationPatient")
+    for groups, k in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        if v is not None:
+            break
+        g = ds.get(groups)
+        if g is not None and len(g) > k and "PlaneOrientationSequence" in g[k] and len(g[k].PlaneOrientationSequence):
+            v = g[k].PlaneOrientationSequence[0].get("ImageOrientationPatient")
+    if v is None or len(v) != 6:
+        return None
+    return np.asarray([float(x) for x in v])
+
+
+def to_radiological(arr: np.ndarray, iop) -> np.ndarray:
+    """A frame (rows, cols[, channels]) flipped / transposed into the radiological display
+    (``_DISPLAY``) from its ImageOrientationPatient: ``iop[:3]`` is the LPS direction of increasing
+    column index, ``iop[3:]`` of increasing row index."""
+    r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    want_col, want_row = (np.asarray(v) for v in _DISPLAY[int(np.argmax(np.abs(np.cross(r, c))))])
+    if abs(r @ want_col) < abs(c @ want_col):  # the stored rows run along the wanted columns
+        arr, r, c = np.swapaxes(arr, 0, 1), c, r
+    if r @ want_col < 0:
+        arr = arr[:, ::-1]
+    if c @ want_row < 0:
+        arr = arr[::-1]
+    return np.ascontiguousarray(arr)
+
+
 def dicom_values(path: str | Path, frame: int | str | None = None) -> tuple[np.ndarray, Any, int]:
-    """(one frame as modality values (float64, or stored RGB), dataset, frame index)."""
+    """(one frame as modality values (float64, or stored RGB), dataset, frame index), as stored."""
     import pydicom
     from pydicom.pixels import pixel_array
 
@@ -184,10 +236,23 @@ def dicom_values(path: str | Path, frame: int | str | None = None) -> tuple[np.n
 
 
 def load_dicom(path: str | Path, **overrides) -> Image.Image:
-    """One DICOM frame as an RGB image (see the module docstring for the pipeline)."""
+    """One DICOM frame as an RGB image (see the module docstring for the pipeline). A malformed
+    header (pydicom's ``ValueError`` on, e.g., an IS value ``'1A'``) is an OSError naming the file."""
     o = _with(DICOM, overrides) if overrides else DICOM
+    if o.orientation not in ("radiological", "stored"):
+        raise ValueError(f"dicom orientation must be 'radiological' or 'stored', got {o.orientation!r}")
     path = Path(path)
+    try:
+        return _dicom_image(path, o)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise OSError(f"{path}: malformed DICOM ({type(e).__name__}: {e})") from e
+
+
+def _dicom_image(path: Path, o: DicomOptions) -> Image.Image:
     arr, ds, k = dicom_values(path, o.frame)
+    iop = _orientation(ds, k) if o.orientation == "radiological" else None
+    if iop is not None and arr.ndim in (2, 3):
+        arr = to_radiological(arr, iop)
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pi == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -234,6 +299,8 @@ def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
     import nibabel as nib
 
     o = _with(NIFTI, overrides) if overrides else NIFTI
+    if o.orientation not in ("radiological", "neurological"):
+        raise ValueError(f"nifti orientation must be 'radiological' or 'neurological', got {o.orientation!r}")
     path = Path(path)
     try:
         img = nib.load(str(path))
@@ -272,7 +339,10 @@ def nifti_slice(path: str | Path, **overrides) -> np.ndarray:
             plane = np.flip(plane, axis=pos)
     if ornt[rest[0], 0] > ornt[rest[1], 0]:  # order the plane by RAS axis
         plane = plane.T
-    return np.rot90(plane)  # second in-plane axis points up
+    plane = np.rot90(plane)  # second in-plane axis points up; the first runs to the right (neurological)
+    if o.canonical and o.orientation == "radiological":
+        plane = plane[:, ::-1]  # the patient's left (axial, coronal) / anterior (sagittal) on the image's right
+    return np.ascontiguousarray(plane)
 
 
 def load_nifti(path: str | Path, **overrides) -> Image.Image:
@@ -283,11 +353,21 @@ def load_nifti(path: str | Path, **overrides) -> Image.Image:
     return _rgb(apply_window(plane, centre, width))
 
 
-@register_loader(".dcm", ".dicom")
-def _dicom_loader(path: Path) -> Image.Image:
-    return load_dicom(path)
+@register_loader(".dcm", ".dicom", options=("frame",))
+def _dicom_loader(path: Path, frame: int | None = None) -> Image.Image:
+    return load_dicom(path) if frame is None else load_dicom(path, frame=frame)
 
 
-@register_loader(".nii", ".nii.gz")
-def _nifti_loader(path: Path) -> Image.Image:
-    return load_nifti(path)
+@register_loader(".nii", ".nii.gz", options=("x", "y", "z", "slice", "t"))
+def _nifti_loader(path: Path, **where: int) -> Image.Image:
+    """``where`` from a ``#z=42`` path fragment: x / y / z -> axis 0 / 1 / 2 and its index;
+    slice -> the index along the configured axis; t -> the 4D volume."""
+    over: dict[str, int] = {}
+    for key, axis in (("x", 0), ("y", 1), ("z", 2)):
+        if key in where:
+            over.update(axis=axis, index=where[key])
+    if "slice" in where:
+        over["index"] = where["slice"]
+    if "t" in where:
+        over["volume"] = where["t"]
+    return load_nifti(path, **over)

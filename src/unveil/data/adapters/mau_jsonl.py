@@ -45,6 +45,7 @@ _KNOWN = {
     "short_answer",
     "rejected",
     "weight",
+    "slice",
 }
 
 
@@ -58,9 +59,28 @@ def _images(rec: dict, n: int, path: Path, root: Path, check_images: bool) -> tu
     else:
         rels = []
     field = "images" if "images" in rec else "image"
+    rels = _with_slices(rec, rels, f, n)
     images = [str(resolve(root, r, f, n, field)) for r in rels]
     sizes = [image_size(p, f, n, field) if check_images else None for p in images]
     return images, sizes
+
+
+def _with_slices(rec: dict, rels: list, f: str, n: int) -> list:
+    """``"slice": 42`` (or one index per image, null for none) picks each NIfTI volume's slice along
+    ``data.medical.nifti.axis``: the paths get ``#slice=42``, as if the record had written it."""
+    if rec.get("slice") is None:
+        return rels
+    per = rec["slice"] if isinstance(rec["slice"], list) else [rec["slice"]] * len(rels)
+    if len(per) != len(rels) or any(k is not None and (isinstance(k, bool) or not isinstance(k, int)) for k in per):
+        raise RecordError(
+            f, n, "slice", f"expected an integer or one integer (or null) per image, got {rec['slice']!r:.80}"
+        )
+    out = []
+    for r, k in zip(rels, per):
+        if k is not None and isinstance(r, str) and not r.lower().endswith((".nii", ".nii.gz")):
+            raise RecordError(f, n, "slice", f"a slice index needs a NIfTI volume (.nii / .nii.gz), got {r!r:.80}")
+        out.append(r if k is None or not isinstance(r, str) else f"{r}#slice={k}")
+    return out
 
 
 def _boxes(rec: dict, n: int, f: str, n_images: int, sizes: list) -> tuple[list[list[float]], list]:
