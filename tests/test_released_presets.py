@@ -91,3 +91,20 @@ def test_debug_run_on_released_slake_with_only_data_root(tmp_path):
     assert metrics["test/n_open"] == 2 and metrics["test/n_closed"] == 1
     assert "test/open_recall" in metrics and "test/task/vqa_open/open_em" in metrics
     assert tree(root) == before
+
+
+def test_mmedpo_identical_pairs_are_counted_in_the_run_metrics():
+    cfg = compose(
+        [
+            "data=mmedpo",
+            f"data.root={ROOT / 'tests' / 'fixtures' / 'formats' / 'mmedpo'}",
+            "data.splits.train=slake_dpo_weighted.scaffold.json",
+            "data.check_images=false",
+            "data.num_workers=0",
+        ]
+    )
+    records = load_records(cfg.data)
+    assert len(records.data["train"]) == 9 and records.counts() == {
+        "data/skipped_train": 0.0,
+        "data/dropped_identical_pair_train": 2.0,
+    }
