@@ -80,7 +80,7 @@ class UnveilDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
         if r.sampling_weights:  # data.sampling_weights (data.task_weights is its field "task")
-            w = torch.tensor([r.weight(s) for s in ds.samples], dtype=torch.float64)
+            w = torch.tensor([r.weight(s) for s in ds.samples])  # float32, as before: the same draws
             sampler = ResumableWeightedSampler(
                 w, num_samples=len(ds), generator=torch.Generator().manual_seed(r.seed), **shard
             )
