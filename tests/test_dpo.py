@@ -27,7 +27,7 @@ def answer_token_logps(model, batch):
     return answer_logprobs(model, model_inputs(batch), batch["labels"])
 
 
-CONF = "/work/main/conf"
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose(overrides: list[str]):
