@@ -29,11 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def study_iou(text: str, sample, box_format, vocab, image_size=None) -> float:
+def study_iou(text: str, sample, box_format, vocab, frame=None) -> float:
     from unveil.data.boxes import match_boxes
     from unveil.eval.parse import parse_answer
 
-    pred = parse_answer(text, box_format, vocab, image_size)
+    pred = parse_answer(text, box_format, vocab, frame)
     pairs, m = match_boxes(pred.boxes, sample.boxes)
     per_gt = np.zeros(len(sample.boxes))
     for p, g in pairs:
@@ -47,9 +47,8 @@ def headroom(backbone, samples, vocab, G: int, temperature: float, batch_size: i
     from unveil.models.generation import generate
 
     collate, out = PromptCollator(backbone), collections.defaultdict(lambda: collections.defaultdict(list))
-    size = backbone.extra.get(
-        "model_image_size"
-    )  # as unveil.eval parses: boxes in the model's pixels, for real backbones
+    from unveil.data.frames import answer_frame
+
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         batch = collate(chunk)
@@ -63,9 +62,12 @@ def headroom(backbone, samples, vocab, G: int, temperature: float, batch_size: i
             temperature=temperature,
         )["texts"]
         for j, s in enumerate(chunk):
-            scores = [study_iou(t, s, backbone.box_format, vocab, size) for t in sampled[j * G : (j + 1) * G]]
+            scores = [
+                study_iou(t, s, backbone.box_format, vocab, answer_frame(backbone, s))
+                for t in sampled[j * G : (j + 1) * G]
+            ]
             row = out[len(s.boxes)]
-            row["greedy"].append(study_iou(greedy[j], s, backbone.box_format, vocab, size))
+            row["greedy"].append(study_iou(greedy[j], s, backbone.box_format, vocab, answer_frame(backbone, s)))
             row["sampled"].append(float(np.mean(scores)))
             row["best"].append(max(scores))
     return out

@@ -21,6 +21,7 @@ from PIL import Image
 
 import unveil.utils.resolvers  # noqa: F401
 from unveil.data.collate import IGNORE, SFTCollator, backbone_messages
+from unveil.data.frames import answer_frame
 from unveil.data.records import load_records
 from unveil.data.schema import Sample
 
@@ -188,14 +189,12 @@ def test_save_and_load_back_as_model_hf_offline(make_backbone, dm, tmp_path, arc
         f"model.box_format={bb.box_format.name}",
         "model.freeze.vision=false",
     ]
-    if "model_image_size" in bb.extra:
-        over.append("+model.extra.model_image_size=[{},{}]".format(*bb.extra["model_image_size"]))
     c = compose(["model=hf", *over])
     loaded = build_backbone(c.model, peft=c.peft)
     assert type(loaded.base_model) is type(bb.base_model) and type(loaded.processor) is type(bb.processor)
     assert loaded.processor.chat_template == bb.processor.chat_template
     assert loaded.tokenizer.eos_token == bb.tokenizer.eos_token and loaded.image_token_ids == bb.image_token_ids
-    assert loaded.extra.get("model_image_size") == bb.extra.get("model_image_size")
+    assert loaded.extra["image_aspect"] == bb.extra["image_aspect"] == ("pad" if arch == "llava15" else "native")
     samples = localize_samples(dm, 2)
     b1, b2 = SFTCollator(bb)(samples), SFTCollator(loaded)(samples)
     assert b1.keys() == b2.keys()
@@ -230,16 +229,16 @@ def test_sft_labels_are_exactly_the_answer_in_the_models_box_format(make_backbon
         bb, e = make_backbone(arch), EXPECT[arch]
     samples = localize_samples(dm)
     batch = SFTCollator(bb)(samples)
-    size = bb.extra.get("model_image_size")
     for i, s in enumerate(samples):
         answer = backbone_messages(bb, s)[-1]["content"]
         assert label_text(bb, batch, i) == e["lead"] + answer + e["tail"], (arch, s.id)
         if not s.boxes:
             continue
         # the boxes in the answer are written in the model's format and read back to the ground truth
-        parsed = bb.box_format.parse(answer, size)
+        frame = answer_frame(bb, s)
+        parsed = [p.box for p in frame.parse_spans(bb.box_format, answer)]
         assert len(parsed) == len(s.boxes)
-        grid = 1 / 100 + (1 / min(size) if size else 0)  # records carry 0-100 grid boxes
+        grid = 1 / 100 + (1 / min(frame.size) if frame.size else 0)  # records carry 0-100 grid boxes
         for p, g in zip(parsed, s.boxes):
             assert np.allclose(p, g, atol=grid), (p, g)
         if e["box"] == "qwen2vl":
@@ -252,11 +251,11 @@ def test_sft_labels_are_exactly_the_answer_in_the_models_box_format(make_backbon
 
 def test_qwen25_absolute_boxes_are_on_the_grid_the_processor_produces(make_backbone, dm):
     bb = make_backbone("qwen25_vl")
-    batch = SFTCollator(bb)(localize_samples(dm))
+    samples = localize_samples(dm)
+    batch = SFTCollator(bb)(samples)
     patch = bb.processor.image_processor.patch_size
-    w, h = bb.extra["model_image_size"]
-    for _t, gh, gw in batch["image_grid_thw"].tolist():
-        assert (gw * patch, gh * patch) == (w, h)
+    for s, (_t, gh, gw) in zip(samples, batch["image_grid_thw"].tolist()):
+        assert (gw * patch, gh * patch) == answer_frame(bb, s).size
 
 
 def test_generated_qwen2vl_box_tokens_survive_decoding(make_backbone):
@@ -366,7 +365,8 @@ def test_real_checkpoint_configs_fit_their_architecture(make_backbone, name):
     if arch == "qwen25_vl":
         side = math.isqrt(c.model.processor_kwargs.min_pixels)
         assert c.model.processor_kwargs.max_pixels == side * side and side % 28 == 0
-        assert list(c.model.extra.model_image_size) == [side, side]
+    # LLaVA's image_aspect_ratio pad for the llava family, the processor's own handling otherwise
+    assert (c.model.image_aspect or "native") == ("pad" if arch == "llava15" else "native")
     regex = c.model.peft_target_modules or c.peft.target_modules
     linear = [n for n, m in make_backbone(arch).base_model.named_modules() if isinstance(m, torch.nn.Linear)]
     hit = [n for n in linear if re.fullmatch(regex, n)]

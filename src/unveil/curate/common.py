@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from unveil.data.boxes import IntGridFormat
+from unveil.data.frames import IDENTITY
 from unveil.data.schema import Rejected, Sample
 
 log = logging.getLogger(__name__)
@@ -267,11 +268,12 @@ def with_rejected(
 # --- box text in model output -> the canonical 0-100 grid of record files -------------------
 
 
-def to_canonical(text: str, box_format, image_size=None) -> str:
-    """Rewrite a backbone's box text (e.g. Qwen2-VL tokens) into ``[x1, y1, x2, y2]`` on 0-100."""
-    if box_format is None or box_format.name == CANON.name:
+def to_canonical(text: str, box_format, frame=None) -> str:
+    """Rewrite a backbone's box text (e.g. Qwen2-VL tokens) into ``[x1, y1, x2, y2]`` on 0-100 of the
+    original image (``frame``: where the model saw it, :mod:`unveil.data.frames`)."""
+    if box_format is None or (box_format.name == CANON.name and (frame is None or frame.identity)):
         return text
-    spans = box_format.parse_spans(text, image_size)
+    spans = (frame or IDENTITY).parse_spans(box_format, text)
     if not spans:
         return text
     out, last = [], 0

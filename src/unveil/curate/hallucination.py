@@ -281,6 +281,7 @@ class HallucinationBuilder(BaseBuilder):
 
     def sample_answers(self, chunk: list[Sample], ctx: Context) -> list[list[str]]:
         from unveil.data.collate import PromptCollator
+        from unveil.data.frames import answer_frame
         from unveil.models.generation import generate
 
         bb = ctx.backbone()
@@ -296,9 +297,9 @@ class HallucinationBuilder(BaseBuilder):
             top_p=self.top_p,
             top_k=self.top_k,
         )
-        size = bb.extra.get("model_image_size") if bb.box_format.needs_image_size else None
-        texts = [clean_text(to_canonical(t, bb.box_format, size)) for t in out["texts"]]
         n = self.num_samples
+        frames = [answer_frame(bb, s) for s in chunk for _ in range(n)]  # back to the original image
+        texts = [clean_text(to_canonical(t, bb.box_format, f)) for t, f in zip(out["texts"], frames)]
         return [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
 
     def _model_picks(self, chunk: list[Sample], ctx: Context) -> list[tuple[str, float] | None]:

@@ -107,6 +107,7 @@ class SelfTrainingBuilder(BaseBuilder):
         self, ctx: Context, samples: list[Sample], n: int, sample: bool, max_new_tokens: int
     ) -> list[list[str]]:
         from unveil.data.collate import PromptCollator
+        from unveil.data.frames import answer_frame
         from unveil.models.generation import generate
 
         bb = ctx.backbone()
@@ -122,8 +123,8 @@ class SelfTrainingBuilder(BaseBuilder):
             top_p=self.top_p,
             top_k=self.top_k,
         )
-        size = bb.extra.get("model_image_size") if bb.box_format.needs_image_size else None
-        texts = [clean_text(to_canonical(t, bb.box_format, size)) for t in out["texts"]]
+        frames = [answer_frame(bb, s) for s in samples for _ in range(n)]  # back to the original image
+        texts = [clean_text(to_canonical(t, bb.box_format, f)) for t, f in zip(out["texts"], frames)]
         return [texts[i * n : (i + 1) * n] for i in range(len(samples))]
 
     @staticmethod

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from unveil.data.boxes import IntGridFormat
+from unveil.data.frames import model_messages, prepare_image
 from unveil.data.images import load_image
 from unveil.data.schema import Sample
 from unveil.data.virtual_user import convert
@@ -20,36 +20,12 @@ from unveil.models.chat_templates import CHAT_TEMPLATES
 
 IGNORE = -100
 PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # cut by max_length
-_CANON = IntGridFormat(100)  # box text in record files is on the 0-100 grid
 
 
-def rewrite_boxes(text: str, box_format, image_size=None) -> str:
-    """Rewrite canonical ``[x1, y1, x2, y2]`` (0-100) box text into a backbone's BoxFormat."""
-    if box_format.name == _CANON.name:
-        return text
-    spans = _CANON.parse_spans(text)
-    if not spans:
-        return text
-    out, last = [], 0
-    for p in spans:
-        out.append(text[last : p.start])
-        out.append(box_format.format_box(p.box, image_size))
-        last = p.end
-    out.append(text[last:])
-    return "".join(out)
-
-
-def backbone_messages(backbone, s: Sample) -> list[dict]:
-    """The sample's messages with answer boxes in the backbone's own format."""
-    if backbone.box_format.name == _CANON.name:
-        return s.messages
-    size = None
-    if backbone.box_format.needs_image_size:
-        size = backbone.extra.get("model_image_size")
-    return [
-        {**m, "content": rewrite_boxes(m["content"], backbone.box_format, size)} if m["role"] == "assistant" else m
-        for m in s.messages
-    ]
+def backbone_messages(backbone, s: Sample, sizes=None) -> list[dict]:
+    """The sample's messages with answer boxes in the backbone's own format and image frame
+    (:func:`unveil.data.frames.model_messages`; ``sizes``: the images' (w, h) when loaded)."""
+    return model_messages(backbone, s, sizes)
 
 
 class ImageCache:
@@ -108,10 +84,18 @@ class SFTCollator:
         # the epoch the sq_r draws belong to; in shared memory, so loader workers see what the stage sets
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
-    def messages(self, s: Sample) -> list[dict]:
-        """The sample's messages as trained: answer boxes in the backbone's format, and this epoch's
-        virtual-user turns when ``sq_r`` > 0."""
-        return convert(s, backbone_messages(self.bb, s), self.sq_r, self.seed, int(self.epoch))
+    def messages(self, s: Sample, sizes=None) -> list[dict]:
+        """The sample's messages as trained: answer boxes in the backbone's format and image frame
+        (``sizes``: the images' (w, h)), and this epoch's virtual-user turns when ``sq_r`` > 0."""
+        return convert(s, backbone_messages(self.bb, s, sizes), self.sq_r, self.seed, int(self.epoch))
+
+    def _load(self, paths_per_row) -> tuple[list[list[Any]], list[list[tuple[int, int]]]]:
+        """Per row: the images as the processor gets them (padded to a square under
+        ``model.image_aspect: pad``) and their original (w, h), which the box text is mapped from."""
+        loaded = [[self.images(p) for p in paths] for paths in paths_per_row]
+        return [[prepare_image(self.bb, im) for im in ims] for ims in loaded], [
+            [im.size for im in ims] for ims in loaded
+        ]
 
     def _encode(self, texts: list[str], images: list[list[Any]], padding_side: str = "right"):
         flat = [im for ims in images for im in ims]
@@ -155,8 +139,8 @@ class SFTCollator:
         return batch, labels
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        msgs = [self.messages(s) for s in samples]
-        images = [[self.images(p) for p in s.images] for s in samples]
+        images, sizes = self._load([s.images for s in samples])
+        msgs = [self.messages(s, z) for s, z in zip(samples, sizes)]
         full = [self.bb.render(m) for m in msgs]
         batch = self._encode(full, images)
         labels = torch.full_like(batch["input_ids"], IGNORE)
@@ -193,10 +177,10 @@ class PromptCollator(SFTCollator):
     """Left-padded prompts for generation (evaluation and rollouts), with the Samples kept."""
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
-        images = [[self.images(p) for p in s.images] for s in samples]
+        images, sizes = self._load([s.images for s in samples])
         prompts = [
-            self.bb.render(backbone_messages(self.bb, s)[: len(s.prompt_messages)], add_generation_prompt=True)
-            for s in samples
+            self.bb.render(backbone_messages(self.bb, s, z)[: len(s.prompt_messages)], add_generation_prompt=True)
+            for s, z in zip(samples, sizes)
         ]
         batch = dict(self._encode(prompts, images, padding_side="left"))
         batch["samples"] = samples

@@ -51,16 +51,13 @@ class PreferenceCollator(SFTCollator):
         return messages, images
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
-        conversations, image_paths = [], []
-        for s in samples:  # chosen rows
-            conversations.append(backbone_messages(self.bb, s))
-            image_paths.append(s.images)
-        for s in samples:  # rejected rows, same order
-            messages, images = self._rejected_side(s)
-            rejected = Sample(id=s.id, images=images, messages=messages)
-            conversations.append(backbone_messages(self.bb, rejected))
-            image_paths.append(images)
-        images = [[self.images(p) for p in paths] for paths in image_paths]
+        image_paths = [s.images for s in samples] + [self._rejected_side(s)[1] for s in samples]
+        images, sizes = self._load(image_paths)
+        conversations = [backbone_messages(self.bb, s, z) for s, z in zip(samples, sizes)]  # chosen rows
+        for s, z in zip(samples, sizes[len(samples) :]):  # rejected rows, same order
+            messages, rj_images = self._rejected_side(s)
+            rejected = Sample(id=s.id, images=rj_images, messages=messages, box_images=list(s.box_images))
+            conversations.append(backbone_messages(self.bb, rejected, z))
 
         prompts, fulls = zip(*(_through_last_answer(m) for m in conversations))
         batch = self._encode([self.bb.render(m) for m in fulls], images)

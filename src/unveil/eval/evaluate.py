@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unveil.data.collate import PromptCollator
+from unveil.data.frames import answer_frame
 from unveil.data.schema import Sample
 from unveil.eval.metrics import GroupedMetrics
 from unveil.eval.parse import closed_correct, parse_answer
@@ -52,7 +53,8 @@ def _score(s: Sample, text: str, metrics: GroupedMetrics, group_by, backbone, vo
     groups = [(g, str(s.task if g == "task" else s.meta[g])) for g in group_by if g == "task" or g in s.meta]
     targets = [metrics.overall] + [metrics.of(g, v) for g, v in groups]
     if s.task == "localize":
-        pred = parse_answer(text, backbone.box_format, vocab, backbone.extra.get("model_image_size"))
+        # boxes back in the original image's frame (padding, resized pixels: unveil.data.frames)
+        pred = parse_answer(text, backbone.box_format, vocab, answer_frame(backbone, s))
         for m in targets:
             scores = m.update_study(pred, s.boxes, s.findings)
         rec.update(

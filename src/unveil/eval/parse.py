@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from unveil.data.frames import IDENTITY
+
 _NEGATIVE = re.compile(
     r"\b(no (abnormalit|lesion|finding|evidence|acute)|normal study|appears normal|unremarkable|within normal limits)",
     re.I,
@@ -56,10 +58,12 @@ def box_labels(text: str, spans, vocab: list[str]) -> list[str | None]:
     return [_first_finding(a, vocab) or _first_finding(g, vocab) for a, g in zip(after, gaps)]
 
 
-def parse_answer(text: str, box_format, vocab: list[str], image_size=None) -> Prediction:
+def parse_answer(text: str, box_format, vocab: list[str], frame=None) -> Prediction:
+    """Boxes (in the original image: ``frame`` maps them out of the model's, see
+    :mod:`unveil.data.frames`; None = the model sees the image as it is), labels and presence."""
     if not isinstance(text, str):
         text = ""
-    spans = box_format.parse_spans(text, image_size)
+    spans = (frame or IDENTITY).parse_spans(box_format, text)
     labels = box_labels(text, spans, vocab)
     low = text.lower()
     named = [f for f in vocab if f.lower() in low]

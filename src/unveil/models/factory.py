@@ -86,6 +86,7 @@ class Backbone:
         self.processor.save_pretrained(path)
         (path / "unveil_backbone.txt").write_text(
             f"box_format={self.box_format.name}\nstructured_chat={self.structured_chat}\n"
+            f"image_aspect={self.extra.get('image_aspect', 'native')}\n"
         )
 
 
@@ -127,14 +128,16 @@ def _saved_dir(init_from) -> Path | None:
     return p if (p / "config.json").exists() else None
 
 
+def _saved_meta(p: Path) -> dict:
+    """What a run saved beside its model (unveil_backbone.txt: box format, chat style, image aspect)."""
+    f = p / "unveil_backbone.txt"
+    return dict(l.split("=", 1) for l in f.read_text().split()) if f.exists() else {}
+
+
 def _load_saved(p: Path, cfg) -> Backbone:
     """A model saved by a run: weights and processor, box format and chat style from unveil_backbone.txt."""
     model, processor = _hf_load(str(p), cfg, _dtype(cfg.get("dtype")))
-    meta = (
-        dict(l.split("=", 1) for l in (p / "unveil_backbone.txt").read_text().split())
-        if (p / "unveil_backbone.txt").exists()
-        else {}
-    )
+    meta = _saved_meta(p)
     bb = Backbone(
         model,
         processor,
@@ -146,6 +149,8 @@ def _load_saved(p: Path, cfg) -> Backbone:
         )
         == "True",
     )
+    if meta.get("image_aspect"):  # as it was trained, unless model.image_aspect says otherwise
+        bb.extra["image_aspect"] = meta["image_aspect"]
     log.info("backbone initialised from %s", p)
     return bb
 
@@ -195,12 +200,14 @@ def hf(cfg, corpus: list[str] | None = None, cache_dir: str | Path | None = None
     if not cfg.get("name_or_path"):
         raise ValueError("model=hf needs model.name_or_path=<hub id or local dir>")
     model, processor = _hf_load(str(cfg.name_or_path), cfg, _dtype(cfg.get("dtype")))
+    saved = _saved_meta(Path(str(cfg.name_or_path)))  # a run's backbone/ dir: the image aspect it trained with
     return Backbone(
         model,
         processor,
         get_box_format(cfg.box_format),
         name=str(cfg.name_or_path),
         structured_chat=bool(cfg.get("structured_chat", True)),
+        extra={"image_aspect": saved["image_aspect"]} if saved.get("image_aspect") else {},
     )
 
 
@@ -270,8 +277,9 @@ def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
 
     if type(bb.processor).__name__ in _NESTED_IMAGES:  # they group images per prompt only when nested
         bb.extra.setdefault("nest_images", True)
-    extra = cfg.get("extra") or {}  # e.g. model_image_size of Qwen2.5-VL absolute boxes
+    extra = cfg.get("extra") or {}
     bb.extra.update(extra if isinstance(extra, dict) else OmegaConf.to_container(extra, resolve=True))
+    _set_image_aspect(bb, cfg)
     lora = None
     if peft_cfg and peft_cfg.get("_target_"):  # conf/peft/lora.yaml: peft.LoraConfig
         from unveil.utils.plug import as_dict, instantiate
@@ -289,6 +297,22 @@ def _finish(bb: Backbone, cfg, peft_cfg=None) -> Backbone:
     if cfg.get("gradient_checkpointing", False):
         bb.base_model.gradient_checkpointing_enable()
     return bb
+
+
+def _set_image_aspect(bb: Backbone, cfg) -> None:
+    """``model.image_aspect`` into ``Backbone.extra`` (unveil.data.frames reads it there).
+
+    ``pad`` (LLaVA's ``image_aspect_ratio: pad``) squares each image before the processor; the
+    tiny LLaVA's vision warm-up feeds its processor directly, so it keeps ``native`` (its processor
+    resizes the whole image, which normalised boxes survive)."""
+    from unveil.data.frames import ASPECTS
+
+    aspect = str(cfg.get("image_aspect") or bb.extra.get("image_aspect") or "native")
+    if aspect not in ASPECTS:
+        raise ValueError(f"model.image_aspect={aspect!r}; expected one of {', '.join(ASPECTS)}")
+    if aspect == "pad" and str(cfg.get("_target_", "")).endswith(".tiny_llava"):
+        raise ValueError("model.image_aspect=pad is not supported by model=tiny_llava (its warm-up reads raw images)")
+    bb.extra["image_aspect"] = aspect
 
 
 def load_lightning_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:

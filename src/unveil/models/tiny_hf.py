@@ -22,9 +22,9 @@ LLaVA-Med v1.5 and Mantis-LLaVA are ``llava15`` with another chat template (see
 
 Deviations from the real checkpoints, all deliberate and small: the Idefics3 tokenizer's
 ``eos_token`` is ``<end_of_utterance>`` (the real one stops on it through generation_config),
-and images are square and small (Qwen: ``min_pixels = max_pixels = image_size**2``, so every
-square image becomes ``image_size x image_size`` pixels and Qwen2.5-VL's absolute boxes live
-on that grid: ``Backbone.extra["model_image_size"]``).
+and images are small (Qwen: ``min_pixels = max_pixels = image_size**2``, so a square image
+becomes ``image_size x image_size`` pixels and any other its own ``smart_resize`` size, on which
+Qwen2.5-VL's absolute boxes are written: :mod:`unveil.data.frames`).
 """
 
 from __future__ import annotations
@@ -391,8 +391,7 @@ def _build_qwen25_vl(tok, s: TinyHFSpec):
     config = Qwen2_5_VLConfig(
         text_config=_qwen_text(tok, s, Qwen2_5_VLTextConfig), vision_config=vision, **_qwen_ids(tok)
     )
-    extra = {"model_image_size": (s.image_size, s.image_size)}
-    return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tok, s, Qwen2_5_VLProcessor), extra
+    return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tok, s, Qwen2_5_VLProcessor), {}
 
 
 def _idefics_parts(tok, s: TinyHFSpec, vision_cls, config_cls, scale_factor: int = 2):

@@ -56,13 +56,13 @@ def per_sample(name: str, fn: Callable[[int], float], n: int) -> torch.Tensor:
     return out
 
 
-def image_size_for(backbone) -> tuple[int, int] | None:
-    """The image size a BoxFormat that works in pixels needs (Qwen2.5-VL absolute boxes)."""
-    if backbone is None:
+def frame_for_sample(backbone, sample):
+    """The frame a completion about ``sample`` is parsed in (unveil.data.frames); None = identity."""
+    if backbone is None or not getattr(sample, "images", None):
         return None
-    extra = getattr(backbone, "extra", None) or {}
-    size = extra.get("model_image_size")
-    return tuple(size) if size is not None else None
+    from unveil.data.frames import answer_frame
+
+    return answer_frame(backbone, sample)
 
 
 def box_format_of(backbone, fallback: str = "int100"):

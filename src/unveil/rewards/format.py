@@ -26,7 +26,8 @@ from typing import ClassVar
 
 import torch
 
-from unveil.rewards._common import applies, box_format_of, image_size_for, per_sample, task_set
+from unveil.data.frames import IDENTITY
+from unveil.rewards._common import applies, box_format_of, frame_for_sample, per_sample, task_set
 from unveil.rewards.base import RewardHead, Rollout
 
 BOX = "<box>"
@@ -76,9 +77,9 @@ class FormatReward(RewardHead):
             )
         return self._compiled[key]
 
-    def score(self, text: str, box_format, vocab: list[str], image_size=None) -> float:
+    def score(self, text: str, box_format, vocab: list[str], frame=None) -> float:
         text = text if isinstance(text, str) else ""
-        spans = box_format.parse_spans(text, image_size)
+        spans = (frame or IDENTITY).parse_spans(box_format, text)
         parts, last = [], 0
         for sp in spans:  # a literal "<box>" the model wrote itself is not a box
             parts += [text[last : sp.start].replace(BOX, "<_box>"), BOX]
@@ -99,12 +100,11 @@ class FormatReward(RewardHead):
 
     def __call__(self, batch: Rollout) -> torch.Tensor:
         fmt = box_format_of(self.backbone)
-        size = image_size_for(self.backbone)
         vocab = sorted(set(self.vocab or []) | {f for s in batch.samples for f in s.findings})
 
         def one(i: int) -> float:
             if not applies(self.tasks, batch.samples[i].task):
                 return float("nan")
-            return self.score(batch.texts[i], fmt, vocab, size)
+            return self.score(batch.texts[i], fmt, vocab, frame_for_sample(self.backbone, batch.samples[i]))
 
         return per_sample(self.name, one, len(batch))

@@ -27,7 +27,7 @@ import torch
 
 from unveil.data.boxes import match_boxes
 from unveil.eval.parse import parse_answer
-from unveil.rewards._common import applies, box_format_of, image_size_for, per_sample, task_set
+from unveil.rewards._common import applies, box_format_of, frame_for_sample, per_sample, task_set
 from unveil.rewards.base import RewardHead, Rollout
 
 DEFAULT_NORMAL_REGEX = (
@@ -60,10 +60,11 @@ class LocalizationReward(RewardHead):
         self.normal_re = re.compile(normal_regex, re.I)
         self.tasks = task_set(tasks)
 
-    def score(self, text: str, gt_boxes, gt_findings, box_format, vocab, image_size=None) -> float:
-        """Score one completion against one study's ground truth (see the module docstring)."""
+    def score(self, text: str, gt_boxes, gt_findings, box_format, vocab, frame=None) -> float:
+        """Score one completion against one study's ground truth (see the module docstring);
+        ``frame`` maps the completion's boxes back to the original image."""
         text = text if isinstance(text, str) else ""
-        pred = parse_answer(text, box_format, list(vocab or []), image_size)
+        pred = parse_answer(text, box_format, list(vocab or []), frame)
         gt = [list(map(float, b)) for b in (gt_boxes or [])]
         if not gt:
             if pred.boxes:
@@ -86,13 +87,12 @@ class LocalizationReward(RewardHead):
 
     def __call__(self, batch: Rollout) -> torch.Tensor:
         fmt = box_format_of(self.backbone)
-        size = image_size_for(self.backbone)
         vocab = sorted(set(self.vocab or []) | {f for s in batch.samples for f in s.findings})
 
         def one(i: int) -> float:
             s = batch.samples[i]
             if not applies(self.tasks, s.task):
                 return float("nan")
-            return self.score(batch.texts[i], s.boxes, s.findings, fmt, vocab, size)
+            return self.score(batch.texts[i], s.boxes, s.findings, fmt, vocab, frame_for_sample(self.backbone, s))
 
         return per_sample(self.name, one, len(batch))

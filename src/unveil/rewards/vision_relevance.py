@@ -38,10 +38,13 @@ yields) is shared through ``batch.cache`` so two heads never both run it.
 log-probability of the completion given the real image minus given the image with the
 ground-truth region filled with grey, ``1/T sum_t log p(y_t | y_<t, x) - log p(y_t | y_<t, x_masked)``,
 both passes under ``torch.no_grad``. Positive when the answer depends on the lesion pixels.
-The mask is applied to ``pixel_values`` of shape ``[images, C, H, W]``, which assumes the
-processor resizes the whole image (SigLIP/LLaVA, the tiny model) so that normalised boxes map
-straight onto it; center-cropping processors shift the region, and flattened-patch processors
-(Qwen2-VL) are not supported (NaN).
+The mask is applied to ``pixel_values`` of shape ``[images, C, H, W]``, with the boxes mapped into
+the image as the processor got it (padded to a square under ``model.image_aspect: pad``,
+:mod:`unveil.data.frames`), which assumes the processor then resizes that whole image (SigLIP/LLaVA,
+the tiny model, CLIP on a square); flattened-patch processors (Qwen2-VL) are not supported (NaN).
+
+Both heads map the ground-truth boxes into the model's frame the same way, so the patch mask of a
+non-square image under ``pad`` is the box's patches in the padded square.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from typing import ClassVar
 
 import torch
 
+from unveil.data.frames import sample_frames
 from unveil.models.inputs import model_inputs, select_inputs
 from unveil.models.policy import completion_logprobs, eval_mode, key_mass, row_chunks, unwrap
 from unveil.rewards._common import applies, task_set, warn_once
@@ -211,8 +215,10 @@ def box_key_weights(backbone, batch: Rollout) -> tuple[torch.Tensor, list[bool]]
             ok.append(False)
             continue
         bimg = list(s.box_images) if s.box_images else [0] * len(s.boxes)
+        frames = sample_frames(backbone, s.images) if s.images else []
         for k, (pos, gh, gw) in enumerate(lay):
-            boxes = [b for b, bi in zip(s.boxes, bimg) if bi == k]
+            # the patch grid covers the image as the model sees it (padded to a square, say)
+            boxes = [frames[k].to_model(b) if k < len(frames) else b for b, bi in zip(s.boxes, bimg) if bi == k]
             if boxes:
                 w[r, pos[patch_mask(boxes, gh, gw)]] = 1.0
         ok.append(bool(w[r].any()))
@@ -388,8 +394,9 @@ def grey_value(processor, dtype=torch.float32, fill: float = 0.5) -> torch.Tenso
     return ((torch.tensor([fill] * len(mean)) - torch.tensor(mean)) / torch.tensor(std)).to(dtype)
 
 
-def mask_pixel_values(pixel_values: torch.Tensor, samples, value: torch.Tensor) -> torch.Tensor | None:
-    """Copy of ``[images, C, H, W]`` pixel values with the GT boxes of each sample filled; None if unsupported."""
+def mask_pixel_values(pixel_values: torch.Tensor, samples, value: torch.Tensor, backbone=None) -> torch.Tensor | None:
+    """Copy of ``[images, C, H, W]`` pixel values with the GT boxes of each sample filled; None if unsupported.
+    With ``backbone`` the boxes are mapped into the image as its processor got it (padding)."""
     if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
         return None
     counts = [len(s.images or []) for s in samples]
@@ -402,10 +409,11 @@ def mask_pixel_values(pixel_values: torch.Tensor, samples, value: torch.Tensor) 
     start = 0
     for s, k in zip(samples, counts):
         bimg = list(s.box_images) if s.box_images else [0] * len(s.boxes)
+        frames = sample_frames(backbone, s.images) if backbone is not None and s.images else []
         for b, bi in zip(s.boxes, bimg):
             if not 0 <= bi < k:
                 continue
-            x1, y1, x2, y2 = (float(v) for v in b)
+            x1, y1, x2, y2 = frames[bi].to_model(b) if bi < len(frames) else (float(v) for v in b)
             c1, c2 = max(0, math.floor(x1 * w)), min(w, max(math.ceil(x2 * w), math.floor(x1 * w) + 1))
             r1, r2 = max(0, math.floor(y1 * h)), min(h, max(math.ceil(y2 * h), math.floor(y1 * h) + 1))
             pv[start + bi, :, r1:r2, c1:c2] = val[:, None, None]
@@ -441,7 +449,8 @@ class VisionCounterfactualReward(RewardHead):
             key = f"counterfactual_logps@{self.fill:g}"
             if key not in batch.cache:
                 pv = batch.inputs["pixel_values"]
-                masked = mask_pixel_values(pv, batch.samples, grey_value(self.backbone.processor, fill=self.fill))
+                grey = grey_value(self.backbone.processor, fill=self.fill)
+                masked = mask_pixel_values(pv, batch.samples, grey, self.backbone)
                 if masked is None:
                     warn_once(
                         "vision_counterfactual:layout",
