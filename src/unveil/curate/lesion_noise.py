@@ -4,16 +4,16 @@ The pair keeps the ground-truth text on both sides (``rejected.answer`` = the sa
 only the image differs: ``rejected.images`` is a copy whose lesion region is destroyed, so
 the preference teaches the model to ground its answer in the lesion rather than in priors.
 
-Lesion mask (``mode=local``), per image:
-1. a map: 1 inside the image's ground-truth boxes (or a heat map when the record names one
-   in ``heatmap``: a path, or one path per image, to a ``.npy`` array or a grayscale image);
-2. Gaussian blur with sigma = ``blur_sigma`` x the image side;
-3. threshold at mean - std of the blurred map over its support (pixels where it exceeds
-   ``support_eps`` x its maximum, default 5%: over the whole image a small box gives a
-   negative threshold and selects everything, and with a tiny eps the threshold falls on the
-   support's edge for small boxes). The result is the box, rounded at the corners and grown
-   by one to two sigma (a 12-px box at sigma 2.6 px: 3 px). A dense heat map's support is
-   nearly the whole image, so for it this is the plain mean - std.
+Lesion region (``mode=local``), per image, from a localiser (:mod:`unveil.curate.localisers`,
+``localiser``): by default (``auto``) the record's ground-truth boxes when it has them, else the
+heat map file it names (``heatmap``), else the policy VLM's own attention from its answer tokens
+to the image patches, so box-free VQA records (VQA-RAD, SLAKE, IU-Xray) get visual pairs too. A
+heat map is cut as MMedPO's released code does (15 x 15 Gaussian blur, ``> mean - std`` over the
+whole image); a box map by blurring it (``blur_sigma`` x the side) and thresholding at mean - std
+over the blurred box's support (``support_eps``), which gives the box, rounded and grown by one to
+two sigma. A ``localize`` record without boxes is a normal study by its own label: skipped.
+The localiser's confidence (see localisers) is written as ``curate_localiser_confidence``; the
+relevance-weight builder uses it as the visual pair's weight.
 ``mode=global`` noises the whole image (the ablation).
 
 Noise (image scaled to [-1, 1], eps ~ N(0, 1), only inside the mask):
@@ -36,6 +36,14 @@ import numpy as np
 from PIL import Image
 
 from unveil.curate.common import BaseBuilder, Context, Outcome, rng_for, stable_int, with_rejected
+from unveil.curate.localisers import (
+    Localisation,
+    box_map,
+    heat_confidence,
+    make_localiser,
+    official_region,
+    support_region,
+)
 from unveil.data.images import load_image
 from unveil.data.schema import Sample
 
@@ -50,32 +58,6 @@ def alpha_bar(step: int, num_steps: int = 1000, beta_start: float = 1e-4, beta_e
     return float(np.prod(1.0 - betas[:step]))
 
 
-def box_map(shape: tuple[int, int], boxes) -> np.ndarray:
-    """1 inside the (normalised xyxy) boxes, 0 elsewhere; every box covers at least one pixel."""
-    h, w = shape
-    m = np.zeros((h, w), np.float32)
-    for b in boxes:
-        x1, x2 = int(np.floor(b[0] * w)), int(np.ceil(b[2] * w))
-        y1, y2 = int(np.floor(b[1] * h)), int(np.ceil(b[3] * h))
-        m[max(y1, 0) : max(min(y2, h), y1 + 1), max(x1, 0) : max(min(x2, w), x1 + 1)] = 1.0
-    return m
-
-
-def load_heatmap(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """A heat map as floats in [0, 1] at the image's (h, w)."""
-    path = Path(path)
-    arr = (
-        np.load(path).astype(np.float32)
-        if path.suffix == ".npy"
-        else np.asarray(Image.open(path).convert("F"), np.float32)
-    )
-    arr = np.nan_to_num(np.squeeze(arr))
-    if arr.shape != shape:
-        arr = np.asarray(Image.fromarray(arr).resize((shape[1], shape[0]), Image.BILINEAR), np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
-    return (arr - lo) / (hi - lo) if hi > lo else np.zeros(shape, np.float32)
-
-
 def lesion_mask(
     shape: tuple[int, int],
     boxes=(),
@@ -83,18 +65,10 @@ def lesion_mask(
     blur_sigma: float = 0.02,
     support_eps: float = 0.05,
 ) -> np.ndarray:
-    """Boolean lesion mask: box (or heat) map -> Gaussian blur -> threshold at mean - std."""
-    from scipy.ndimage import gaussian_filter
-
-    m0 = heatmap.astype(np.float32) if heatmap is not None else box_map(shape, boxes)
-    if m0.max() <= 0:
-        return np.zeros(shape, bool)
-    sigma = float(blur_sigma) * max(shape)
-    m1 = gaussian_filter(m0, sigma=sigma) if sigma > 0 else m0
-    support = m1 > support_eps * m1.max()
-    vals = m1[support]
-    thr = vals.mean() - vals.std()
-    return support & (m1 >= thr)
+    """Boolean lesion mask of boxes (the support rule) or of a heat map (MMedPO's official cut)."""
+    if heatmap is not None:
+        return official_region(heatmap) if heatmap.max() > heatmap.min() else np.zeros(shape, bool)
+    return support_region(box_map(shape, boxes), blur_sigma, support_eps)
 
 
 def noise_image(
@@ -151,9 +125,14 @@ class LesionNoiseBuilder(BaseBuilder):
         blur_sigma: float = 0.02,
         support_eps: float = 0.05,
         heatmap_field: str = "heatmap",
+        localiser=None,
+        batch_size: int = 8,
         image_dir: str = "noised",
         id_suffix: str = "-vis",
     ):
+        """``localiser``: ``{kind: auto | boxes | heatmap | attention, ...}`` (default auto; see
+        :func:`unveil.curate.localisers.make_localiser`); ``heatmap_field`` names the record field of
+        the heat-map localiser. ``batch_size``: records localised at once (one model pass for attention)."""
         super().__init__()
         if mode not in ("local", "global"):
             raise ValueError(f"builder.mode must be 'local' or 'global', got {mode!r}")
@@ -163,68 +142,91 @@ class LesionNoiseBuilder(BaseBuilder):
         self.mode, self.noise, self.step, self.num_steps = mode, noise, int(step), int(num_steps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         self.blur_sigma, self.support_eps = float(blur_sigma), float(support_eps)
-        self.heatmap_field, self.image_dir, self.id_suffix = heatmap_field, image_dir, id_suffix
+        spec = dict(localiser) if isinstance(localiser, dict) or hasattr(localiser, "keys") else localiser
+        if isinstance(spec, dict) and spec.get("kind", "auto") in ("auto", "heatmap"):
+            spec.setdefault("field", heatmap_field)
+        self.localiser = make_localiser(spec if spec is not None else {"kind": "auto", "field": heatmap_field})
+        self.batch_size, self.image_dir, self.id_suffix = max(1, int(batch_size)), image_dir, id_suffix
         self._written: set[str] = set()
 
-    def _heatmaps(self, s: Sample, ctx: Context) -> list[str | None]:
-        hm = s.meta.get(self.heatmap_field)
-        if hm is None:
-            return [None] * len(s.images)
-        hms = hm if isinstance(hm, list) else [hm] + [None] * (len(s.images) - 1)
-        root = ctx.input_root or Path(".")
-        return [str((root / h).resolve()) if isinstance(h, str) else None for h in hms]
+    def region(self, loc: Localisation | None, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """(boolean region, the localiser's confidence) of one image."""
+        if loc is None:
+            return np.zeros(shape, bool), float("nan")
+        if loc.rule == "support":
+            return support_region(loc.heat, self.blur_sigma, self.support_eps), loc.confidence
+        region = official_region(loc.heat) if loc.heat.max() > loc.heat.min() else np.zeros(shape, bool)
+        conf = loc.confidence if np.isfinite(loc.confidence) else heat_confidence(loc.heat, region)
+        return region, conf
 
-    def masks(self, s: Sample, ctx: Context, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    def masks(self, samples: list[Sample], ctx: Context, shapes) -> list[tuple[list[np.ndarray], float]]:
+        """Per sample: one region per image and the localiser's confidence (mean over its images)."""
         if self.mode == "global":
-            return [np.ones(sh, bool) for sh in shapes]
-        out = []
-        for k, (sh, hm) in enumerate(zip(shapes, self._heatmaps(s, ctx))):
-            boxes = [b for b, i in zip(s.boxes, s.box_images) if i == k]
-            heat = load_heatmap(hm, sh) if hm else None
-            out.append(lesion_mask(sh, boxes, heat, self.blur_sigma, self.support_eps))
+            return [([np.ones(sh, bool) for sh in shs], float("nan")) for shs in shapes]
+        normal = [s.task == "localize" and not s.boxes for s in samples]  # a normal study by its own label
+        todo = [i for i, n in enumerate(normal) if not n]
+        locs = self.localiser([samples[i] for i in todo], [shapes[i] for i in todo], ctx) if todo else []
+        out = [([np.zeros(sh, bool) for sh in shs], float("nan")) for shs in shapes]
+        for i, per in zip(todo, locs):
+            got = [self.region(loc, sh) for loc, sh in zip(per, shapes[i])]
+            confs = [c for m, c in got if m.any() and np.isfinite(c)]
+            out[i] = ([m for m, _ in got], float(np.mean(confs)) if confs else float("nan"))
         return out
 
     def run(self, samples: list[Sample], ctx: Context) -> Iterator[Outcome]:
-        for s in samples:
-            ctx.advance(1)
-            if not s.images:
-                yield Outcome(skipped="no_image")
+        for lo in range(0, len(samples), self.batch_size):
+            chunk = samples[lo : lo + self.batch_size]
+            ctx.advance(len(chunk))
+            with_images = [s for s in chunk if s.images]
+            yield from (Outcome(skipped="no_image") for s in chunk if not s.images)
+            imgs = [[read_image(p) for p in s.images] for s in with_images]
+            regions = self.masks(with_images, ctx, [[im.shape[:2] for im in ims] for ims in imgs])
+            for s, ims, (masks, conf) in zip(with_images, imgs, regions):
+                yield self._pair(s, ims, masks, conf, ctx)
+
+    def _pair(self, s: Sample, imgs, masks, conf: float, ctx: Context) -> Outcome:
+        if not any(m.any() for m in masks):
+            return Outcome(skipped="no_lesion_region")  # a normal study has nothing to noise locally
+        rejected, fractions = [], []
+        for path, img, mask in zip(s.images, imgs, masks):
+            if not mask.any():
+                rejected.append(path)  # an image without a lesion stays as it is
                 continue
-            imgs = [read_image(p) for p in s.images]
-            masks = self.masks(s, ctx, [im.shape[:2] for im in imgs])
-            if not any(m.any() for m in masks):
-                yield Outcome(skipped="no_lesion_region")  # a normal study has nothing to noise locally
-                continue
-            rejected, fractions = [], []
-            for path, img, mask in zip(s.images, imgs, masks):
-                if not mask.any():
-                    rejected.append(path)  # an image without a lesion stays as it is
-                    continue
-                # Records of the same study (several questions, one image) share one noised copy:
-                # the noise depends on the seed, the image and its mask, not on the record.
-                rel = ctx.images.rel(path)
-                key = stable_int(rel, np.packbits(mask).tobytes().hex(), self.noise, self.step)
-                dst = ctx.images.new(f"{self.image_dir}/{_safe(Path(rel).with_suffix('').as_posix())}_{key:08x}.png")
-                if str(dst) not in self._written:
-                    rng = rng_for(ctx.seed, "lesion_noise", rel, key)
-                    noised = noise_image(
-                        img, mask, rng, self.noise, self.step, self.num_steps, self.beta_start, self.beta_end
-                    )
-                    Image.fromarray(noised).save(dst)
-                    self._written.add(str(dst))
-                rejected.append(str(dst))
-                fractions.append(float(mask.mean()))
-            self.stats[f"mode/{self.mode}"] += 1
-            yield Outcome(
-                with_rejected(
-                    s,
-                    images=rejected,
-                    suffix=self.id_suffix,
-                    curate_builder=self.name,
-                    curate_noise={"mode": self.mode, "noise": self.noise, "step": self.step},
-                    curate_mask_fraction=float(np.mean(fractions)),
+            # Records of the same study (several questions, one image) share one noised copy:
+            # the noise depends on the seed, the image and its mask, not on the record.
+            rel = ctx.images.rel(path)
+            key = stable_int(rel, np.packbits(mask).tobytes().hex(), self.noise, self.step)
+            dst = ctx.images.new(f"{self.image_dir}/{_safe(Path(rel).with_suffix('').as_posix())}_{key:08x}.png")
+            if str(dst) not in self._written:
+                rng = rng_for(ctx.seed, "lesion_noise", rel, key)
+                noised = noise_image(
+                    img, mask, rng, self.noise, self.step, self.num_steps, self.beta_start, self.beta_end
                 )
+                Image.fromarray(noised).save(dst)
+                self._written.add(str(dst))
+            rejected.append(str(dst))
+            fractions.append(float(mask.mean()))
+        self.stats[f"mode/{self.mode}"] += 1
+        kind = "global" if self.mode == "global" else _kind(self.localiser, s)
+        self.stats[f"localiser/{kind}"] += 1
+        return Outcome(
+            with_rejected(
+                s,
+                images=rejected,
+                suffix=self.id_suffix,
+                curate_builder=self.name,
+                curate_noise={"mode": self.mode, "noise": self.noise, "step": self.step},
+                curate_mask_fraction=float(np.mean(fractions)),
+                curate_localiser=kind,
+                curate_localiser_confidence=conf if np.isfinite(conf) else None,
             )
+        )
+
+
+def _kind(localiser, s: Sample) -> str:
+    if localiser.name != "auto":
+        return localiser.name
+    return "boxes" if s.boxes else "heatmap" if s.meta.get(localiser.heatmap.field) is not None else "attention"
 
 
 def _safe(name: str) -> str:

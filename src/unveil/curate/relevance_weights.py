@@ -12,10 +12,13 @@ agree within ``tolerance``; the weight is then the mean of those two. After ``ma
 (at most 5) without agreement it is the mean of all scores. A round whose judge fails (NaN)
 counts as a round but adds no score; with no score at all the pair gets ``on_failure``.
 
-Visual pairs (rejected images differ): ``scorer(sample) -> float in [0, 1]`` (NaN when it
-cannot tell), a pluggable callable (``_target_`` in the config), standing in for MMedPO's
-visual tool and its disease probability. The default :class:`LesionContrastScorer` is an
-offline, training-free proxy; see its docstring for what it measures. A pair that differs
+Visual pairs (rejected images differ): the localiser's own confidence when the lesion-noise
+builder recorded one (``confidence_field``, ``curate_localiser_confidence``: a heat map's disease
+probability, or how concentrated the policy's attention is in the noised region), as MMedPO
+weights a visual pair by its localiser's disease probability; otherwise
+``scorer(sample) -> float in [0, 1]`` (NaN when it cannot tell), a pluggable callable
+(``_target_`` in the config). The default :class:`LesionContrastScorer` is an offline,
+training-free proxy for ground-truth-box pairs; see its docstring for what it measures. A pair that differs
 in both text and image gets the product of the two.
 """
 
@@ -137,8 +140,10 @@ class RelevanceWeightBuilder(BaseBuilder):
         scorer: Callable[[Sample], float] | None = None,
         on_failure: float = 1.0,
         keep_unpaired: bool = False,
+        confidence_field: str | None = "curate_localiser_confidence",
     ):
         super().__init__()
+        self.confidence_field = confidence_field
         self.judge_cfgs = list(judges or [None])
         if not self.judge_cfgs:
             raise ValueError("builder.judges: give at least one judge config")
@@ -168,6 +173,14 @@ class RelevanceWeightBuilder(BaseBuilder):
         fns = [lambda j=j: j.score_batch([item])[0] for j in self.judges()]
         return agreement_score(fns, self.tolerance, self.max_rounds)
 
+    def visual_weight(self, s: Sample) -> tuple[float, str]:
+        """(weight, where it came from): the localiser's confidence if the pair carries one, else the scorer."""
+        conf = s.meta.get(self.confidence_field) if self.confidence_field else None
+        if isinstance(conf, (int, float)) and math.isfinite(conf):
+            self.stats["visual/from_localiser"] += 1
+            return float(conf), "localiser"
+        return float(self.scorer(s)), "scorer"
+
     def run(self, samples: list[Sample], ctx: Context) -> Iterator[Outcome]:
         for s in samples:
             ctx.advance(1)
@@ -190,8 +203,8 @@ class RelevanceWeightBuilder(BaseBuilder):
                     tw = self.on_failure
                 w *= tw
             if visual_pair:
-                vw = float(self.scorer(s))
-                meta["weight_visual"] = vw if math.isfinite(vw) else None
+                vw, source = self.visual_weight(s)
+                meta.update(weight_visual=vw if math.isfinite(vw) else None, weight_visual_source=source)
                 if not math.isfinite(vw):
                     self.stats["visual/scorer_failed"] += 1
                     vw = self.on_failure

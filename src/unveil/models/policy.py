@@ -371,7 +371,8 @@ class KeyMassCapture:
     """Collects, per layer, the softmax mass of the last ``rows`` queries on the weighted keys."""
 
     def __init__(self, weights: torch.Tensor):
-        self.weights = weights  # [B, L_total] key weights (1 on the keys whose mass is wanted)
+        # [B, L_total] key weights (1 on the keys whose mass is wanted), or [B, L_total, K]: K masses
+        self.weights = weights
         self.rows, self.current, self.shared = 0, None, False
         self.passes: list[dict[int, torch.Tensor]] = []
 
@@ -394,7 +395,10 @@ class KeyMassCapture:
         else:
             s = s + mask[:, :, -r:, :lk].float()
         w = self.current[:, :lk].to(device=s.device, dtype=torch.float32)
-        self.passes[-1][module.layer_idx] = (torch.softmax(s, -1) * w[:, None, None, :]).sum(-1).cpu()
+        p = torch.softmax(s, -1)
+        # [b, h, r]: mass on the weighted keys; with K weight columns [b, h, r, K] (e.g. one per patch)
+        mass = (p * w[:, None, None, :]).sum(-1) if w.dim() == 2 else p @ w[:, None]
+        self.passes[-1][module.layer_idx] = mass.cpu()
 
 
 def _mass_attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -444,6 +448,8 @@ def key_mass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([layers, N, heads, T + 1], [N, T])``: the mass that queries ``P-1 .. P+T-1`` put on the
     keys weighted by ``key_weights`` ``[N, P + T]``, and the completion tokens' log-probs (same pass).
+    ``key_weights`` ``[N, P + T, K]`` gives K masses per query, ``[layers, N, heads, T + 1, K]``
+    (one-hot columns: the attention on each of K keys, e.g. an image's patches, for a localiser).
 
     With ``group``, the prompt columns of ``key_weights`` must agree within a group (they mark the
     prompt's keys, e.g. its image patches inside the lesion box): row ``P-1`` is computed once per prompt."""
