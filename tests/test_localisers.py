@@ -168,7 +168,9 @@ def grey(path):
     return Image.open(path).convert("L")
 
 
-def noised_region_iou(run_dir: Path, data: Path, gt: dict[str, list], tmp: Path, **localiser) -> list[float]:
+def noised_region_iou(
+    run_dir: Path, data: Path, gt: dict[str, list], tmp: Path, heat_k_std: float = -1.0, **localiser
+) -> list[float]:
     """IoU of the attention localiser's noised region with the union of the record's GT boxes."""
     from hydra import compose, initialize_config_dir
 
@@ -178,7 +180,7 @@ def noised_region_iou(run_dir: Path, data: Path, gt: dict[str, list], tmp: Path,
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("curate", overrides=[f"model.init_from={run_dir}"])
     ctx = Context(out_dir=tmp, images=ImageStore(tmp, data), input_root=data, model_cfg=cfg.model, device="cpu")
-    builder = LesionNoiseBuilder(localiser={"kind": "attention", **localiser})
+    builder = LesionNoiseBuilder(localiser={"kind": "attention", **localiser}, heat_k_std=heat_k_std)
     samples = mau_jsonl.read(data / "test.jsonl", root=data)
     shapes = [[read_image(p).shape[:2] for p in s.images] for s in samples]
     ious = []

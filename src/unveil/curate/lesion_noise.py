@@ -126,13 +126,15 @@ class LesionNoiseBuilder(BaseBuilder):
         support_eps: float = 0.05,
         heatmap_field: str = "heatmap",
         localiser=None,
+        heat_k_std: float = -1.0,
         batch_size: int = 8,
         image_dir: str = "noised",
         id_suffix: str = "-vis",
     ):
         """``localiser``: ``{kind: auto | boxes | heatmap | attention, ...}`` (default auto; see
         :func:`unveil.curate.localisers.make_localiser`); ``heatmap_field`` names the record field of
-        the heat-map localiser. ``batch_size``: records localised at once (one model pass for attention)."""
+        the heat-map localiser. ``heat_k_std``: a heat map's region is ``blur > mean + heat_k_std * std``
+        (-1: MMedPO's code). ``batch_size``: records localised at once (one model pass for attention)."""
         super().__init__()
         if mode not in ("local", "global"):
             raise ValueError(f"builder.mode must be 'local' or 'global', got {mode!r}")
@@ -141,7 +143,7 @@ class LesionNoiseBuilder(BaseBuilder):
         alpha_bar(step, num_steps, beta_start, beta_end)  # validates the step
         self.mode, self.noise, self.step, self.num_steps = mode, noise, int(step), int(num_steps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
-        self.blur_sigma, self.support_eps = float(blur_sigma), float(support_eps)
+        self.blur_sigma, self.support_eps, self.heat_k_std = float(blur_sigma), float(support_eps), float(heat_k_std)
         spec = dict(localiser) if isinstance(localiser, dict) or hasattr(localiser, "keys") else localiser
         if isinstance(spec, dict) and spec.get("kind", "auto") in ("auto", "heatmap"):
             spec.setdefault("field", heatmap_field)
@@ -155,7 +157,8 @@ class LesionNoiseBuilder(BaseBuilder):
             return np.zeros(shape, bool), float("nan")
         if loc.rule == "support":
             return support_region(loc.heat, self.blur_sigma, self.support_eps), loc.confidence
-        region = official_region(loc.heat) if loc.heat.max() > loc.heat.min() else np.zeros(shape, bool)
+        flat = loc.heat.max() <= loc.heat.min()
+        region = np.zeros(shape, bool) if flat else official_region(loc.heat, self.heat_k_std)
         conf = loc.confidence if np.isfinite(loc.confidence) else heat_confidence(loc.heat, region)
         return region, conf
 

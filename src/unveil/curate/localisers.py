@@ -80,12 +80,13 @@ def load_heatmap(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros(shape, np.float32)
 
 
-def official_region(heat: np.ndarray) -> np.ndarray:
-    """MMedPO's released cut: ``GaussianBlur(heat, (15, 15), 0) > mean - std`` over the whole image."""
+def official_region(heat: np.ndarray, k_std: float = -1.0) -> np.ndarray:
+    """MMedPO's released cut: ``GaussianBlur(heat, (15, 15), 0) > mean + k_std * std`` over the whole
+    image, ``k_std = -1`` (its code keeps ``mean + std``, ``k_std = 1``, as a commented-out alternative)."""
     from scipy.ndimage import gaussian_filter
 
     m = gaussian_filter(heat.astype(np.float32), sigma=2.6, truncate=7 / 2.6, mode="mirror")
-    return m > m.mean() - m.std()
+    return m > m.mean() + float(k_std) * m.std()
 
 
 def support_region(heat: np.ndarray, blur_sigma: float = 0.02, support_eps: float = 0.05) -> np.ndarray:
