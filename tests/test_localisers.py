@@ -188,3 +188,39 @@ def noised_region_iou(
         region, lesion = masks[0], box_map(sh[0], gt[s.id]) > 0
         ious.append(float((region & lesion).sum() / max(1, (region | lesion).sum())))
     return ious
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 19 item 3's bar (mean IoU >= 0.3) is not met: the tiny LLaVA does not look at the lesion's "
+    "patches from its answer tokens (its detector pool and slot tokens carry the lesion to every image token); "
+    "measured with the default recipe's SFT (test IoU 0.718): mean IoU 0.031 over 100 studies, heat inside the "
+    "box / mean heat 1.007, the official cut keeps 83% of the image; a whole-image region scores 0.033",
+)
+def test_attention_localiser_noised_region_against_the_lesion_on_100_studies(make_cfg, tmp_path, capsys):
+    """A tiny model trained to ground (a short version of the default recipe: vision warm-up, then
+    SFT), then the attention localiser on 100 box-free closed questions ("What type of abnormality
+    is shown?") of held-out synthetic studies: the IoU of the noised region with the lesion's box,
+    against issue 19's bar of 0.3 on average. The figure is printed as it comes out."""
+    from unveil.train import train
+
+    cfg = make_cfg(
+        "data.synthetic.n_patients=500",
+        "model.vision_pretrain.steps=300",
+        "trainer.max_steps=300",
+        "eval.enabled=false",
+        "+trainer.enable_progress_bar=false",
+    )
+    train(cfg)
+    data = tmp_path / "vqa"
+    gt = box_free_vqa(Path(cfg.data.root), data, "test", 100)
+    assert len(gt) == 100
+    ious = noised_region_iou(Path(cfg.paths.output_dir), data, gt, tmp_path / "out")
+    whole = [float(box_map((128, 128), b).mean()) for b in gt.values()]  # IoU of a whole-image region
+    with capsys.disabled():
+        print(
+            f"\nattention localiser, official cut: mean IoU {np.mean(ious):.3f} over {len(ious)} studies "
+            f"(a whole-image region: {np.mean(whole):.3f})"
+        )
+    assert np.mean(ious) >= 0.3

@@ -258,9 +258,7 @@ def _answer_ids(bb, samples, batch, answer: str, max_new_tokens: int) -> tuple[t
 
     if answer == "generated":
         out = generate(bb, batch, max_new_tokens=max_new_tokens)
-        ids = out["completion_ids"].cpu()
-        pad = bb.tokenizer.pad_token_id
-        return ids, (ids != pad).long() if pad is not None else torch.ones_like(ids)
+        return out["completion_ids"].cpu(), out["completion_mask"].cpu().long()
     tok = bb.tokenizer
     enc = [tok(backbone_messages(bb, s)[-1]["content"], add_special_tokens=False)["input_ids"] for s in samples]
     t = max(1, max(len(e) for e in enc))
