@@ -193,10 +193,12 @@ def noised_region_iou(
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="issue 19 item 3's bar (mean IoU >= 0.3) is not met: the tiny LLaVA does not look at the lesion's "
     "patches from its answer tokens (its detector pool and slot tokens carry the lesion to every image token); "
     "measured with the default recipe's SFT (test IoU 0.718): mean IoU 0.031 over 100 studies, heat inside the "
-    "box / mean heat 1.007, the official cut keeps 83% of the image; a whole-image region scores 0.033",
+    "box / mean heat 1.007, the official cut keeps 83% of the image; a whole-image region scores 0.033; this "
+    "test's own short SFT (300 warm-up + 300 SFT steps): 0.036",
 )
 def test_attention_localiser_noised_region_against_the_lesion_on_100_studies(make_cfg, tmp_path, capsys):
     """A tiny model trained to ground (a short version of the default recipe: vision warm-up, then
@@ -210,7 +212,6 @@ def test_attention_localiser_noised_region_against_the_lesion_on_100_studies(mak
         "model.vision_pretrain.steps=300",
         "trainer.max_steps=300",
         "eval.enabled=false",
-        "+trainer.enable_progress_bar=false",
     )
     train(cfg)
     data = tmp_path / "vqa"
