@@ -81,7 +81,10 @@ def test_deviations_follow_their_conditions():
     real = compose(["experiment=mmedpo_dpo", "model=llava_med", *NEEDS["mmedpo_dpo"]])
     apply_paper_preset(real, given=set())
     found = deviations(real)
-    assert any("pad to square" in d for d in found) and not any("not applied" in d for d in found)
+    assert not any("pad to square" in d for d in found) and not any("not applied" in d for d in found)  # padded
+    native = compose(["experiment=mmedpo_dpo", "model=llava_med", "model.image_aspect=native", *NEEDS["mmedpo_dpo"]])
+    apply_paper_preset(native, given=set())
+    assert any("pad to square" in d for d in deviations(native))
 
 
 def test_train_logs_each_deviation_at_run_start(tmp_path, caplog, monkeypatch):
