@@ -157,9 +157,12 @@ class GRPOModule(RLStageModule):
 
         # log-probs of the sampling policy and of the reference (no grad). With one pass over the
         # rollouts the old policy is the current one: its log-probs are the detached current ones.
+        # A sampler other than the policy (vLLM) needs them too, for the IS correction (as TRL).
+        is_metrics: dict[str, float] = {}
         with torch.no_grad():
-            if self.num_iterations > 1 or self.num_minibatches > 1:
+            if self.num_iterations > 1 or self.num_minibatches > 1 or "sampler_logps" in ro.extra:
                 ro.extra["old_logps"] = self.logprobs(self.model, ro).logps
+                is_metrics = self.importance_weights(ro, ro.extra["old_logps"])
             if self.reference is not None:
                 ro.extra["ref_logps"] = self.reference_logprobs(ro)
 
@@ -187,12 +190,14 @@ class GRPOModule(RLStageModule):
                         ref_logps=part.extra.get("ref_logps"),
                         entropy=lp.entropy,
                         steps_per_generation=len(parts),  # noqa: B023  (called at once, in this iteration)
+                        is_ratio=part.extra.get("is_ratio"),
                         **objective,
                     )
 
                 history.append(self.update(ro.select(idx), loss_fn, LOSS_SCALE[self.loss_type]))
 
         metrics = mean_metrics(history)
+        metrics.update(is_metrics)
         metrics["advantage_abs"] = float(advantages.abs().mean())
         if self.filter_zero_spread:
             metrics["kept_frac"] = self._kept_frac

@@ -196,10 +196,15 @@ def grpo_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     num_processes: int = 1,
     steps_per_generation: int = 1,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective and its metrics: TRL's ``kl``, ``entropy`` and ``clip_ratio/*``, and
-    ``approx_kl`` (``0.5 (logp - logp_old)^2``) and ``ratio`` (mean importance ratio)."""
+    ``approx_kl`` (``0.5 (logp - logp_old)^2``) and ``ratio`` (mean importance ratio).
+    ``is_ratio`` ``[N, T]`` (:func:`truncated_is_ratio`) weights the policy-gradient term per token,
+    before the KL term is added, as TRL does."""
     per_token, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
     metrics: dict[str, torch.Tensor] = {}
     if beta != 0.0:
         if ref_logps is None:
@@ -219,6 +224,37 @@ def grpo_loss(
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy, mask)
     return loss, metrics
+
+
+def truncated_is_ratio(
+    old_logps: torch.Tensor, sampler_logps: torch.Tensor | None, mask: torch.Tensor, cap: float = 3.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling for a sampler that is not the trainer (vLLM), per token:
+
+        w_t = min(exp(logp_old(y_t) - logp_sampler(y_t)), C)
+
+    (TRL's ``vllm_importance_sampling_mode=token_truncate`` with ``clip_max`` C; verl's TIS). The
+    ratio is 1 on padding and where the sampler gave no log-prob (NaN); ``sampler_logps=None`` (the
+    policy sampled itself) gives exactly 1 everywhere. Metrics under TRL's names: the mismatch
+    ``sampling/sampling_logp_difference/{mean,max}`` (of ``|logp_old - logp_sampler|`` over real
+    tokens) and ``sampling/importance_sampling_ratio/{min,mean,max}``."""
+    if sampler_logps is None:
+        return torch.ones_like(old_logps), {}
+    m = mask.bool()
+    diff = torch.nan_to_num((old_logps - sampler_logps) * m, nan=0.0)
+    ratio = torch.exp(diff).clamp(max=cap).detach()
+    with torch.no_grad():
+        delta = (old_logps - sampler_logps).abs()[m & ~torch.isnan(sampler_logps)]
+        zero = old_logps.new_zeros(())
+        r = ratio[m]
+        metrics = {
+            "sampling/sampling_logp_difference/mean": delta.mean() if delta.numel() else zero,
+            "sampling/sampling_logp_difference/max": delta.max() if delta.numel() else zero,
+            "sampling/importance_sampling_ratio/min": r.min() if r.numel() else zero + 1,
+            "sampling/importance_sampling_ratio/mean": r.mean() if r.numel() else zero + 1,
+            "sampling/importance_sampling_ratio/max": r.max() if r.numel() else zero + 1,
+        }
+    return ratio, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +325,13 @@ def ppo_loss(
     value_clip: float | None = 0.2,
     vf_coef: float = 0.1,
     ent_coef: float = 0.0,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip actor-critic loss (token-level advantages ``[N, T]``) and its metrics."""
+    """PPO-clip actor-critic loss (token-level advantages ``[N, T]``) and its metrics; ``is_ratio``
+    (:func:`truncated_is_ratio`) weights the policy-gradient term per token."""
     per_token, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, clip_eps, clip_eps)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
     pg = masked_mean(per_token, mask)
     vf, vf_clip_frac = value_loss(values, old_values, returns, mask, value_clip)
     loss = pg + vf_coef * vf

@@ -118,6 +118,7 @@ class PPOModule(RLStageModule):
             if self.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
         ro.extra.update(old_logps=old.logps, old_values=old_values, advantages=advantages, returns=returns)
+        is_metrics = self.importance_weights(ro, old.logps)  # a sampler other than the policy (vLLM)
         self.maybe_log_completions(ro, reward, masked_mean(advantages, mask, dim=1))
 
         # 4. clipped surrogate + value loss - entropy bonus, ppo_epochs x minibatches
@@ -140,17 +141,20 @@ class PPOModule(RLStageModule):
                         value_clip=self.value_clip,
                         vf_coef=self.vf_coef,
                         ent_coef=self.ent_coef,
+                        is_ratio=part.extra.get("is_ratio"),
                     )
 
                 history.append(self.update(ro.select(idx), loss_fn, "tokens"))  # every term is a token mean
 
         metrics = mean_metrics(history)
+        metrics.update(is_metrics)
         metrics["kl"] = float(masked_mean(kl, mask))  # per-token k1 of the sampling policy to the reference
         metrics["value_mean"] = float(masked_mean(old_values, mask))
         metrics["return_mean"] = float(masked_mean(returns, mask))
         self.log_step(ro, reward, metrics)
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()
         if self.trainer.is_global_zero and self.trainer.default_root_dir:
             out = Path(self.trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from unveil.rewards.base import RewardOutput
 from unveil.rewards.composite import zero_spread_fraction
 from unveil.stages.base import StageModule
 from unveil.stages.guard import non_finite_sampling
+from unveil.stages.losses import truncated_is_ratio
 from unveil.stages.rollout import Rollout, sample_rollouts
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,15 @@ class RLStageModule(StageModule):
         log_completions_prompts: int = 2,
         val_num_generations: int | None = None,
         vocab: list[str] | None = None,
+        rollout=None,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_cap: float = 3.0,
     ):
         super().__init__(backbone, optim)
+        # what samples the completions (unveil.engines); None = the policy's own generate (HFEngine's path)
+        self.engine = rollout
+        self.is_correction = bool(vllm_importance_sampling_correction)
+        self.is_cap = float(vllm_importance_sampling_cap)
         self.automatic_optimization = False
         self.rewards = rewards
         self.num_generations = int(num_generations)
@@ -125,6 +133,8 @@ class RLStageModule(StageModule):
     def rollout(self, batch: dict, num_generations: int | None = None) -> tuple[Rollout, RewardOutput]:
         """G sampled completions per prompt and their rewards (wall times kept for ``log_step``)."""
         t0 = time.perf_counter()
+        if self.engine is not None:
+            self.engine.sync(self.backbone, int(self.global_step))  # pushes weights only when they changed
         with non_finite_sampling(self.trainer):
             ro = sample_rollouts(
                 self.backbone,
@@ -135,6 +145,7 @@ class RLStageModule(StageModule):
                 self.top_p,
                 self.top_k,
                 share_prompt=self.share_prompt,
+                engine=self.engine,
             )
         t1 = time.perf_counter()
         reward = self.rewards(ro)
@@ -145,6 +156,22 @@ class RLStageModule(StageModule):
     def logprobs(self, model, ro: Rollout, **kw):
         """The rollout's per-token log-probs under ``model`` (the policy, or the reference's)."""
         return ro.logprobs(model, self.temperature, self.share_prompt, self.forward_batch_size, **kw)
+
+    def importance_weights(self, ro: Rollout, old_logps: torch.Tensor) -> dict[str, float]:
+        """Sets ``ro.extra["is_ratio"]``, the truncated IS weight of each token for a sampler that is
+        not the policy (:func:`unveil.stages.losses.truncated_is_ratio`), when the rollout carries
+        the sampler's log-probs and the correction is on; returns the mismatch metrics (TRL's names)."""
+        sampler = ro.extra.get("sampler_logps")
+        if not self.is_correction or sampler is None:
+            return {}
+        ratio, metrics = truncated_is_ratio(old_logps, sampler, ro.completion_mask, self.is_cap)
+        ro.extra["is_ratio"] = ratio
+        return {k: float(v) for k, v in metrics.items()}
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        if self.engine is not None:
+            self.engine.close()
 
     def reference_logprobs(self, ro: Rollout) -> torch.Tensor:
         with self.reference.model() as ref:

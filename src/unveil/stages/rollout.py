@@ -74,21 +74,32 @@ def sample_rollouts(
     top_k: int = 0,
     do_sample: bool = True,
     share_prompt: bool = True,
+    engine=None,
 ) -> Rollout:
     """G completions per prompt of a :class:`PromptCollator` batch, from one ``generate`` call
-    (the prompts prefilled once, their KV cache repeated G times, with ``share_prompt``)."""
+    (the prompts prefilled once, their KV cache repeated G times, with ``share_prompt``), or from
+    a rollout ``engine`` (:mod:`unveil.engines`; sampling only), whose sampler log-probs, when it
+    reports them, land in ``extra["sampler_logps"]`` for the importance-sampling correction."""
     samples = batch["samples"]
-    out = generate(
-        backbone,
-        batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_return_sequences=num_generations,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        share_prompt=share_prompt,
-    )
+    if engine is None:
+        out = generate(
+            backbone,
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=num_generations,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            share_prompt=share_prompt,
+        )
+    else:
+        s = engine.sample(backbone, batch, num_generations, max_new_tokens, temperature, top_p, top_k, share_prompt)
+        out = {"completion_ids": s.completion_ids, "completion_mask": s.completion_mask, "texts": s.texts}
+        device = batch["input_ids"].device
+        out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+        if s.sampler_logps is not None:
+            out["sampler_logps"] = s.sampler_logps.to(device)
     g = num_generations
     rows = torch.arange(len(samples)).repeat_interleave(g)  # generate() repeats each prompt G times in a row
     n_images = [len(s.images) for s in samples]
@@ -100,4 +111,5 @@ def sample_rollouts(
         texts=out["texts"],
         samples=[samples[i] for i in rows.tolist()],
         group=rows.to(out["completion_ids"].device),
+        extra={"sampler_logps": out["sampler_logps"]} if "sampler_logps" in out else {},
     )
