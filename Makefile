@@ -61,4 +61,4 @@ $(VVENV)/.installed: Makefile requirements.txt pyproject.toml
 	touch $@
 
 test-vllm: $(VVENV)/.installed
-	$(VVENV)/bin/python -m pytest -m vllm -s -p no:cacheprovider tests/test_vllm.py $(ARGS)
+	$(VVENV)/bin/python -m pytest -s -p no:cacheprovider tests_vllm $(ARGS)

@@ -1,5 +1,6 @@
 """vLLM engines against a tiny random Qwen2-VL saved to disk: `make test-vllm` only (its own venv,
-vLLM's CPU build). In the normal venv vLLM is absent and the module is skipped (an optional extra)."""
+vLLM's CPU build). It lives outside tests/ so that `make test`, whose venv has no vLLM (an optional
+extra), never collects it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import urllib.request
 import pytest
 import torch
 
-pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
+import vllm  # noqa: F401  (this module runs only where vLLM is installed)
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
 from test_rl_stages import compose  # noqa: E402
 
 from unveil.data.collate import PromptCollator  # noqa: E402
