@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 import torch
-
 import vllm  # noqa: F401  (this module runs only where vLLM is installed)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
