@@ -7,15 +7,14 @@
   original pixels through the image's frame;
 - builder=mmedpo makes visual pairs for box-free VQA records with the attention localiser, weighted
   by its confidence;
-- slow: on 100 synthetic studies whose VQA records lost their boxes, the noised region of a tiny
-  model trained to ground is compared with the lesion's box (IoU, reported).
+- how well the attention localiser finds the lesion is measured by experiments/localiser_iou.py
+  (results in experiments/results/localiser_iou.md), not asserted here: it does not reach issue
+  19's bar on the tiny model.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 import unveil.utils.resolvers  # noqa: F401
-from unveil.curate.localisers import box_map, heat_confidence, heat_on_images, official_region
+from unveil.curate.localisers import heat_confidence, heat_on_images, official_region
 from unveil.data.adapters import mau_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,26 +119,12 @@ def test_per_patch_attention_adds_up_to_the_rewards_mass_and_lands_on_the_origin
     assert abs(x - 125) <= 2 and abs(y - 35) <= 2, (x, y)
 
 
-def box_free_vqa(src: Path, dst: Path, split: str, n: int) -> dict[str, list]:
-    """VQA-RAD-shaped records (image, question, short answer, no boxes) from the synthetic set's
-    closed questions on abnormal studies, written as MAU JSONL under ``dst``; returns each record's
-    ground-truth boxes (kept aside, to score the noised region)."""
-    recs = [json.loads(l) for l in (src / f"{split}.jsonl").read_text().splitlines() if l.strip()]
-    keep = [r for r in recs if r["task"] == "vqa_closed" and r.get("boxes") and "type" in r["query"].lower()][:n]
-    gt, out = {}, []
-    for r in keep:
-        for rel in r["images"]:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            if not (dst / rel).exists():
-                shutil.copy(src / rel, dst / rel)
-        gt[r["id"]] = r["boxes"]
-        out.append({k: v for k, v in r.items() if k not in ("boxes", "box_units", "box_image", "findings")})
-    (dst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
-    return gt
-
-
 def test_mmedpo_builds_visual_pairs_for_box_free_vqa_records_with_the_attention_localiser(synthetic_dir, tmp_path):
+    from conftest import load_experiment
     from test_curate import read_back, run_curate
+
+    exp = load_experiment("localiser_iou")
+    box_free_vqa, grey = exp.box_free_vqa, exp.grey
 
     data = tmp_path / "vqa"
     gt = box_free_vqa(synthetic_dir, data, "train", 6)
@@ -160,68 +145,3 @@ def test_mmedpo_builds_visual_pairs_for_box_free_vqa_records_with_the_attention_
         changed = (real != noised).mean()
         frac = s.meta["curate_mask_fraction"]
         assert 0.5 * frac < changed <= frac  # noise in the region only
-
-
-def grey(path):
-    from PIL import Image
-
-    return Image.open(path).convert("L")
-
-
-def noised_region_iou(
-    run_dir: Path, data: Path, gt: dict[str, list], tmp: Path, heat_k_std: float = -1.0, **localiser
-) -> list[float]:
-    """IoU of the attention localiser's noised region with the union of the record's GT boxes."""
-    from hydra import compose, initialize_config_dir
-
-    from unveil.curate.common import Context, ImageStore
-    from unveil.curate.lesion_noise import LesionNoiseBuilder, read_image
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("curate", overrides=[f"model.init_from={run_dir}"])
-    ctx = Context(out_dir=tmp, images=ImageStore(tmp, data), input_root=data, model_cfg=cfg.model, device="cpu")
-    builder = LesionNoiseBuilder(localiser={"kind": "attention", **localiser}, heat_k_std=heat_k_std)
-    samples = mau_jsonl.read(data / "test.jsonl", root=data)
-    shapes = [[read_image(p).shape[:2] for p in s.images] for s in samples]
-    ious = []
-    for s, sh, (masks, _conf) in zip(samples, shapes, builder.masks(samples, ctx, shapes)):
-        region, lesion = masks[0], box_map(sh[0], gt[s.id]) > 0
-        ious.append(float((region & lesion).sum() / max(1, (region | lesion).sum())))
-    return ious
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 19 item 3's bar (mean IoU >= 0.3) is not met: the tiny LLaVA does not look at the lesion's "
-    "patches from its answer tokens (its detector pool and slot tokens carry the lesion to every image token); "
-    "measured with the default recipe's SFT (test IoU 0.718): mean IoU 0.031 over 100 studies, heat inside the "
-    "box / mean heat 1.007, the official cut keeps 83% of the image; a whole-image region scores 0.033; this "
-    "test's own short SFT (300 warm-up + 300 SFT steps): 0.036",
-)
-def test_attention_localiser_noised_region_against_the_lesion_on_100_studies(make_cfg, tmp_path, capsys):
-    """A tiny model trained to ground (a short version of the default recipe: vision warm-up, then
-    SFT), then the attention localiser on 100 box-free closed questions ("What type of abnormality
-    is shown?") of held-out synthetic studies: the IoU of the noised region with the lesion's box,
-    against issue 19's bar of 0.3 on average. The figure is printed as it comes out."""
-    from unveil.train import train
-
-    cfg = make_cfg(
-        "data.synthetic.n_patients=500",
-        "model.vision_pretrain.steps=300",
-        "trainer.max_steps=300",
-        "eval.enabled=false",
-    )
-    train(cfg)
-    data = tmp_path / "vqa"
-    gt = box_free_vqa(Path(cfg.data.root), data, "test", 100)
-    assert len(gt) == 100
-    ious = noised_region_iou(Path(cfg.paths.output_dir), data, gt, tmp_path / "out")
-    whole = [float(box_map((128, 128), b).mean()) for b in gt.values()]  # IoU of a whole-image region
-    with capsys.disabled():
-        print(
-            f"\nattention localiser, official cut: mean IoU {np.mean(ious):.3f} over {len(ious)} studies "
-            f"(a whole-image region: {np.mean(whole):.3f})"
-        )
-    assert np.mean(ious) >= 0.3
