@@ -65,7 +65,9 @@ def noised_region_iou(
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("curate", overrides=[f"model.init_from={run_dir}"])
     ctx = Context(out_dir=tmp, images=ImageStore(tmp, data), input_root=data, model_cfg=cfg.model, device="cpu")
-    builder = LesionNoiseBuilder(localiser={"kind": "attention", **localiser}, heat_k_std=heat_k_std)
+    from unveil.curate.localisers import AttentionLocaliser
+
+    builder = LesionNoiseBuilder(localiser=AttentionLocaliser(**localiser), heat_k_std=heat_k_std)
     samples = mau_jsonl.read(data / "test.jsonl", root=data)
     shapes = [[read_image(p).shape[:2] for p in s.images] for s in samples]
     ious = []

@@ -141,7 +141,13 @@ def test_hallucination_with_model_sampler(synthetic_dir, tmp_path, cache_dir):
 
 def test_lesion_noise_builder_local_and_global(synthetic_dir, tmp_path):
     # the ground-truth-box localiser: box-free records get no region (tests/test_localisers.py: attention)
-    small = ("build_splits=[train]", "passthrough=false", "max_samples=30", "builder.localiser.kind=boxes")
+    small = (
+        "build_splits=[train]",
+        "passthrough=false",
+        "max_samples=30",
+        "~builder.localiser",
+        "+builder.localiser={_target_:unveil.curate.localisers.BoxLocaliser}",
+    )
     loc = run_curate(synthetic_dir, tmp_path / "loc", "builder=lesion_noise", *small)
     run_curate(
         synthetic_dir, tmp_path / "glo", "builder=lesion_noise", "builder.mode=global", "builder.noise=replace", *small

@@ -124,16 +124,15 @@ class LesionNoiseBuilder(BaseBuilder):
         beta_end: float = 0.02,
         blur_sigma: float = 0.02,
         support_eps: float = 0.05,
-        heatmap_field: str = "heatmap",
         localiser=None,
         heat_k_std: float = -1.0,
         batch_size: int = 8,
         image_dir: str = "noised",
         id_suffix: str = "-vis",
     ):
-        """``localiser``: ``{kind: auto | boxes | heatmap | attention, ...}`` (default auto; see
-        :func:`unveil.curate.localisers.make_localiser`); ``heatmap_field`` names the record field of
-        the heat-map localiser. ``heat_k_std``: a heat map's region is ``blur > mean + heat_k_std * std``
+        """``localiser``: a localiser of :mod:`unveil.curate.localisers` (a ``_target_`` config or an
+        object; default :class:`~unveil.curate.localisers.AutoLocaliser`). ``heat_k_std``: a heat map's
+        region is ``blur > mean + heat_k_std * std``
         (-1: MMedPO's code). ``batch_size``: records localised at once (one model pass for attention)."""
         super().__init__()
         if mode not in ("local", "global"):
@@ -144,10 +143,7 @@ class LesionNoiseBuilder(BaseBuilder):
         self.mode, self.noise, self.step, self.num_steps = mode, noise, int(step), int(num_steps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         self.blur_sigma, self.support_eps, self.heat_k_std = float(blur_sigma), float(support_eps), float(heat_k_std)
-        spec = dict(localiser) if isinstance(localiser, dict) or hasattr(localiser, "keys") else localiser
-        if isinstance(spec, dict) and spec.get("kind", "auto") in ("auto", "heatmap"):
-            spec.setdefault("field", heatmap_field)
-        self.localiser = make_localiser(spec if spec is not None else {"kind": "auto", "field": heatmap_field})
+        self.localiser = make_localiser(localiser)
         self.batch_size, self.image_dir, self.id_suffix = max(1, int(batch_size)), image_dir, id_suffix
         self._written: set[str] = set()
 

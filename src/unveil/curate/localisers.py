@@ -203,48 +203,16 @@ class AutoLocaliser:
         return out
 
 
-LOCALISERS = {
-    "auto": AutoLocaliser,
-    "boxes": BoxLocaliser,
-    "heatmap": HeatmapLocaliser,
-    "attention": AttentionLocaliser,
-}
-
-
 def make_localiser(spec):
-    """A localiser from ``{kind: auto | boxes | heatmap | attention, ...options}``, a name, or an object."""
+    """The localiser ``spec`` describes: ``None`` (:class:`AutoLocaliser`), a ready object, or a
+    ``{_target_: unveil.curate.localisers.<Class>, <its options>}`` config (a typo fails, naming it)."""
     if spec is None:
-        spec = {"kind": "auto"}
-    if isinstance(spec, str):
-        spec = {"kind": spec}
-    if callable(spec) and not isinstance(spec, dict) and not hasattr(spec, "keys"):
-        return spec
-    spec = dict(spec)
-    kind = spec.pop("kind", "auto")
-    if kind not in LOCALISERS:
-        raise ValueError(f"builder.localiser.kind={kind!r}; expected one of {', '.join(LOCALISERS)}")
-    known = {"heatmap": _params(HeatmapLocaliser), "attention": _params(AttentionLocaliser)}
-    unknown = set(spec) - known["heatmap"] - known["attention"]
-    if unknown:
-        raise ValueError(
-            f"builder.localiser: unknown option(s) {sorted(unknown)}; known: {sorted(set().union(*known.values()))}"
-        )
-    # the options of the other kinds (the config carries them all) are left out
-    heat = {k: v for k, v in spec.items() if k in known["heatmap"]}
-    att = {k: v for k, v in spec.items() if k in known["attention"]}
-    if kind == "auto":
-        return AutoLocaliser(HeatmapLocaliser(**heat), AttentionLocaliser(**att))
-    return {
-        "boxes": BoxLocaliser,
-        "heatmap": lambda: HeatmapLocaliser(**heat),
-        "attention": lambda: AttentionLocaliser(**att),
-    }[kind]()
+        return AutoLocaliser()
+    if hasattr(spec, "keys"):
+        from unveil.utils.plug import instantiate
 
-
-def _params(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+        return instantiate(spec, "builder.localiser")
+    return spec
 
 
 # --- the policy's attention ------------------------------------------------------------------------
