@@ -178,11 +178,11 @@ def test_nifti_volumes_become_one_record_set_per_chosen_slice(tmp_path):
         inside = np.zeros_like(png, bool)
         inside[lab > 0] = True
         assert png.shape == lab.shape and png[inside].mean() > png[~inside].mean() + 60
-        assert s.meta["slice"] == {"axis": 2, "index": z} and s.meta["modality"] == "mri"
+        assert s.meta["source_slice"] == {"axis": 2, "index": z} and s.meta["modality"] == "mri"
         assert s.target.startswith("Abnormality detected. Region [") and s.meta["answer_source"] == "template"
     normals = [s for s in recs.values() if not s.boxes]
     assert len(normals) == 6 and all(s.target == "No abnormality detected. The study appears normal." for s in normals)
-    assert {s.meta["slice"]["index"] for s in normals}.isdisjoint({3, 7})
+    assert {s.meta["source_slice"]["index"] for s in normals}.isdisjoint({3, 7})
     info = json.loads((out / "inputs.json").read_text())
     assert info["studies_abnormal"] == 12 and info["studies_normal"] == 6
     assert sum(summary["splits"][s]["written"] for s in SPLITS) == sum(len(v) for v in read_all(out).values())

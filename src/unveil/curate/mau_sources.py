@@ -383,7 +383,7 @@ def nifti_studies(src: dict, rules: MaskRules, stats, where: str, rng) -> tuple[
                     continue
             sid = safe_id(f"{key}_{'sca'[axis]}{i:04d}")
             render = _slice_renderer(img_path, i, opts, src.get("window"), src.get("percentile", (0.5, 99.5)))
-            meta = {"source_volume": img_path.relative_to(root).as_posix(), "slice": {"axis": axis, "index": i}}
+            meta = {"source_volume": img_path.relative_to(root).as_posix(), "source_slice": {"axis": axis, "index": i}}
             out.append(Study(sid, pid, "nifti", (w, h), regions, render=render, meta=meta, area=areas[i]))
     return root, out
 
