@@ -157,6 +157,29 @@ def sampling_processors(suppress, temperature: float, top_k: int, top_p: float, 
     return procs
 
 
+def decode_step(model):
+    """``(ids, mask, positions, cache) -> last-position logits`` of one decoding step. A step after
+    the prompt has no image input, so it runs the language model and its head alone (the
+    multimodal wrapper around them only looks for image tokens there); the whole model where that
+    shortcut is not known to be the same computation (a head with logit soft-capping, no decoder)."""
+    hf = unwrap(model)
+    dec, head = hf.get_decoder(), hf.get_output_embeddings()
+    text = hf.config.get_text_config()
+    if dec is None or head is None or getattr(text, "final_logit_softcapping", None) or dec is hf:
+
+        def whole(ids, am, pos, cache):
+            out = model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+            return out.logits[:, -1]
+
+        return whole
+
+    def lm(ids, am, pos, cache):
+        h = dec(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+        return head(h.last_hidden_state[:, -1])
+
+    return lm
+
+
 @torch.no_grad()
 def sample_loop(model, inputs: dict, max_new_tokens: int, processors, eos_id: int, pad_id: int) -> torch.Tensor:
     """generate()'s sampling loop (``_sample``) over a prefilled cache (:func:`prefill_once`), without
@@ -174,12 +197,9 @@ def sample_loop(model, inputs: dict, max_new_tokens: int, processors, eos_id: in
     pos = pos[..., -1:]
     step_ids, done = ids[:, -1:], torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     seq, out = ids, []
+    step = decode_step(model)
     for _ in range(max_new_tokens):
-        logits = (
-            model(input_ids=step_ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
-            .logits[:, -1]
-            .to(torch.float32)
-        )
+        logits = step(step_ids, am, pos, cache).to(torch.float32)
         scores = processors(seq, logits)
         nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
