@@ -84,6 +84,31 @@ def _score(s: Sample, text: str, metrics: GroupedMetrics, group_by, backbone, vo
     return rec
 
 
+def _generate_sharded(backbone, samples, batch_size, max_new_tokens, coord_decoding, prefix, progress):
+    """Greedy texts for ``samples`` in their order, on rank 0 (None on the other ranks).
+
+    Under a process group every rank generates its share: the batches a single process would
+    make, dealt round-robin (rank r takes batches r, r + world, ...), so each batch, its padding
+    included, is the one the one-process evaluation generates; the texts are gathered to rank 0
+    (``all_gather_object``) and put back in sample order. Every rank must call it."""
+    from unveil.utils.dist import all_gather_objects, rank, world_size
+
+    world, me = world_size(), rank()
+    collate = PromptCollator(backbone)
+    device = next(backbone.model.parameters()).device
+    starts = list(range(0, len(samples), batch_size))[me::world]
+    mine: dict[int, list[str]] = {}
+    for i in tqdm(starts, desc=f"eval {prefix}", disable=not progress or me != 0):
+        batch = collate(samples[i : i + batch_size])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        mine[i] = generate(backbone, batch, max_new_tokens=max_new_tokens, coord_decoding=coord_decoding)["texts"]
+    gathered = all_gather_objects(mine)
+    if me != 0:
+        return None
+    merged = {i: t for part in gathered for i, t in part.items()}
+    return [text for i in sorted(merged) for text in merged[i]]
+
+
 def evaluate(
     backbone,
     samples: list[Sample],
@@ -97,22 +122,18 @@ def evaluate(
     coord_decoding: str = "argmax",
 ) -> dict[str, float]:
     """Greedy generation on ``samples``; writes ``predictions.jsonl`` into out_dir.
+    Under a process group (DDP, FSDP with full parameters summoned) every rank must call it: the
+    generation is sharded across ranks, rank 0 scores the gathered predictions and writes the file,
+    the other ranks return ``{}``.
     ``coord_decoding="median"`` reads each box coordinate as the median grid value
     (:func:`unveil.models.generation.generate`)."""
     vocab = vocab or findings_vocab(samples)
-    collate = PromptCollator(backbone)
-    # one process scores the whole split (under DDP, rank 0 after fit): never sync with other ranks,
-    # which are not evaluating and hold no such metrics
+    texts = _generate_sharded(backbone, samples, batch_size, max_new_tokens, coord_decoding, prefix, progress)
+    if texts is None:  # a rank other than 0 of a distributed run: rank 0 scores and writes
+        return {}
+    # one process scores the whole split, once: no metric syncs with other ranks
     metrics = GroupedMetrics(sync_on_compute=False)
-    records = []
-    device = next(backbone.model.parameters()).device
-    bar = tqdm(range(0, len(samples), batch_size), desc=f"eval {prefix}", disable=not progress)
-    for i in bar:
-        chunk = samples[i : i + batch_size]
-        batch = collate(chunk)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        texts = generate(backbone, batch, max_new_tokens=max_new_tokens, coord_decoding=coord_decoding)["texts"]
-        records += [_score(s, text, metrics, group_by, backbone, vocab) for s, text in zip(chunk, texts)]
+    records = [_score(s, text, metrics, group_by, backbone, vocab) for s, text in zip(samples, texts)]
     result = metrics.compute(prefix)
     if out_dir is not None:
         out = Path(out_dir)

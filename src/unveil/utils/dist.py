@@ -24,6 +24,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default process group; 0 outside distributed runs."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over every rank (a new tensor; every rank must call it); ``t`` outside distributed runs."""
     if world_size() <= 1:
