@@ -100,8 +100,10 @@ def _build_trainer(cfg: DictConfig, module, resuming: bool):
 
 def _final_eval(cfg: DictConfig, backbone, records, out: Path, metrics: dict, loggers, step: int) -> None:
     """Score the trained backbone on ``eval.split`` into ``metrics`` (predictions.jsonl into ``out``),
-    log the test/ metrics and print the table."""
+    log the test/ metrics and print the table. Every rank of a distributed run calls it (each
+    generates its share); rank 0 alone scores, logs and prints."""
     from unveil.eval.evaluate import evaluate, format_table
+    from unveil.utils.dist import rank
 
     split = cfg.eval.split
     if not records.data.get(split):  # a data set released as training pairs only (MMedPO, STLLaVA-Med DPO)
@@ -124,8 +126,11 @@ def _final_eval(cfg: DictConfig, backbone, records, out: Path, metrics: dict, lo
             max_new_tokens=cfg.eval.max_new_tokens,
             vocab=records.findings(),
             coord_decoding=cfg.eval.get("coord_decoding", "argmax"),
+            progress=rank() == 0,
         )
     )
+    if rank() != 0:
+        return
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/") and v == v}, step=step)
     print(f"\nFinal metrics on the {split} split ({out}):\n" + format_table(metrics))
@@ -191,8 +196,9 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _fit_and_evaluate(cfg: DictConfig, trainer, module, dm, backbone, loggers, history, ckpt_path):
-    """Fit, save ``backbone/`` and score the test split (rank 0); the run's metrics."""
+    """Fit, save ``backbone/`` (rank 0) and score the test split (sharded over the ranks); the run's metrics."""
     from unveil.stages.guard import assert_finite_weights
+    from unveil.utils.fsdp import full_params
 
     out = Path(cfg.paths.output_dir)
     # our checkpoints hold plain tensors only (RNG states, held RL groups included), so resuming
@@ -203,10 +209,12 @@ def _fit_and_evaluate(cfg: DictConfig, trainer, module, dm, backbone, loggers, h
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(dm.records.counts())
     metrics.update(backbone.build_metrics)
-    assert_finite_weights(backbone.model)
-    if trainer.is_global_zero:
-        backbone.save(out / "backbone")
-        if cfg.eval.enabled:
+    # FSDP: the whole model gathered on every rank for the check, the export and the evaluation
+    with full_params(trainer):
+        assert_finite_weights(backbone.model)
+        if trainer.is_global_zero:
+            backbone.save(out / "backbone")
+        if cfg.eval.enabled:  # every rank generates its share of the split, rank 0 scores it
             _final_eval(cfg, backbone, dm.records, out, metrics, loggers, trainer.global_step)
     return metrics
 

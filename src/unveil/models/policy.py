@@ -494,6 +494,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
+def _is_fsdp(module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
 class ReferencePolicy:
     """The frozen policy a KL term or a DPO log-ratio anchors to.
 
@@ -511,7 +517,7 @@ class ReferencePolicy:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
 
     def to(self, device) -> ReferencePolicy:
-        if self.copy is not None:
+        if self.copy is not None and not _is_fsdp(self.copy):  # FSDP places its own shards
             self.copy.to(device)
         return self
 
@@ -523,6 +529,8 @@ class ReferencePolicy:
                     yield self.policy
             else:
                 p, q = next(self.policy.parameters()), next(self.copy.parameters())
-                if q.device != p.device:  # follows the policy (Lightning moves the stage, not the copy)
+                if q.device != p.device and not _is_fsdp(
+                    self.copy
+                ):  # follows the policy (Lightning moves the stage, not the copy)
                     self.copy.to(p.device)
                 yield self.copy

@@ -13,6 +13,7 @@ import torch
 
 from unveil.stages.optim import Schedule, build_optimizer, check_optim
 from unveil.utils.dist import all_gather_objects
+from unveil.utils.fsdp import clip_grad_norm, fsdp_root
 from unveil.utils.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,14 @@ class StageModule(pl.LightningModule):
         for p, dtype in self._upcast:
             p.data = p.data.to(dtype)
         self._upcast = []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's FSDP precision refuses clip-by-norm (a shard's norm is not the global one):
+        # FSDP's own clip_grad_norm_ all-reduces it
+        if gradient_clip_val and fsdp_root(self.trainer) is not None and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(self.trainer, self.trainable_parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -256,7 +265,7 @@ class StageModule(pl.LightningModule):
         clip = getattr(self, "max_grad_norm", None)
         if clip:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            norm = float(clip_grad_norm(self.trainer, params, clip))  # global norm, FSDP shards included
         opt.step()
         if sched is not None:
             sched.step()

@@ -45,6 +45,7 @@ from unveil.stages.base import StageModule
 from unveil.stages.guard import non_finite_sampling
 from unveil.stages.losses import truncated_is_ratio
 from unveil.stages.rollout import Rollout, sample_rollouts
+from unveil.utils.fsdp import full_params
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class RLStageModule(StageModule):
         t0 = time.perf_counter()
         if self.engine is not None:
             self.engine.sync(self.backbone, int(self.global_step))  # pushes weights only when they changed
-        with non_finite_sampling(self.trainer):
+        # under FSDP the whole policy is gathered for the sampling (ranks generate different lengths)
+        with non_finite_sampling(self.trainer), full_params(self.trainer):
             ro = sample_rollouts(
                 self.backbone,
                 batch,
