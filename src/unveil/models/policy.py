@@ -500,6 +500,16 @@ def _is_fsdp(module) -> bool:
     return isinstance(module, FullyShardedDataParallel)
 
 
+def _sharded_reference(copy):
+    """The reference's module under FSDP: its top-level weights (embeddings, head: outside every
+    layer unit) gathered for the whole use, each wrapped layer gathered by its own forward (every
+    rank runs the same forwards: the reference scores equal-sized batches)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(copy, recurse=False, writeback=False):
+        yield copy.module
+
+
 class ReferencePolicy:
     """The frozen policy a KL term or a DPO log-ratio anchors to.
 
@@ -528,9 +538,10 @@ class ReferencePolicy:
                 with self.policy.disable_adapter(), eval_mode(self.policy):
                     yield self.policy
             else:
+                if _is_fsdp(self.copy):  # trainer=fsdp: the sharded copy (unveil.utils.fsdp)
+                    yield from _sharded_reference(self.copy)
+                    return
                 p, q = next(self.policy.parameters()), next(self.copy.parameters())
-                if q.device != p.device and not _is_fsdp(
-                    self.copy
-                ):  # follows the policy (Lightning moves the stage, not the copy)
+                if q.device != p.device:  # follows the policy (Lightning moves the stage, not the copy)
                     self.copy.to(p.device)
                 yield self.copy

@@ -132,6 +132,9 @@ class UnveilFSDPStrategy(FSDPStrategy):
 
         _uniform_dtype(ref.copy)
         over = {"cpu_offload": CPUOffload(offload_params=True)} if self.reference_mode == "cpu_offload" else {}
+        # fp32, no compute_dtype: its top-level weights are summoned in their own dtype
+        # (ReferencePolicy.model), which a bf16 unit's output would not meet
+        over["mixed_precision"] = None
         ref.copy = self._fsdp(ref.copy, **over)
         log.info("FSDP: frozen reference %s", "sharded, offloaded to the CPU" if over else "sharded")
 
@@ -155,6 +158,15 @@ def full_params(trainer, rank0_only: bool = False):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    if root.training_state != TrainingState.IDLE:
+        # inside a training step (Lightning runs it within the root's forward, where FSDP cannot
+        # summon): the root's own weights are gathered already, each unit gathers its own per
+        # forward, and HF generate's synced_gpus (on for FSDP-managed models) keeps every rank
+        # stepping until all are done, so the collectives match
+        yield
+        return
 
     # Inside summon_full_params a unit's own forward would still all-gather (its compute-dtype copy),
     # a collective per forward: each unit runs its wrapped module directly, on the gathered fp32 weights.
