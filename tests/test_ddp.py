@@ -160,3 +160,50 @@ def test_two_process_grpo_resumed_mid_epoch_ends_where_the_uninterrupted_run_doe
     assert a["global_step"] == b["global_step"] == 12 and len(s["rng_by_rank"]) == 2
     assert any(not torch.equal(a["state_dict"][k], s["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+_EVAL: dict = {}  # the backbone and samples the forked ranks inherit (fork: nothing is pickled)
+
+
+def _evaluate_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from unveil.eval.evaluate import evaluate
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bb, samples = _EVAL["bb"], _EVAL["samples"]
+        out = Path(out_dir) / f"rank{rank}"
+        metrics = evaluate(bb, samples, out, progress=False, batch_size=4, max_new_tokens=24)
+        torch.save(metrics, Path(out_dir) / f"metrics{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_sharded_over_two_ranks_equals_the_one_process_evaluation(make_cfg, tmp_path):
+    """12 test samples in batches of 4: rank 0 generates batches 0 and 2, rank 1 batch 1; rank 0
+    scores the gathered predictions into the same metrics and predictions.jsonl as one process."""
+    import torch.multiprocessing as mp
+
+    from unveil.data.records import load_records
+    from unveil.eval.evaluate import evaluate
+    from unveil.models.factory import build_backbone
+
+    cfg = make_cfg("debug=fast")
+    records = load_records(cfg.data)
+    bb = build_backbone(cfg.model, corpus=records.corpus(), cache_dir=cfg.paths.cache_dir)
+    samples = records.data["test"][:12]
+    assert len({s.task for s in samples}) > 1
+    single = evaluate(bb, samples, tmp_path / "single", progress=False, batch_size=4, max_new_tokens=24)
+    _EVAL.update(bb=bb, samples=samples)
+    mp.start_processes(
+        _evaluate_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    sharded = torch.load(tmp_path / "metrics0.pt", weights_only=True)
+    assert torch.load(tmp_path / "metrics1.pt", weights_only=True) == {}  # rank 1 only generates
+    assert sharded.keys() == single.keys() and single
+    assert all(sharded[k] == single[k] or (sharded[k] != sharded[k] and single[k] != single[k]) for k in single)
+    assert (tmp_path / "rank0" / "predictions.jsonl").read_text() == (
+        tmp_path / "single" / "predictions.jsonl"
+    ).read_text()
+    assert not (tmp_path / "rank1" / "predictions.jsonl").exists()
