@@ -52,6 +52,11 @@ def build_stage(cfg: DictConfig, backbone, records):
     return instantiate(as_dict(cfg.stage), "stage", group="stage", **kwargs)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A ``.ckpt`` file, or the folder of a sharded one (trainer=fsdp: one shard per rank and meta.pt)."""
+    return path.is_file() or (path / "meta.pt").is_file()
+
+
 def resolve_ckpt_path(value, output_dir: Path) -> str | None:
     """What ``ckpt_path`` resumes from: a ``.ckpt`` file, a run dir (its ``checkpoints/last.ckpt``), or
     ``last``: this run's own ``last.ckpt`` if it has one, else a fresh start, so that a preempted
@@ -60,15 +65,15 @@ def resolve_ckpt_path(value, output_dir: Path) -> str | None:
         return None
     if str(value) == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        if _is_checkpoint(last):
             log.info("ckpt_path=last: resuming from %s", last)
             return str(last)
         log.info("ckpt_path=last: %s has no checkpoint yet, starting fresh", last.parent)
         return None
     path = Path(str(value))
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+    if path.is_dir() and _is_checkpoint(path / "checkpoints" / "last.ckpt"):
         return str(path / "checkpoints" / "last.ckpt")
-    if not path.is_file():
+    if not _is_checkpoint(path):
         raise FileNotFoundError(
             f"ckpt_path={value}: not a checkpoint file, a run dir with checkpoints/last.ckpt, or 'last'"
         )
