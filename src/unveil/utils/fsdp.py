@@ -92,6 +92,13 @@ class UnveilFSDPStrategy(FSDPStrategy):
         from pytorch_lightning.strategies.fsdp import _activation_checkpointing_kwargs
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        if not self.lightning_module.automatic_optimization:
+            raise NotImplementedError(
+                f"trainer=fsdp: {type(self.lightning_module).__name__} steps its optimiser inside training_step "
+                "(RL stages, DPO), which Lightning runs within the root FSDP module's forward; FSDP then fails in "
+                "the backward ('Expects BACKWARD_PRE or BACKWARD_POST state but got HandleTrainingState.FORWARD'). "
+                "Use trainer=ddp for this stage; trainer=fsdp runs SFT"
+            )
         classes = layer_classes(self.lightning_module.model, self.wrap_layers)
         log.info("FSDP units: %s", sorted(c.__name__ for c in classes))
         self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
