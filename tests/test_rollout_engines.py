@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_rl_stages import TokenReward, mixed_batch, tiny  # noqa: F401  (the fixture)
+from test_rl_stages import TokenReward, compose, mixed_batch, tiny  # noqa: F401  (the fixture)
 
 from unveil.engines.base import pad_completions
 from unveil.engines.hf import HFEngine
@@ -46,6 +46,28 @@ def test_grpo_step_with_hf_engine_has_is_weight_one(tiny):  # noqa: F811
     assert module.importance_weights(ro, old) == {} and "is_ratio" not in ro.extra
     ratio, metrics = truncated_is_ratio(old, ro.extra.get("sampler_logps"), ro.completion_mask)
     assert torch.equal(ratio, torch.ones_like(old)) and metrics == {}
+
+
+@pytest.mark.parametrize(
+    "name,target",
+    [
+        ("hf", "unveil.engines.hf.HFEngine"),
+        ("vllm", "unveil.engines.vllm_local.VLLMEngine"),
+        ("vllm_server", "unveil.engines.vllm_server.VLLMServerEngine"),
+    ],
+)
+def test_rollout_engine_is_selected_with_the_package_syntax(name, target):
+    c = compose(["debug=fast", "stage=grpo", f"+rollout@stage.rollout={name}"])
+    assert c.stage.rollout._target_ == target
+    assert compose(["debug=fast", "stage=grpo"]).stage.rollout is None  # the default: the policy's generate
+
+
+def test_a_bare_engine_name_is_refused_with_the_selection_syntax(tiny):  # noqa: F811
+    from unveil.stages.grpo import GRPOModule
+
+    _, make = tiny
+    with pytest.raises(ValueError, match=r"\+rollout@stage.rollout=vllm"):
+        GRPOModule(make(), TokenReward({5}), rollout="vllm")  # what `stage.rollout=vllm` would build
 
 
 def test_truncated_is_ratio_math():

@@ -60,6 +60,17 @@ def mean_metrics(history: list[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(vals.items())}
 
 
+def _engine(rollout):
+    """``stage.rollout`` as built by Hydra: an engine, or None; a bare name is a selection mistake."""
+    if rollout is not None and not hasattr(rollout, "sample"):
+        # `stage.rollout=vllm` sets the string; the engine's yaml is picked with the group's package syntax
+        raise ValueError(
+            f"stage.rollout={rollout!r} is not a rollout engine: select one of conf/rollout with "
+            f"+rollout@stage.rollout={rollout} (or give stage.rollout a _target_)"
+        )
+    return rollout
+
+
 class RLStageModule(StageModule):
     needs_rewards = True
 
@@ -89,7 +100,7 @@ class RLStageModule(StageModule):
     ):
         super().__init__(backbone, optim)
         # what samples the completions (unveil.engines); None = the policy's own generate (HFEngine's path)
-        self.engine = rollout
+        self.engine = _engine(rollout)
         self.is_correction = bool(vllm_importance_sampling_correction)
         self.is_cap = float(vllm_importance_sampling_cap)
         self.automatic_optimization = False
