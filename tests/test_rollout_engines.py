@@ -128,7 +128,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeVLLM.seen.append((self.path, body))
-        if self.path in ("/collective_rpc", "/v1/load_lora_adapter"):
+        if self.path in ("/collective_rpc", "/reset_prefix_cache", "/reset_encoder_cache", "/v1/load_lora_adapter"):
             return self._send({})
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
             return self._send({"error": f"no route {self.path}"}, 404)
@@ -190,14 +190,16 @@ def test_server_client_samples_and_pushes_weights(tiny, fake_server, tmp_path): 
     # after an optimiser step the weights are pushed: saved where the server reloads them from
     FakeVLLM.seen = []
     engine.sync(bb, 1)
-    assert FakeVLLM.seen == [
-        ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "w")}})
+    assert FakeVLLM.seen == [  # then the prefix and encoder caches (the old weights' KV, image embeddings) dropped
+        ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "w")}}),
+        ("/reset_prefix_cache", {}),
+        ("/reset_encoder_cache", {}),
     ]
     saved = load_file(str(tmp_path / "w" / "model.safetensors"))
     state = bb.model.state_dict()
     assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in state)
     engine.sync(bb, 1)  # same step: nothing pushed
-    assert len(FakeVLLM.seen) == 1
+    assert len(FakeVLLM.seen) == 3
 
 
 def test_server_errors_name_the_endpoint(fake_server):

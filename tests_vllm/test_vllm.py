@@ -40,15 +40,27 @@ def qwen(tmp_path_factory):
     return bb, batch, folder
 
 
-def _check(bb, batch, ro, label, t_hf):
+def _mismatch(bb, ro, label) -> float:
+    """Mean |policy log-prob - sampler log-prob| over the completion tokens (TRL's sampling_logp_difference)."""
     assert len(ro) == 4 * G and ro.completion_mask.sum() > 0
     old = ro.logprobs(bb.model).logps
     _, m = truncated_is_ratio(old, ro.extra["sampler_logps"], ro.completion_mask)
-    print(
-        f"\n{label}: mismatch {m['sampling/sampling_logp_difference/mean']:.2e} mean, "
-        f"{m['sampling/sampling_logp_difference/max']:.2e} max"
-    )
-    assert m["sampling/sampling_logp_difference/mean"] < 0.05  # same weights, fp32: numerics only
+    mean, mx = m["sampling/sampling_logp_difference/mean"], m["sampling/sampling_logp_difference/max"]
+    print(f"\n{label}: sampler/trainer log-prob mismatch {mean:.2e} mean, {mx:.2e} max")
+    return mean
+
+
+def _timed(label, fn):
+    """fn() twice: the first call pays the warm-up (vLLM's first request, HF's first generate)."""
+    times = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        ro = fn()
+        times.append(time.perf_counter() - t0)
+    tokens = int(ro.completion_mask.sum())
+    print(f"\n{label}: {len(ro)} completions, {tokens} tokens: {times[0]:.2f} s first, {times[1]:.2f} s warm")
+    return ro
 
 
 def _server_error(log) -> str:
@@ -59,10 +71,7 @@ def _server_error(log) -> str:
 
 def test_vllm_server_samples_the_same_model(qwen, tmp_path):
     bb, batch, folder = qwen
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    sample_rollouts(bb, batch, G, max_new_tokens=NEW)
-    t_hf = time.perf_counter() - t0
+    _timed("HF generate", lambda: sample_rollouts(bb, batch, G, max_new_tokens=NEW))
     # the CPU backend reserves gpu_memory_utilization x host memory (0.92 by default) and a KV cache of
     # VLLM_CPU_KVCACHE_SPACE GiB: a few percent and 1 GiB serve this tiny model next to the other processes here
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -96,12 +105,15 @@ def test_vllm_server_samples_the_same_model(qwen, tmp_path):
                 time.sleep(1)
         engine = VLLMServerEngine(base_url=url, weights_dir=str(tmp_path / "w"))
         engine.sync(bb, 0)
-        t0 = time.perf_counter()
-        ro = sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine)
-        t_v = time.perf_counter() - t0
-        print(f"\nrollout time, {len(ro)} completions x {NEW} tokens: HF {t_hf:.2f} s, vLLM server {t_v:.2f} s")
-        _check(bb, batch, ro, "vllm_server", t_hf)
-        engine.sync(bb, 1)  # pushes the weights: the server reloads them
+        ro = _timed("vLLM server", lambda: sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine))
+        assert _mismatch(bb, ro, "same weights") < 0.05  # fp32 both sides: numerics only
+        with torch.no_grad():  # an "optimiser step": the server still samples from the old weights ...
+            for p in bb.model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        stale = _mismatch(bb, sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine), "before the push")
+        engine.sync(bb, 1)  # ... until the weights are pushed (reload_weights) and its prefix cache reset
+        pushed = _mismatch(bb, sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine), "after the push")
+        assert stale > 0.1 and pushed < 0.05
     finally:
         proc.terminate()
         proc.wait(30)

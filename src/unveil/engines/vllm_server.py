@@ -88,6 +88,10 @@ class VLLMServerEngine(RolloutEngine):
             self.post(
                 "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.weights_dir)}}
             )
+            # cached prompt keys / values and image embeddings were computed by the old weights (without the
+            # encoder reset, vLLM 0.32's next image request fails: "Encoder cache miss")
+            self.post("/reset_prefix_cache", {})
+            self.post("/reset_encoder_cache", {})
         self._step = step
 
     def _push_lora(self, backbone, step: int) -> None:
