@@ -8,7 +8,9 @@
 - :class:`unveil.engines.vllm_server.VLLMServerEngine`: an OpenAI-compatible ``vllm serve``
   reached over HTTP; weights pushed after each step, or LoRA adapters hot-loaded.
 
-vLLM is an optional extra (``pip install -e '.[vllm]'``): the vLLM engines import it only when built.
+vLLM is never a dependency: no vLLM release installs next to this project's pins (torch 2.14.1,
+transformers 5.23.0), so it lives in its own environment (README, "Rollouts with vLLM"); the vLLM
+engines import it only when built.
 """
 
 from unveil.engines.base import RolloutEngine, Sampled

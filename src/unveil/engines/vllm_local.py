@@ -42,7 +42,9 @@ class VLLMEngine(RolloutEngine):
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as e:
-            raise ImportError("stage.rollout=vllm needs vLLM: pip install -e '.[vllm]' (see README)") from e
+            raise ImportError(
+                "stage.rollout=vllm needs vLLM in this environment: see README, 'Rollouts with vLLM'"
+            ) from e
         backbone.save(self.workdir)
         self.sleep_mode = self.sleep_mode and bool(current_platform.is_sleep_mode_available())
         self.llm = LLM(model=str(self.workdir), enable_sleep_mode=self.sleep_mode, **self.kw)
