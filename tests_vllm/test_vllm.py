@@ -117,3 +117,24 @@ def test_vllm_server_samples_the_same_model(qwen, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_vllm_colocated_samples_the_same_model(qwen, tmp_path, monkeypatch):
+    from unveil.engines.vllm_local import VLLMEngine
+
+    bb, batch, _ = qwen
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = VLLMEngine(workdir=str(tmp_path / "m"), gpu_memory_utilization=0.1, dtype="float32", max_model_len=2048)
+    try:
+        engine.sync(bb, 0)
+        ro = _timed("vLLM colocated", lambda: sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine))
+        assert _mismatch(bb, ro, "colocated, same weights") < 0.05
+        with torch.no_grad():
+            for p in bb.model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        stale = _mismatch(bb, sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine), "before the sync")
+        engine.sync(bb, 1)
+        synced = _mismatch(bb, sample_rollouts(bb, batch, G, max_new_tokens=NEW, engine=engine), "after the sync")
+        assert stale > 0.1 and synced < 0.05
+    finally:
+        engine.close()

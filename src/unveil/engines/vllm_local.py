@@ -1,9 +1,10 @@
 """vLLM colocated: an ``LLM`` in the training process samples the rollouts.
 
 Built on the first rollout from the backbone saved to ``workdir`` (LoRA merged). After each
-optimiser step the policy's weights are reloaded into it in place (``reload_weights``, vLLM's RL
-path); between rollouts it sleeps (``enable_sleep_mode``, freeing its KV cache) where the platform
-supports it (CUDA; not vLLM's CPU build). vLLM is imported here only, when the engine is built."""
+optimiser step the policy's merged weights are saved to ``workdir/push`` and reloaded into it in
+place (``reload_weights``, vLLM's RL path); between rollouts it sleeps (``enable_sleep_mode``,
+freeing its KV cache) where the platform supports it (CUDA; not vLLM's CPU build). vLLM is imported
+here only, when the engine is built."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from unveil.engines.base import RolloutEngine, Sampled, pad_completions
-from unveil.engines.prompts import policy_state, vllm_prompts
+from unveil.engines.prompts import save_weights, vllm_prompts
 from unveil.models.generation import decode
 
 
@@ -54,10 +55,13 @@ class VLLMEngine(RolloutEngine):
             self._build(backbone)  # built from the current weights: nothing to push
         elif step != self._step:
             self._wake()
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": list(policy_state(backbone.model).items())}
-            )
-            self.llm.reset_prefix_cache()  # cached prompt keys were computed by the old weights
+            # through a file, as the server engine: vLLM's engine core runs in its own process, and its RPC
+            # cannot carry the tensors (vLLM 0.32: "cannot pickle memoryview objects")
+            push = save_weights(backbone.model, self.workdir / "push")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(push)})
+            # cached prompt keys / values and image embeddings were computed by the old weights
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
         self._step = step
 
     def _wake(self) -> None:
