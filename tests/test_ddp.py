@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import run_straight_and_resumed
 
 
 def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
@@ -129,26 +130,7 @@ def test_two_process_grpo_resumed_mid_epoch_ends_where_the_uninterrupted_run_doe
         "trainer.val_check_interval=null",
         "+trainer.check_val_every_n_epoch=100",
     ]
-    snap = tmp_path / "step5.ckpt"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    runs = [
-        common
-        + [
-            "+callbacks.snap._target_=test_resume.SaveAtStep",
-            "+callbacks.snap.step=5",
-            f"+callbacks.snap.path={snap}",
-            f"hydra.run.dir={tmp_path / 'straight'}",
-        ],
-        common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-    ]
-    for cmd in runs:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    snap, proc = run_straight_and_resumed(common, tmp_path, 5)
     a, b, s = (
         torch.load(p, map_location="cpu", weights_only=True)
         for p in (

@@ -11,6 +11,7 @@ import sys
 import hydra
 import pytest
 import torch
+from test_resume import run_straight_and_resumed
 
 
 def test_layer_classes_are_the_backbones_no_split_modules(make_cfg):
@@ -79,7 +80,6 @@ def test_sft_under_two_process_fsdp_on_cpu_exports_and_evaluates(tmp_path):
 def test_fsdp_resumed_from_a_sharded_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
     """Stopped after step 2 of 4 (a sharded checkpoint: a folder of per-rank shards) and resumed:
     the consolidated export equals the one of the run that never stopped, bit for bit."""
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -97,26 +97,7 @@ def test_fsdp_resumed_from_a_sharded_checkpoint_ends_with_the_uninterrupted_weig
         "trainer.val_check_interval=null",
         "+trainer.check_val_every_n_epoch=100",
     ]
-    snap = tmp_path / "step2.ckpt"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    runs = [
-        common
-        + [
-            "+callbacks.snap._target_=test_resume.SaveAtStep",
-            "+callbacks.snap.step=2",
-            f"+callbacks.snap.path={snap}",
-            f"hydra.run.dir={tmp_path / 'straight'}",
-        ],
-        common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-    ]
-    for cmd in runs:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    snap, proc = run_straight_and_resumed(common, tmp_path, 2)
     assert snap.is_dir() and (snap / "meta.pt").is_file()
     assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout
     a, b = (load_file(tmp_path / r / "backbone" / "model.safetensors") for r in ("straight", "resumed"))

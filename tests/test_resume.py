@@ -22,6 +22,37 @@ class SaveAtStep(pl.Callback):
             self.done = True
 
 
+def run_straight_and_resumed(common: list[str], tmp_path, step: int):
+    """Run ``common`` (a ``python -m unveil.train`` command line) twice in subprocesses: straight
+    through, saving a checkpoint after ``step`` (SaveAtStep), and resumed from that checkpoint.
+    Returns (the snapshot path, the resumed run's CompletedProcess); run dirs: straight/, resumed/."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    snap = tmp_path / f"step{step}.ckpt"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    runs = [
+        common
+        + [
+            "+callbacks.snap._target_=test_resume.SaveAtStep",
+            f"+callbacks.snap.step={step}",
+            f"+callbacks.snap.path={snap}",
+            f"hydra.run.dir={tmp_path / 'straight'}",
+        ],
+        common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+    ]
+    for cmd in runs:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return snap, proc
+
+
 def _weights(ckpt) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from unveil.models.generation import generate
 from unveil.models.inputs import PER_TOKEN, model_inputs, select_inputs
 from unveil.models.rollout import Rollout
 
@@ -82,24 +81,15 @@ def sample_rollouts(
     reports them, land in ``extra["sampler_logps"]`` for the importance-sampling correction."""
     samples = batch["samples"]
     if engine is None:
-        out = generate(
-            backbone,
-            batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_return_sequences=num_generations,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            share_prompt=share_prompt,
-        )
-    else:
-        s = engine.sample(backbone, batch, num_generations, max_new_tokens, temperature, top_p, top_k, share_prompt)
-        out = {"completion_ids": s.completion_ids, "completion_mask": s.completion_mask, "texts": s.texts}
-        device = batch["input_ids"].device
-        out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
-        if s.sampler_logps is not None:
-            out["sampler_logps"] = s.sampler_logps.to(device)
+        from unveil.engines.hf import HFEngine
+
+        engine = HFEngine(do_sample=do_sample)
+    s = engine.sample(backbone, batch, num_generations, max_new_tokens, temperature, top_p, top_k, share_prompt)
+    out = {"completion_ids": s.completion_ids, "completion_mask": s.completion_mask, "texts": s.texts}
+    device = batch["input_ids"].device
+    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+    if s.sampler_logps is not None:
+        out["sampler_logps"] = s.sampler_logps.to(device)
     g = num_generations
     rows = torch.arange(len(samples)).repeat_interleave(g)  # generate() repeats each prompt G times in a row
     n_images = [len(s.images) for s in samples]
