@@ -277,7 +277,9 @@ class HallucinationBuilder(BaseBuilder):
         if self.sampler != "auto":
             return self.sampler == "model"
         m = ctx.model_cfg
-        return m is not None and (bool(m.get("init_from")) or str(m.get("_target_", "")).endswith(".factory.hf"))
+        from unveil.models.factory import loads_a_checkpoint
+
+        return m is not None and (bool(m.get("init_from")) or loads_a_checkpoint(m))
 
     def sample_answers(self, chunk: list[Sample], ctx: Context) -> list[list[str]]:
         from unveil.data.collate import PromptCollator

@@ -27,15 +27,15 @@ def base_of(model_cfg: dict, strict: bool = True) -> str | None:
     """Where the run's base model loads from: the saved model ``model.init_from`` names (a run's
     ``backbone/`` or a model dir), or ``model.name_or_path`` (``model=hf``). A model built in
     code has none: an error when ``strict``, else None."""
-    from unveil.models.factory import _saved_dir
+    from unveil.models.factory import loads_a_checkpoint, saved_dir
 
     init_from = model_cfg.get("init_from")
     if init_from:
-        saved = _saved_dir(init_from)
+        saved = saved_dir(init_from)
         if saved is not None:
             return str(saved.resolve())
         why = f"model.init_from={init_from} is not a saved model dir here (a .ckpt holds no loadable base)"
-    elif str(model_cfg.get("_target_", "")).endswith(".factory.hf") and model_cfg.get("name_or_path"):
+    elif loads_a_checkpoint(model_cfg) and model_cfg.get("name_or_path"):
         return str(model_cfg["name_or_path"])
     else:
         why = f"model._target_={model_cfg.get('_target_')} builds the base in code (no directory to load it from)"

@@ -120,7 +120,7 @@ def _dtype(name: str | None):
     }[name]
 
 
-def _saved_dir(init_from) -> Path | None:
+def saved_dir(init_from) -> Path | None:
     """The saved model dir ``init_from`` names (itself, or a run dir's ``backbone/``), else None."""
     p = Path(str(init_from))
     if (p / "backbone" / "config.json").exists():
@@ -145,7 +145,7 @@ def _load_saved(p: Path, cfg) -> Backbone:
         name=str(p),
         structured_chat=meta.get(
             "structured_chat",
-            str(cfg.get("structured_chat", not str(cfg.get("_target_", "")).endswith(".tiny_llava"))),
+            str(cfg.get("structured_chat", builder_of(cfg) is not tiny_llava)),
         )
         == "True",
     )
@@ -230,7 +230,7 @@ def build_backbone(
         corpus = records.corpus()
     init_from = cfg.get("init_from")
     if init_from:
-        saved = _saved_dir(init_from)
+        saved = saved_dir(init_from)
         if saved is not None:
             return _finish(_load_saved(saved, cfg), cfg, peft)
         if Path(str(init_from)).suffix != ".ckpt":
@@ -262,9 +262,25 @@ def check_model(cfg):
     return locate(cfg.get("_target_"), "model", group="model")
 
 
+def builder_of(cfg):
+    """The builder ``model._target_`` names (:func:`tiny_llava`, :func:`tiny_hf`, :func:`hf`, or a
+    project's own), or None where it names nothing: the one place that tells model kinds apart."""
+    from unveil.utils.plug import locate
+
+    try:
+        return locate((cfg or {}).get("_target_"), "model")
+    except ValueError:
+        return None
+
+
 def built_in_code(cfg) -> bool:
     """Whether the model is the tiny LLaVA built in code (no pretrained tower, a trained tokenizer)."""
-    return str(cfg.get("_target_", "")).endswith(".tiny_llava") and not cfg.get("init_from")
+    return builder_of(cfg) is tiny_llava and not cfg.get("init_from")
+
+
+def loads_a_checkpoint(cfg) -> bool:
+    """Whether the model loads a saved or hub checkpoint (``model=hf`` and its presets)."""
+    return builder_of(cfg) is hf
 
 
 _NESTED_IMAGES = ("Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor")
@@ -310,7 +326,7 @@ def _set_image_aspect(bb: Backbone, cfg) -> None:
     aspect = str(cfg.get("image_aspect") or bb.extra.get("image_aspect") or "native")
     if aspect not in ASPECTS:
         raise ValueError(f"model.image_aspect={aspect!r}; expected one of {', '.join(ASPECTS)}")
-    if aspect == "pad" and str(cfg.get("_target_", "")).endswith(".tiny_llava"):
+    if aspect == "pad" and builder_of(cfg) is tiny_llava:
         raise ValueError("model.image_aspect=pad is not supported by model=tiny_llava (its warm-up reads raw images)")
     bb.extra["image_aspect"] = aspect
 

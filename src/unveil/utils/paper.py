@@ -26,12 +26,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("unveil.train")
 
-REAL_BACKBONE = "unveil.models.factory.hf"
+REAL_BACKBONE = "unveil.models.factory.hf"  # what the `when:` conditions of the experiment files name
 _MISSING = object()
 
 
 def is_real_backbone(cfg: DictConfig) -> bool:
-    return str(cfg.get("model", {}).get("_target_", "")) == REAL_BACKBONE
+    from unveil.models.factory import loads_a_checkpoint
+
+    return loads_a_checkpoint(cfg.get("model"))
 
 
 def command_line_paths() -> set[str]:
