@@ -5,23 +5,16 @@ synced values (``val/loss``) must be logged by every rank, and rank 0 alone scor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_resume import run_straight_and_resumed
+from test_resume import run_cli, run_straight_and_resumed, train_cli
 
 
 def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "unveil.train",
-        "debug=fast",
+    cmd = train_cli(
         "stage=grpo",
         "reward=umed",
         "stage.fill_batch=true",
@@ -32,10 +25,8 @@ def test_grpo_with_dynamic_sampling_under_two_process_ddp(tmp_path):
         "data.max_samples.test=8",
         "stage.max_new_tokens=12",
         f"hydra.run.dir={out}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    )
+    run_cli(cmd)
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/presence_acc" in metrics and "val/loss" in metrics
     assert 0 <= metrics["train/kept_frac"] <= 1
@@ -78,11 +69,7 @@ def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
 
     data, out = tmp_path / "pref", tmp_path / "run"
     _write_preference_set(synthetic_dir, data)
-    cmd = [
-        sys.executable,
-        "-m",
-        "unveil.train",
-        "debug=fast",
+    cmd = train_cli(
         "stage=dpo",
         "stage.weight_norm=mmedpo",
         "data=mau_jsonl",
@@ -97,10 +84,8 @@ def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
         "+trainer.strategy=ddp",
         "data.max_samples.test=8",
         f"hydra.run.dir={out}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    )
+    run_cli(cmd)
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/presence_acc" in metrics and "val/rewards/margins" in metrics
 
@@ -111,11 +96,7 @@ def test_dpo_under_two_process_ddp(tmp_path, synthetic_dir):
 def test_two_process_grpo_resumed_mid_epoch_ends_where_the_uninterrupted_run_does(tmp_path, weights):
     """Stopped after step 5 of 12 (two batches per epoch per rank, so in the third epoch) and
     resumed: every rank goes on with its own next batch and random stream."""
-    common = [
-        sys.executable,
-        "-m",
-        "unveil.train",
-        "debug=fast",
+    common = train_cli(
         "stage=grpo",
         "reward=umed",
         "trainer.max_steps=12",
@@ -129,7 +110,7 @@ def test_two_process_grpo_resumed_mid_epoch_ends_where_the_uninterrupted_run_doe
         "+trainer.strategy=ddp",
         "trainer.val_check_interval=null",
         "+trainer.check_val_every_n_epoch=100",
-    ]
+    )
     snap, proc = run_straight_and_resumed(common, tmp_path, 5)
     a, b, s = (
         torch.load(p, map_location="cpu", weights_only=True)

@@ -4,14 +4,11 @@ SFT run on the CPU over gloo (sharded checkpoint, consolidated export, evaluatio
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import hydra
 import pytest
 import torch
-from test_resume import run_straight_and_resumed
+from test_resume import run_cli, run_straight_and_resumed, train_cli
 
 
 def test_layer_classes_are_the_backbones_no_split_modules(make_cfg):
@@ -50,11 +47,7 @@ def test_sft_under_two_process_fsdp_on_cpu_exports_and_evaluates(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "unveil.train",
-        "debug=fast",
+    cmd = train_cli(
         "trainer=fsdp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -62,10 +55,8 @@ def test_sft_under_two_process_fsdp_on_cpu_exports_and_evaluates(tmp_path):
         "data.eval_batch_size=4",
         "eval.batch_size=4",
         f"hydra.run.dir={out}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    )
+    proc = run_cli(cmd)
     assert "FSDP units: ['LlamaDecoderLayer']" in proc.stderr + proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/presence_acc" in metrics and metrics["train/loss"] == metrics["train/loss"]
@@ -83,11 +74,7 @@ def test_fsdp_resumed_from_a_sharded_checkpoint_ends_with_the_uninterrupted_weig
 
     from safetensors.torch import load_file
 
-    common = [
-        sys.executable,
-        "-m",
-        "unveil.train",
-        "debug=fast",
+    common = train_cli(
         "trainer=fsdp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -96,7 +83,7 @@ def test_fsdp_resumed_from_a_sharded_checkpoint_ends_with_the_uninterrupted_weig
         "trainer.max_steps=4",
         "trainer.val_check_interval=null",
         "+trainer.check_val_every_n_epoch=100",
-    ]
+    )
     snap, proc = run_straight_and_resumed(common, tmp_path, 2)
     assert snap.is_dir() and (snap / "meta.pt").is_file()
     assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout

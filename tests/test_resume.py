@@ -22,34 +22,39 @@ class SaveAtStep(pl.Callback):
             self.done = True
 
 
-def run_straight_and_resumed(common: list[str], tmp_path, step: int):
-    """Run ``common`` (a ``python -m unveil.train`` command line) twice in subprocesses: straight
-    through, saving a checkpoint after ``step`` (SaveAtStep), and resumed from that checkpoint.
-    Returns (the snapshot path, the resumed run's CompletedProcess); run dirs: straight/, resumed/."""
+def train_cli(*overrides: str) -> list[str]:
+    """``python -m unveil.train debug=fast <overrides>`` as a subprocess command line."""
+    import sys
+
+    return [sys.executable, "-m", "unveil.train", "debug=fast", *overrides]
+
+
+def run_cli(cmd: list[str]):
+    """Run a command line with one torch thread per process (this test folder importable, for the
+    callbacks it names); it must exit 0. Returns the CompletedProcess."""
     import os
     import subprocess
     from pathlib import Path
 
-    snap = tmp_path / f"step{step}.ckpt"
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     )
-    runs = [
-        common
-        + [
-            "+callbacks.snap._target_=test_resume.SaveAtStep",
-            f"+callbacks.snap.step={step}",
-            f"+callbacks.snap.path={snap}",
-            f"hydra.run.dir={tmp_path / 'straight'}",
-        ],
-        common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-    ]
-    for cmd in runs:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_straight_and_resumed(common: list[str], tmp_path, step: int):
+    """Run ``common`` (a ``python -m unveil.train`` command line) twice: straight through, saving a
+    checkpoint after ``step`` (SaveAtStep), and resumed from that checkpoint. Returns (the snapshot
+    path, the resumed run's CompletedProcess); run dirs: straight/, resumed/."""
+    snap = tmp_path / f"step{step}.ckpt"
+    snapshot = ["+callbacks.snap._target_=test_resume.SaveAtStep", f"+callbacks.snap.step={step}"]
+    run_cli(common + [*snapshot, f"+callbacks.snap.path={snap}", f"hydra.run.dir={tmp_path / 'straight'}"])
+    proc = run_cli(common + [f"ckpt_path={snap}", f"hydra.run.dir={tmp_path / 'resumed'}"])
     return snap, proc
 
 
